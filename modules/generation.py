@@ -1,0 +1,450 @@
+"""The txt2img service: a request (every A1111 field) -> images, seeds, infotexts, saved files."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import datetime
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modules import infotext as infotext_mod
+from modules import outputs, samplers, sd_pipelines
+from modules.jobs import Job, JobInterrupted, JobSkipped
+from modules.version import VERSION
+
+log = logging.getLogger("webui.generation")
+
+MIN_SIZE, MAX_SIZE = 64, 2048
+MAX_STEPS = 500
+MAX_BATCH_SIZE = 64
+MAX_BATCH_COUNT = 100
+MAX_IMAGES = 1000
+LATENT_UPSCALE_MODES = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+PIXEL_UPSCALERS = {"None": None, "Lanczos": "LANCZOS", "Nearest": "NEAREST"}
+HIRES_UPSCALERS = tuple(LATENT_UPSCALE_MODES) + tuple(PIXEL_UPSCALERS)
+
+
+class GenerationError(ValueError):
+    """A request that cannot be run as given (the caller's mistake: shown as a 4xx / a UI notice)."""
+
+
+@dataclass
+class Txt2ImgRequest:
+    """One txt2img job, immutable once submitted; field names and defaults follow A1111's API."""
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] = field(default_factory=list)
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str = samplers.DEFAULT_API_SAMPLER
+    scheduler: str = "Automatic"
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    eta: float | None = None
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    denoising_strength: float | None = None
+    override_settings: dict[str, Any] = field(default_factory=dict)
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    save_images: bool = True
+
+
+@dataclass
+class GenerationContext:
+    """What the txt2img service needs from the running server (no globals)."""
+    registry: Any  # sd_models.CheckpointRegistry
+    manager: Any  # model_manager.ModelManager
+    styles: Any  # styles.StyleDatabase
+    outputs_root: Path
+    dtype: torch.dtype = torch.float32
+    vae_dtype: torch.dtype | None = None
+    offload: str | None = None  # None | "model" | "sequential"
+
+
+@dataclass
+class GenerationResult:
+    images: list  # PIL images (grid first when one was made and return_grid is on)
+    infotexts: list[str]
+    info: dict
+    paths: list[Path]
+    grid_count: int = 0
+
+
+def hires_target_size(req: Txt2ImgRequest) -> tuple[int, int]:
+    """A1111's hires target: explicit resize (keeping aspect when one side is 0) or scale."""
+    if req.hr_resize_x or req.hr_resize_y:
+        if req.hr_resize_x and req.hr_resize_y:
+            w, h = req.hr_resize_x, req.hr_resize_y
+        elif req.hr_resize_x:
+            w, h = req.hr_resize_x, req.hr_resize_x * req.height / req.width
+        else:
+            w, h = req.hr_resize_y * req.width / req.height, req.hr_resize_y
+    else:
+        w, h = req.width * req.hr_scale, req.height * req.hr_scale
+    return int(w) // 8 * 8, int(h) // 8 * 8
+
+
+def validate(req: Txt2ImgRequest) -> Txt2ImgRequest:
+    """Range-check a request and resolve its sampler names; raises GenerationError with every problem."""
+    problems = []
+    if not 1 <= req.steps <= MAX_STEPS:
+        problems.append(f"steps must be between 1 and {MAX_STEPS}, got {req.steps}")
+    for name in ("width", "height"):
+        v = getattr(req, name)
+        if not MIN_SIZE <= v <= MAX_SIZE:
+            problems.append(f"{name} must be between {MIN_SIZE} and {MAX_SIZE}, got {v}")
+        elif v % 8:
+            problems.append(f"{name} must be a multiple of 8, got {v}")
+    if not 1 <= req.batch_size <= MAX_BATCH_SIZE:
+        problems.append(f"batch_size must be between 1 and {MAX_BATCH_SIZE}, got {req.batch_size}")
+    if not 1 <= req.n_iter <= MAX_BATCH_COUNT:
+        problems.append(f"n_iter (batch count) must be between 1 and {MAX_BATCH_COUNT}, got {req.n_iter}")
+    if req.batch_size * req.n_iter > MAX_IMAGES:
+        problems.append(f"at most {MAX_IMAGES} images per request")
+    if not 0 <= req.cfg_scale <= 100 or math.isnan(req.cfg_scale):
+        problems.append(f"cfg_scale must be between 0 and 100, got {req.cfg_scale}")
+    if not 0 <= req.subseed_strength <= 1:
+        problems.append(f"subseed_strength must be between 0 and 1, got {req.subseed_strength}")
+    if req.seed < -1 or req.seed >= 2**32 or req.subseed < -1 or req.subseed >= 2**32:
+        problems.append("seed and subseed must be -1 (random) or between 0 and 4294967295")
+    if req.eta is not None and not 0 <= req.eta <= 1:
+        problems.append(f"eta must be between 0 and 1, got {req.eta}")
+    try:
+        sampler, schedule = samplers.resolve(req.sampler_name, req.scheduler, default=samplers.DEFAULT_API_SAMPLER)
+        hr_sampler, hr_schedule = sampler, schedule
+        if req.hr_sampler_name and req.hr_sampler_name != "Use same sampler":
+            hr_sampler, hr_schedule = samplers.resolve(req.hr_sampler_name, req.hr_scheduler or schedule,
+                                                       default=sampler)
+    except samplers.UnknownSamplerError as e:
+        problems.append(str(e))
+        sampler = schedule = hr_sampler = hr_schedule = None
+    if req.enable_hr:
+        if req.hr_upscaler not in HIRES_UPSCALERS:
+            problems.append(f"hr_upscaler must be one of {list(HIRES_UPSCALERS)}, got {req.hr_upscaler!r}")
+        if not 1 <= req.hr_scale <= 4 and not (req.hr_resize_x or req.hr_resize_y):
+            problems.append(f"hr_scale must be between 1 and 4, got {req.hr_scale}")
+        if not 0 <= req.hr_second_pass_steps <= MAX_STEPS:
+            problems.append(f"hr_second_pass_steps must be between 0 and {MAX_STEPS}")
+        if req.denoising_strength is not None and not 0 < req.denoising_strength <= 1:
+            problems.append(f"denoising_strength must be in (0, 1], got {req.denoising_strength}")
+        w, h = hires_target_size(req)
+        if not (MIN_SIZE <= w <= MAX_SIZE and MIN_SIZE <= h <= MAX_SIZE):
+            problems.append(f"hires size {w}x{h} is outside {MIN_SIZE}..{MAX_SIZE}")
+    if problems:
+        raise GenerationError("; ".join(problems))
+    return dataclasses.replace(req, sampler_name=sampler, scheduler=schedule,
+                               hr_sampler_name=hr_sampler, hr_scheduler=hr_schedule)
+
+
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between two noise tensors (variation seeds)."""
+    af, bf = a.flatten().double(), b.flatten().double()
+    dot = (af / af.norm()).dot(bf / bf.norm()).clamp(-1, 1)
+    if dot.abs() > 0.9995:
+        return (1 - t) * a + t * b
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    return ((torch.sin((1 - t) * omega) / so) * a.double() + (torch.sin(t * omega) / so) * b.double()).to(a.dtype)
+
+
+def make_noise(seeds: list[int], subseeds: list[int], subseed_strength: float, shape: tuple[int, ...],
+               eta_noise_seed_delta: int = 0) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Initial noise, one CPU generator per image (seeded seed+i), as A1111 and diffusers' list-generator path do.
+
+    The returned generators have drawn the initial noise already, so passing them on to the pipeline gives
+    ancestral/SDE samplers exactly the noise the plain diffusers call would get.
+    """
+    generators, noises = [], []
+    for seed, subseed in zip(seeds, subseeds):
+        g = torch.Generator("cpu").manual_seed(seed)
+        noise = torch.randn((1, *shape), generator=g, dtype=torch.float32)
+        if subseed_strength > 0:
+            sub = torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(subseed), dtype=torch.float32)
+            noise = slerp(subseed_strength, noise, sub)
+        if eta_noise_seed_delta:
+            g = torch.Generator("cpu").manual_seed(seed + eta_noise_seed_delta)
+        generators.append(g)
+        noises.append(noise)
+    return torch.cat(noises), generators
+
+
+def resolve_seeds(req: Txt2ImgRequest) -> tuple[list[int], list[int], int, int]:
+    seed = req.seed if req.seed != -1 else random.randrange(2**32)
+    subseed = req.subseed if req.subseed != -1 else random.randrange(2**32)
+    n = req.batch_size * req.n_iter
+    # A1111: with a variation strength the main seed stays fixed and the variation seed counts up.
+    seeds = [seed + (i if req.subseed_strength == 0 else 0) for i in range(n)]
+    subseeds = [subseed + i for i in range(n)]
+    return seeds, subseeds, seed, subseed
+
+
+class _StepTracker:
+    """Turns diffusers' step callbacks into job progress, previews and the latest latents (for partial results)."""
+
+    def __init__(self, job: Job | None, total: int, family: str, preview_every: int, offset: int = 0):
+        self.job, self.total, self.family, self.offset = job, total, family, offset
+        self.preview_every = preview_every
+        self.latents: torch.Tensor | None = None
+
+    def __call__(self, pipe, i, t, kwargs):
+        latents = kwargs["latents"]
+        self.latents = latents
+        if self.job is not None:
+            self.job.step(self.offset + i + 1, self.total,
+                          preview=lambda: sd_pipelines.cheap_preview(latents, self.family))
+        return kwargs
+
+
+def decode_latents(pipe, latents: torch.Tensor, generators=None) -> list:
+    """VAE-decode exactly as the diffusers pipelines do, in the VAE's own dtype (so --no-half-vae works)."""
+    vae = pipe.vae
+    with torch.no_grad():
+        scaled = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+        image = vae.decode(scaled, return_dict=False, generator=generators)[0]
+    return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
+
+
+def _run_pass(pipe, kind: str, *, prompts, negatives, steps, cfg, width, height, generators, clip_skip,
+              eta, tracker, latents=None, image=None, mask=None, strength=None):
+    kw: dict[str, Any] = dict(
+        prompt=prompts, negative_prompt=negatives, num_inference_steps=steps, guidance_scale=cfg,
+        generator=generators, output_type="latent",
+        callback_on_step_end=tracker, callback_on_step_end_tensor_inputs=["latents"],
+    )
+    if clip_skip and clip_skip > 1:
+        kw["clip_skip"] = clip_skip - 1  # A1111 counts the last layer as 1; diffusers counts layers skipped
+    if eta is not None:
+        kw["eta"] = eta
+    if kind == "txt2img":
+        kw.update(height=height, width=width, latents=latents)
+    elif kind == "inpaint":
+        kw.update(height=height, width=width, latents=latents, image=image, mask_image=mask, strength=strength)
+    else:
+        kw.update(image=image, strength=strength)
+    with torch.inference_mode():
+        return pipe(**kw).images
+
+
+def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = None,
+                settings: dict | None = None) -> GenerationResult:
+    """Generate every image of a (validated) request on the current thread (the job worker)."""
+    settings = settings or {}
+    checkpoint_name = settings.get("sd_model_checkpoint") or ""
+    info = ctx.registry.find(checkpoint_name) if checkpoint_name else None
+    if info is None:
+        available = ctx.registry.list()
+        if checkpoint_name or not available:
+            raise GenerationError(
+                f"checkpoint {checkpoint_name!r} not found" if checkpoint_name else
+                "no checkpoint found: put a .safetensors file in models/Stable-diffusion (or start with --demo)")
+        info = available[0]
+
+    prompt, negative = ctx.styles.apply(req.prompt, req.negative_prompt, req.styles)
+    seeds, subseeds, seed, subseed = resolve_seeds(req)
+    clip_skip = int(settings.get("CLIP_stop_at_last_layers", 1))
+    ensd = int(settings.get("eta_noise_seed_delta", 0))
+    preview_every = int(settings.get("show_progress_every_n_steps", 0)) if settings.get("live_previews_enable", True) else 0
+    if job is not None:
+        job.preview_every = preview_every
+    hires = req.enable_hr
+    hr_w, hr_h = hires_target_size(req) if hires else (req.width, req.height)
+    hr_denoise = req.denoising_strength if req.denoising_strength is not None else 0.7
+    hr_steps = req.hr_second_pass_steps or req.steps
+    steps_per_iter = req.steps + (min(int(hr_steps * hr_denoise), hr_steps) if hires else 0)
+
+    images, infotexts, all_paths = [], [], []
+    today = datetime.date.today()
+    with sd_pipelines.use_checkpoint(ctx.manager, info, dtype=ctx.dtype, vae_dtype=ctx.vae_dtype) as bundle:
+        family = bundle.arch.family
+        inpainting_model = bundle.arch.inpainting
+        vae_scale = 2 ** (len(bundle.components["vae"].config.block_out_channels) - 1)
+        latent_channels = bundle.components["unet"].config.out_channels
+        sampler_info = samplers.make_scheduler(req.sampler_name, req.scheduler, bundle.scheduler_config)
+        pipe = sd_pipelines.make_pipeline(bundle, "inpaint" if inpainting_model else "txt2img", sampler_info,
+                                          offload=ctx.offload)
+        for it in range(req.n_iter):
+            if job is not None:
+                job.begin_iteration(it, req.n_iter)
+            lo, hi = it * req.batch_size, (it + 1) * req.batch_size
+            it_seeds, it_subseeds = seeds[lo:hi], subseeds[lo:hi]
+            shape = (latent_channels, req.height // vae_scale, req.width // vae_scale)
+            noise, generators = make_noise(it_seeds, it_subseeds, req.subseed_strength, shape, ensd)
+            pipe.scheduler = samplers.make_scheduler(req.sampler_name, req.scheduler, bundle.scheduler_config)
+            tracker = _StepTracker(job, steps_per_iter, family, preview_every)
+            extra = {}
+            if inpainting_model:
+                # txt2img on an inpainting model: the whole image is "masked" over a neutral grey picture.
+                from PIL import Image
+                grey = Image.new("RGB", (req.width, req.height), (127, 127, 127))
+                white = Image.new("L", (req.width, req.height), 255)
+                extra = dict(image=[grey] * len(it_seeds), mask=[white] * len(it_seeds), strength=1.0)
+            stopped = None
+            try:
+                latents = _run_pass(pipe, "inpaint" if inpainting_model else "txt2img",
+                                    prompts=[prompt] * len(it_seeds), negatives=[negative] * len(it_seeds),
+                                    steps=req.steps, cfg=req.cfg_scale, width=req.width, height=req.height,
+                                    generators=generators, clip_skip=clip_skip, eta=req.eta, tracker=tracker,
+                                    latents=noise, **extra)
+                if hires:
+                    latents = _hires_pass(ctx, bundle, req, latents, pipe, it_seeds, prompt, negative,
+                                          hr_w, hr_h, hr_steps, hr_denoise, clip_skip, ensd, tracker)
+            except (JobInterrupted, JobSkipped) as e:
+                # A1111 keeps what was drawn so far: decode the latest latents as this iteration's images.
+                stopped = e
+                latents = tracker.latents
+                if latents is None:
+                    if isinstance(e, JobInterrupted):
+                        break
+                    continue
+            batch_images = decode_latents(pipe, latents)
+            out_w, out_h = batch_images[0].size
+            for j, image in enumerate(batch_images):
+                params = _infotext_params(req, bundle.info, it_seeds[j], it_subseeds[j], out_w, out_h,
+                                          clip_skip, hires, hr_denoise, (hr_w, hr_h))
+                text = infotext_mod.create_infotext(prompt, negative, params)
+                images.append(image)
+                infotexts.append(text)
+                if req.save_images and settings.get("samples_save", True) and not req.do_not_save_samples:
+                    folder = _outdir(ctx, settings, "txt2img-images", today)
+                    all_paths.append(outputs.save_image(
+                        image, folder, seed=it_seeds[j], prompt=prompt,
+                        infotext=text if settings.get("enable_pnginfo", True) else None,
+                        extension=settings.get("samples_format", "png"),
+                        jpeg_quality=settings.get("jpeg_quality", 80)))
+            if isinstance(stopped, JobInterrupted):
+                break
+
+    grid_count = 0
+    if len(images) > 1 and settings.get("return_grid", True) or (
+            len(images) > 1 and req.save_images and settings.get("grid_save", True) and not req.do_not_save_grid):
+        grid = outputs.make_grid(images)
+        if req.save_images and settings.get("grid_save", True) and not req.do_not_save_grid:
+            folder = _outdir(ctx, settings, "txt2img-grids", today)
+            all_paths.append(outputs.save_image(
+                grid, folder, seed=seeds[0], prompt=prompt,
+                infotext=infotexts[0] if settings.get("enable_pnginfo", True) else None,
+                extension=settings.get("samples_format", "png")))
+        if settings.get("return_grid", True):
+            images.insert(0, grid)
+            infotexts.insert(0, infotexts[0])
+            grid_count = 1
+
+    info_dict = {
+        "prompt": prompt, "all_prompts": [prompt] * len(seeds),
+        "negative_prompt": negative, "all_negative_prompts": [negative] * len(seeds),
+        "seed": seed, "all_seeds": seeds, "subseed": subseed, "all_subseeds": subseeds,
+        "subseed_strength": req.subseed_strength, "width": req.width, "height": req.height,
+        "sampler_name": req.sampler_name, "scheduler": req.scheduler, "cfg_scale": req.cfg_scale,
+        "steps": req.steps, "batch_size": req.batch_size, "n_iter": req.n_iter, "restore_faces": False,
+        "face_restoration_model": None, "sd_model_name": info.model_name, "sd_model_hash": info.shorthash,
+        "sd_vae_name": None, "sd_vae_hash": None,
+        "seed_resize_from_w": req.seed_resize_from_w, "seed_resize_from_h": req.seed_resize_from_h,
+        "denoising_strength": hr_denoise if hires else req.denoising_strength,
+        "extra_generation_params": _extra_params(req, hires, hr_denoise, (hr_w, hr_h)),
+        "index_of_first_image": grid_count, "infotexts": infotexts, "styles": list(req.styles),
+        "job_timestamp": (job.started if job and job.started else datetime.datetime.now().timestamp()),
+        "clip_skip": clip_skip, "is_using_inpainting_conditioning": bool(inpainting_model),
+        "version": VERSION,
+    }
+    if isinstance(info_dict["job_timestamp"], float):
+        info_dict["job_timestamp"] = datetime.datetime.fromtimestamp(info_dict["job_timestamp"]).strftime("%Y%m%d%H%M%S")
+    return GenerationResult(images=images, infotexts=infotexts, info=info_dict, paths=all_paths,
+                            grid_count=grid_count)
+
+
+def _hires_pass(ctx, bundle, req, latents, first_pipe, seeds, prompt, negative, hr_w, hr_h, hr_steps,
+                hr_denoise, clip_skip, ensd, tracker):
+    """A1111's hires fix: upscale the first pass (in latent space or in pixels), then img2img over it."""
+    vae_scale = 2 ** (len(bundle.components["vae"].config.block_out_channels) - 1)
+    if req.hr_upscaler in LATENT_UPSCALE_MODES:
+        mode, antialias = LATENT_UPSCALE_MODES[req.hr_upscaler]
+        kw = {"antialias": antialias} if mode in ("bilinear", "bicubic") else {}
+        image = torch.nn.functional.interpolate(latents.float(), size=(hr_h // vae_scale, hr_w // vae_scale),
+                                                mode=mode, **kw).to(latents.dtype)
+    else:
+        from PIL import Image
+        resample = PIXEL_UPSCALERS[req.hr_upscaler]
+        decoded = decode_latents(first_pipe, latents)
+        image = [im.resize((hr_w, hr_h), getattr(Image.Resampling, resample or "LANCZOS")) for im in decoded]
+    scheduler = samplers.make_scheduler(req.hr_sampler_name, req.hr_scheduler, bundle.scheduler_config)
+    pipe = sd_pipelines.make_pipeline(bundle, "img2img", scheduler, offload=ctx.offload)
+    _, generators = make_noise(seeds, seeds, 0.0, (1, 1, 1), ensd)  # fresh per-image generators for pass two
+    tracker.offset = req.steps
+    return _run_pass(pipe, "img2img", prompts=[req.hr_prompt or prompt] * len(seeds),
+                     negatives=[req.hr_negative_prompt or negative] * len(seeds), steps=hr_steps,
+                     cfg=req.cfg_scale, width=hr_w, height=hr_h, generators=generators, clip_skip=clip_skip,
+                     eta=req.eta, tracker=tracker, image=image, strength=hr_denoise)
+
+
+def _extra_params(req, hires, hr_denoise, hr_size) -> dict:
+    extra: dict[str, Any] = {}
+    if hires:
+        if req.hr_resize_x or req.hr_resize_y:
+            extra["Hires resize"] = f"{hr_size[0]}x{hr_size[1]}"
+        else:
+            extra["Hires upscale"] = req.hr_scale
+        if req.hr_second_pass_steps:
+            extra["Hires steps"] = req.hr_second_pass_steps
+        extra["Hires upscaler"] = req.hr_upscaler
+        if req.hr_sampler_name and req.hr_sampler_name != req.sampler_name:
+            extra["Hires sampler"] = req.hr_sampler_name
+        if req.hr_prompt and req.hr_prompt != req.prompt:
+            extra["Hires prompt"] = req.hr_prompt
+        if req.hr_negative_prompt and req.hr_negative_prompt != req.negative_prompt:
+            extra["Hires negative prompt"] = req.hr_negative_prompt
+    return extra
+
+
+def _infotext_params(req, info, seed, subseed, width, height, clip_skip, hires, hr_denoise, hr_size) -> dict:
+    params: dict[str, Any] = {
+        "Steps": req.steps,
+        "Sampler": req.sampler_name,
+        "Schedule type": req.scheduler if req.scheduler != "Automatic" else None,
+        "CFG scale": req.cfg_scale,
+        "Seed": seed,
+        "Size": f"{req.width}x{req.height}",
+        "Model hash": info.shorthash,
+        "Model": info.model_name,
+        "Variation seed": subseed if req.subseed_strength > 0 else None,
+        "Variation seed strength": req.subseed_strength if req.subseed_strength > 0 else None,
+        "Denoising strength": hr_denoise if hires else None,
+        "Clip skip": clip_skip if clip_skip > 1 else None,
+    }
+    params.update(_extra_params(req, hires, hr_denoise, hr_size))
+    if req.styles:
+        params["Styles array"] = json.dumps(list(req.styles))
+    params["Version"] = VERSION
+    return params
+
+
+def _outdir(ctx: GenerationContext, settings: dict, kind: str, today) -> Path:
+    return outputs.dated_folder(ctx.outputs_root, kind, today)

@@ -1,0 +1,234 @@
+"""Writing SD1-family diffusers weights back into the original (LDM / A1111 single-file) key layout.
+
+diffusers ships only the LDM -> diffusers direction. This is the inverse for UNet2DConditionModel,
+AutoencoderKL and CLIPTextModel state dicts, driven by the models' configs so that it works for any
+number of blocks, any layers_per_block and any placement of attention blocks (tiny test models as well
+as full-size SD 1.x). Every input key must map somewhere; an unmapped key is an error, never a silent
+drop, because a missing tensor would only show up later as a confusing load failure.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_ENCODER_PREFIX = "cond_stage_model.transformer.text_model."
+
+# diffusers ResnetBlock2D part -> LDM ResBlock part (UNet).
+_UNET_RESNET_PARTS = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+# diffusers ResnetBlock2D part -> LDM ResnetBlock part (VAE): only the shortcut is renamed.
+_VAE_RESNET_PARTS = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "conv_shortcut": "nin_shortcut",
+}
+# diffusers VAE mid-block Attention part -> LDM AttnBlock part.
+_VAE_ATTENTION_PARTS = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+}
+_UNET_FIXED = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_VAE_FIXED = {
+    "conv_in": "conv_in",
+    "conv_norm_out": "norm_out",
+    "conv_out": "conv_out",
+}
+
+
+def _split_param(key: str) -> tuple[str, str]:
+    """'a.b.weight' -> ('a.b', 'weight')."""
+    module, _, param = key.rpartition(".")
+    return module, param
+
+
+def _layers_per_block(config: Mapping, num_blocks: int) -> list[int]:
+    layers = config.get("layers_per_block", 2)
+    if isinstance(layers, int):
+        return [layers] * num_blocks
+    layers = list(layers)
+    if len(layers) != num_blocks:
+        raise ValueError(f"layers_per_block {layers} does not match {num_blocks} blocks")
+    return layers
+
+
+def _map_resnet(rest: str, parts: Mapping[str, str]) -> str:
+    module, param = _split_param(rest)
+    if module not in parts:
+        raise KeyError(rest)
+    return f"{parts[module]}.{param}"
+
+
+def _unet_key(key: str, down_layers: list[int], up_layers: list[int], up_has_attention: list[bool]) -> str:
+    module, param = _split_param(key)
+    if module in _UNET_FIXED:
+        return f"{_UNET_FIXED[module]}.{param}"
+
+    m = re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key)
+    if m:
+        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        # input_blocks.0 is conv_in; each down block then has its layers, then its downsampler.
+        index = 1 + sum(n + 1 for n in down_layers[:block]) + layer
+        if kind == "resnets":
+            return f"input_blocks.{index}.0.{_map_resnet(rest, _UNET_RESNET_PARTS)}"
+        return f"input_blocks.{index}.1.{rest}"
+
+    m = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)", key)
+    if m:
+        block = int(m[1])
+        index = 1 + sum(n + 1 for n in down_layers[:block]) + down_layers[block]
+        return f"input_blocks.{index}.0.op.{m[2]}"
+
+    m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key)
+    if m:
+        kind, layer, rest = m[1], int(m[2]), m[3]
+        if kind == "attentions":
+            return f"middle_block.{2 * layer + 1}.{rest}"
+        return f"middle_block.{2 * layer}.{_map_resnet(rest, _UNET_RESNET_PARTS)}"
+
+    m = re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key)
+    if m:
+        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        index = sum(up_layers[:block]) + layer
+        if kind == "resnets":
+            return f"output_blocks.{index}.0.{_map_resnet(rest, _UNET_RESNET_PARTS)}"
+        return f"output_blocks.{index}.1.{rest}"
+
+    m = re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)", key)
+    if m:
+        block = int(m[1])
+        # The upsampler joins the block's last output layer, after its attention if it has one.
+        index = sum(up_layers[: block + 1]) - 1
+        slot = 2 if up_has_attention[block] else 1
+        return f"output_blocks.{index}.{slot}.conv.{m[2]}"
+
+    raise KeyError(key)
+
+
+def _vae_key(key: str, num_blocks: int) -> tuple[str, bool]:
+    """The LDM name of a VAE key, and whether the tensor is an attention Linear weight that LDM
+    stores as a 1x1 convolution."""
+    side, _, rest = key.partition(".")
+    if side not in ("encoder", "decoder"):
+        # quant_conv / post_quant_conv keep their names.
+        return key, False
+
+    module, param = _split_param(rest)
+    if module in _VAE_FIXED:
+        return f"{side}.{_VAE_FIXED[module]}.{param}", False
+
+    m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", rest)
+    if m:
+        block = int(m[2])
+        if m[1] == "up":
+            # LDM numbers decoder levels from the lowest resolution up, diffusers the other way.
+            block = num_blocks - 1 - block
+        return f"{side}.{m[1]}.{block}.block.{m[3]}.{_map_resnet(m[4], _VAE_RESNET_PARTS)}", False
+
+    m = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)", rest)
+    if m:
+        return f"{side}.down.{m[1]}.downsample.conv.{m[2]}", False
+
+    m = re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)", rest)
+    if m:
+        return f"{side}.up.{num_blocks - 1 - int(m[1])}.upsample.conv.{m[2]}", False
+
+    m = re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", rest)
+    if m:
+        return f"{side}.mid.block_{int(m[1]) + 1}.{_map_resnet(m[2], _VAE_RESNET_PARTS)}", False
+
+    m = re.fullmatch(r"mid_block\.attentions\.0\.(.+)\.(weight|bias)", rest)
+    if m and m[1] in _VAE_ATTENTION_PARTS:
+        is_linear_weight = m[1] != "group_norm" and m[2] == "weight"
+        return f"{side}.mid.attn_1.{_VAE_ATTENTION_PARTS[m[1]]}.{m[2]}", is_linear_weight
+
+    raise KeyError(key)
+
+
+def unet_to_ldm(unet_state_dict: Mapping[str, "Tensor"], unet_config: Mapping) -> dict[str, "Tensor"]:
+    """diffusers UNet2DConditionModel weights -> `model.diffusion_model.*` keys."""
+    down_types = list(unet_config["down_block_types"])
+    up_types = list(unet_config["up_block_types"])
+    down_layers = _layers_per_block(unet_config, len(down_types))
+    # diffusers up blocks hold one layer more than the mirrored down block.
+    up_layers = [n + 1 for n in reversed(down_layers)]
+    up_has_attention = ["CrossAttn" in t for t in up_types]
+    out = {}
+    for key, tensor in unet_state_dict.items():
+        try:
+            out[UNET_PREFIX + _unet_key(key, down_layers, up_layers, up_has_attention)] = tensor
+        except KeyError:
+            raise ValueError(f"UNet key {key!r} has no LDM equivalent in the SD1 layout") from None
+    return out
+
+
+def vae_to_ldm(vae_state_dict: Mapping[str, "Tensor"], vae_config: Mapping) -> dict[str, "Tensor"]:
+    """diffusers AutoencoderKL weights -> `first_stage_model.*` keys."""
+    num_blocks = len(vae_config["down_block_types"])
+    out = {}
+    for key, tensor in vae_state_dict.items():
+        try:
+            name, is_linear_weight = _vae_key(key, num_blocks)
+        except KeyError:
+            raise ValueError(f"VAE key {key!r} has no LDM equivalent") from None
+        if is_linear_weight and tensor.ndim == 2:
+            tensor = tensor.reshape(*tensor.shape, 1, 1)
+        out[VAE_PREFIX + name] = tensor
+    return out
+
+
+def text_encoder_to_ldm(text_encoder_state_dict: Mapping[str, "Tensor"]) -> dict[str, "Tensor"]:
+    """transformers CLIPTextModel weights -> `cond_stage_model.transformer.text_model.*` keys.
+
+    transformers 5 dropped the `text_model.` level from CLIPTextModel, older versions (and
+    CLIPTextModelWithProjection) keep it; both spellings are accepted.
+    """
+    out = {}
+    for key, tensor in text_encoder_state_dict.items():
+        out[TEXT_ENCODER_PREFIX + key.removeprefix("text_model.")] = tensor
+    return out
+
+
+def diffusers_to_ldm(
+    unet_state_dict: Mapping[str, "Tensor"],
+    vae_state_dict: Mapping[str, "Tensor"],
+    text_encoder_state_dict: Mapping[str, "Tensor"],
+    *,
+    unet_config: Mapping,
+    vae_config: Mapping,
+) -> dict[str, "Tensor"]:
+    """One SD1-family single-file state dict (the layout A1111 and `from_single_file` read) from the
+    three diffusers/transformers state dicts and the UNet/VAE configs they were built from."""
+    out: dict[str, Tensor] = {}
+    for part in (
+        unet_to_ldm(unet_state_dict, unet_config),
+        vae_to_ldm(vae_state_dict, vae_config),
+        text_encoder_to_ldm(text_encoder_state_dict),
+    ):
+        collisions = out.keys() & part.keys()
+        if collisions:
+            raise ValueError(f"LDM key collision: {sorted(collisions)[:3]}")
+        out.update(part)
+    return out

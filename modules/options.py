@@ -1,0 +1,218 @@
+"""Typed settings: their specs, validation, per-request overrides, and persistence to config.json."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+log = logging.getLogger("webui.options")
+
+
+class OptionError(ValueError):
+    """A setting name or value that cannot be accepted."""
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    default: Any
+    label: str
+    section: str = "General"
+    type: type | tuple = str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple | Callable[[], list] | None = None
+    api_writable: bool = True  # paths and other server-side config are read-only over the API
+    ui: bool = True  # shown in the Settings tab
+
+    def coerce(self, key: str, value: Any) -> Any:
+        t = self.type
+        try:
+            if t is bool:
+                if isinstance(value, str):
+                    if value.lower() in ("true", "1", "yes", "on"):
+                        value = True
+                    elif value.lower() in ("false", "0", "no", "off"):
+                        value = False
+                    else:
+                        raise ValueError(value)
+                elif not isinstance(value, (bool, int)):
+                    raise ValueError(value)
+                value = bool(value)
+            elif t is int:
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError(value)
+                value = int(value)
+            elif t is float:
+                if isinstance(value, bool):
+                    raise ValueError(value)
+                value = float(value)
+            elif t is str:
+                if value is None:
+                    value = ""
+                if not isinstance(value, str):
+                    raise ValueError(value)
+            elif t is list:
+                if not isinstance(value, list):
+                    raise ValueError(value)
+        except (TypeError, ValueError):
+            raise OptionError(f"setting {key!r} expects {getattr(t, '__name__', t)}, got {value!r}") from None
+        if self.minimum is not None and value < self.minimum:
+            raise OptionError(f"setting {key!r} must be >= {self.minimum}, got {value!r}")
+        if self.maximum is not None and value > self.maximum:
+            raise OptionError(f"setting {key!r} must be <= {self.maximum}, got {value!r}")
+        choices = self.choices() if callable(self.choices) else self.choices
+        if choices is not None and value not in choices:
+            raise OptionError(f"setting {key!r} must be one of {list(choices)}, got {value!r}")
+        return value
+
+
+def default_specs() -> dict[str, OptionSpec]:
+    """Every setting, with A1111's key names where A1111 has the setting."""
+    S = OptionSpec
+    return {
+        # Stable Diffusion
+        "sd_model_checkpoint": S("", "Stable Diffusion checkpoint", "Stable Diffusion", ui=False),
+        "sd_checkpoint_hash": S("", "Hash of the current checkpoint", "Stable Diffusion", api_writable=False, ui=False),
+        "sd_vae": S("Automatic", "SD VAE", "Stable Diffusion", choices=("Automatic", "None")),
+        "CLIP_stop_at_last_layers": S(1, "Clip skip", "Stable Diffusion", int, 1, 12),
+        "eta_noise_seed_delta": S(0, "Eta noise seed delta (ENSD)", "Sampler parameters", int, 0),
+        "eta_ddim": S(0.0, "Eta for DDIM", "Sampler parameters", float, 0.0, 1.0),
+        "eta_ancestral": S(1.0, "Eta for k-diffusion (ancestral) samplers", "Sampler parameters", float, 0.0, 1.0),
+        # Saving images
+        "samples_save": S(True, "Always save all generated images", "Saving images", bool),
+        "samples_format": S("png", "File format for images", "Saving images", choices=("png", "jpg", "jpeg", "webp")),
+        "grid_save": S(True, "Always save all generated image grids", "Saving images", bool),
+        "return_grid": S(True, "Show grid in gallery and API results", "Saving images", bool),
+        "enable_pnginfo": S(True, "Save text information about generation parameters as chunks to png files",
+                            "Saving images", bool),
+        "jpeg_quality": S(80, "Quality for saved jpeg and webp images", "Saving images", int, 1, 100),
+        "outdir_samples": S("", "Output directory for images; if empty, defaults to outputs/",
+                            "Paths for saving", api_writable=False, ui=False),
+        # UI / live previews
+        "send_seed": S(True, "Send seed when sending prompt or image to other interface", "User interface", bool),
+        "send_size": S(True, "Send size when sending prompt or image to another interface", "User interface", bool),
+        "live_previews_enable": S(True, "Show live previews of the created image", "Live previews", bool),
+        "show_progress_every_n_steps": S(5, "Live preview display period (in sampling steps; 0 disables)",
+                                         "Live previews", int, 0, 100),
+        # Memory (this project's model manager)
+        "vram_budget_mb": S(0, "VRAM budget for loaded models in MB (0: automatic, total minus a reserve)",
+                            "Memory", int, 0),
+        "ram_budget_mb": S(0, "RAM budget for models moved off the GPU in MB (0: automatic, half the RAM)",
+                           "Memory", int, 0),
+    }
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a whole file or nothing: temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+class Options:
+    """The settings store. Reads never see a half-applied update; writes validate everything first."""
+
+    def __init__(self, path: Path | None, specs: Mapping[str, OptionSpec] | None = None, frozen: bool = False):
+        self.path = Path(path) if path else None
+        self.specs = dict(specs or default_specs())
+        self.frozen = frozen
+        self._lock = threading.RLock()
+        self._values = {k: s.default for k, s in self.specs.items()}
+        self._extra: dict[str, Any] = {}  # unknown keys found in an older config.json are kept, not lost
+        self._listeners: list[Callable[[dict], None]] = []
+        if self.path and self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            log.warning("could not read %s (%s); using defaults and keeping the file as it is", self.path, e)
+            return
+        for key, value in data.items():
+            spec = self.specs.get(key)
+            if spec is None:
+                self._extra[key] = value
+                continue
+            try:
+                self._values[key] = spec.coerce(key, value)
+            except OptionError as e:
+                log.warning("config.json: %s; using the default", e)
+
+    def add_listener(self, fn: Callable[[dict], None]) -> None:
+        """fn(changed) runs after every successful update (e.g. to apply new memory budgets)."""
+        self._listeners.append(fn)
+
+    def get(self, key: str) -> Any:
+        with self._lock:
+            return self._values[key]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.get(key)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._values)
+
+    def validate(self, updates: Mapping[str, Any], *, from_api: bool = False) -> dict[str, Any]:
+        """Check an update without applying it; returns the coerced values or raises OptionError."""
+        out = {}
+        errors = []
+        for key, value in updates.items():
+            spec = self.specs.get(key)
+            if spec is None:
+                errors.append(f"unknown setting {key!r}")
+                continue
+            if from_api and not spec.api_writable:
+                errors.append(f"setting {key!r} is server configuration and cannot be changed over the API")
+                continue
+            try:
+                out[key] = spec.coerce(key, value)
+            except OptionError as e:
+                errors.append(str(e))
+        if errors:
+            raise OptionError("; ".join(errors))
+        return out
+
+    def with_overrides(self, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+        """A request's own view of the settings: a copy with its override_settings applied."""
+        snap = self.snapshot()
+        if overrides:
+            snap.update(self.validate(overrides, from_api=True))
+        return snap
+
+    def update(self, updates: Mapping[str, Any], *, from_api: bool = False) -> dict[str, Any]:
+        if self.frozen and updates:
+            raise OptionError("settings are frozen (--freeze-settings)")
+        values = self.validate(updates, from_api=from_api)
+        with self._lock:
+            changed = {k: v for k, v in values.items() if self._values.get(k) != v}
+            self._values.update(values)
+            self.save()
+        for fn in self._listeners:
+            fn(changed)
+        return changed
+
+    def save(self) -> None:
+        if not self.path:
+            return
+        with self._lock:
+            data = {**self._extra, **self._values}
+            atomic_write_text(self.path, json.dumps(data, indent=4, ensure_ascii=False))

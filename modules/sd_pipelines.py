@@ -1,0 +1,121 @@
+"""Checkpoints held by the model manager, and the diffusers pipelines built over their shared modules."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator
+
+import torch
+
+from modules import sd_models
+
+log = logging.getLogger("webui.pipelines")
+
+PIPELINE_KINDS = ("txt2img", "img2img", "inpaint")
+
+
+class CheckpointBundle:
+    """One loaded checkpoint: its UNet, VAE, text encoders and tokenizers, moved as one unit.
+
+    Every pipeline of this checkpoint (txt2img, img2img, inpaint) is a view over these same modules,
+    so switching between tabs never copies weights.
+    """
+
+    def __init__(self, loaded: "sd_models.LoadedCheckpoint"):
+        self.info = loaded.info
+        self.arch = loaded.arch
+        self.components = dict(loaded.components)
+        self.scheduler_config = dict(self.components["scheduler"].config)
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for m in self.components.values() if isinstance(m, torch.nn.Module)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for m in self.modules() for t in list(m.parameters()) + list(m.buffers()))
+
+    def to(self, device) -> "CheckpointBundle":
+        for m in self.modules():
+            m.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.components["unet"].device
+
+
+def checkpoint_key(info: "sd_models.CheckpointInfo", dtype: torch.dtype) -> str:
+    return f"checkpoint:{info.filename}:{str(dtype).removeprefix('torch.')}"
+
+
+@contextlib.contextmanager
+def use_checkpoint(manager, info, *, dtype: torch.dtype, vae_dtype: torch.dtype | None = None
+                   ) -> Iterator[CheckpointBundle]:
+    """Lease a checkpoint from the manager (loading it on first use) for the duration of a job."""
+    def load() -> CheckpointBundle:
+        loaded = sd_models.load_checkpoint(info, torch_dtype=dtype, vae_dtype=vae_dtype)
+        return CheckpointBundle(loaded)
+
+    with manager.use(checkpoint_key(info, dtype), load, kind="checkpoint", name=info.title) as bundle:
+        yield bundle
+
+
+def _pipeline_class(arch, kind: str):
+    import diffusers
+    if arch.family == "sdxl":
+        names = {"txt2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline",
+                 "inpaint": "StableDiffusionXLInpaintPipeline"}
+    else:
+        names = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
+                 "inpaint": "StableDiffusionInpaintPipeline"}
+    return getattr(diffusers, names[kind])
+
+
+def make_pipeline(bundle: CheckpointBundle, kind: str, scheduler, *, offload: str | None = None):
+    """A pipeline of `kind` over the bundle's modules with this request's own scheduler object."""
+    if kind not in PIPELINE_KINDS:
+        raise ValueError(f"unknown pipeline kind {kind!r}")
+    cls = _pipeline_class(bundle.arch, kind)
+    accepted = set(cls._get_signature_keys(cls)[0]) | set(cls._get_signature_keys(cls)[1])
+    parts = {k: v for k, v in bundle.components.items() if k in accepted}
+    parts["scheduler"] = scheduler
+    if "requires_safety_checker" in accepted:
+        parts["requires_safety_checker"] = False
+    for optional in ("safety_checker", "feature_extractor", "image_encoder"):
+        if optional in accepted and optional not in parts:
+            parts[optional] = None
+    pipe = cls(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=bundle.device if bundle.device.type != "cpu" else "cuda")
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device="cuda")
+    return pipe
+
+
+# Linear latent -> RGB factors for SD1/SD2 latents: a cheap live preview with no VAE pass.
+# (A least-squares fit of VAE-decoded colours on latent channels, as commonly used for "approx cheap" previews.)
+_LATENT_RGB_SD = torch.tensor([
+    [0.298, 0.207, 0.208],
+    [0.187, 0.286, 0.173],
+    [-0.158, 0.189, 0.264],
+    [-0.184, -0.271, -0.473],
+])
+_LATENT_RGB_SDXL = torch.tensor([
+    [0.3651, 0.4232, 0.4341],
+    [-0.2533, -0.0042, 0.1068],
+    [0.1076, 0.1111, -0.0362],
+    [-0.3165, -0.2492, -0.2188],
+])
+
+
+def cheap_preview(latents: torch.Tensor, family: str = "sd1"):
+    """The first latent of a batch as a small PIL image (no VAE: a 4x3 linear map)."""
+    from PIL import Image
+
+    weights = _LATENT_RGB_SDXL if family == "sdxl" else _LATENT_RGB_SD
+    x = latents[0].detach().float().cpu()
+    rgb = torch.einsum("chw,cr->hwr", x, weights)
+    rgb = ((rgb + 1.0) / 2.0).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+    return Image.fromarray(rgb)

@@ -1,0 +1,329 @@
+"""Tiny random-weight Stable Diffusion checkpoints, made by this project's own code for tests and demos.
+
+`make_tiny_models(dir)` writes, in the A1111 models/ layout:
+- Stable-diffusion/tiny-sd15.safetensors: an SD1-layout single file (written by ldm_convert) whose
+  safetensors metadata carries its own diffusers configs (`diffusers_configs`), since no published
+  config has these shapes;
+- Stable-diffusion/tiny-sd15-diffusers/: the same weights as a diffusers folder (with tokenizer);
+- Stable-diffusion/tiny-sd15-inpainting.safetensors: the same recipe with a 9-channel UNet;
+- with full_size: Stable-diffusion/sd15-random.safetensors, SD 1.5's real shapes, random, fp16, and no
+  embedded configs, so loading it goes through the shipped sd_configs/sd1 folder.
+
+The shapes follow diffusers' own pipeline tests (`get_dummy_components`), except that the VAE has
+four levels so the latent is 1/8 of the image, as in real SD. The text encoder is tiny but uses the
+real CLIP tokenizer and vocabulary size, so prompts tokenize exactly as with real models.
+Everything is seeded: the same torch version on the same machine writes byte-identical files, and a
+file already written by the same recipe version is left alone, so repeated calls are cheap.
+
+    python -m modules.tiny_models DIR [--full-size]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from modules.paths import SD_CONFIGS_DIR
+
+# Bump when any recipe below changes, so existing files get rewritten.
+TINY_MODELS_VERSION = "1"
+VERSION_METADATA_KEY = "tiny_models_version"
+VERSION_MARKER_FILE = "tiny_models_version.txt"
+CHECKPOINT_SUBDIR = "Stable-diffusion"
+
+TINY_SD15 = "tiny-sd15"
+TINY_SD15_DIFFUSERS = "tiny-sd15-diffusers"
+TINY_SD15_INPAINTING = "tiny-sd15-inpainting"
+SD15_RANDOM = "sd15-random"
+
+TINY_SEED = 0
+TINY_INPAINTING_SEED = 1
+FULL_SIZE_SEED = 2
+
+TINY_UNET = dict(
+    sample_size=8,  # 8 latent pixels -> 64x64 images by default
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    # Four levels: vae_scale_factor 8, like SD's VAE.
+    block_out_channels=(16, 32, 32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=64,
+    scaling_factor=0.18215,
+)
+TINY_TEXT_ENCODER = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=5,
+    vocab_size=49408,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=32,
+    # The special-token ids of SD 1.5's text encoder config.
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+)
+
+
+def _seeded(seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def _scheduler():
+    from diffusers import PNDMScheduler
+
+    # SD 1.5's own scheduler config (PNDM, scaled_linear 0.00085..0.012, steps_offset 1, ...).
+    return PNDMScheduler.from_pretrained(SD_CONFIGS_DIR / "sd1", subfolder="scheduler", local_files_only=True)
+
+
+def build_tiny_sd15(seed: int = TINY_SEED, in_channels: int = 4) -> dict[str, Any]:
+    """Tiny SD1 components (unet, vae, text_encoder, tokenizer, scheduler) from a seed, in float32."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from modules.clip_tokenizer import clip_tokenizer
+
+    _seeded(seed)
+    unet = UNet2DConditionModel(**{**TINY_UNET, "in_channels": in_channels})
+    _seeded(seed + 1000)
+    vae = AutoencoderKL(**TINY_VAE)
+    _seeded(seed + 2000)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER))
+    for model in (unet, vae, text_encoder):
+        model.eval()
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": clip_tokenizer(),
+        "scheduler": _scheduler(),
+    }
+
+
+def diffusers_configs(components: dict[str, Any]) -> dict[str, dict]:
+    """The per-component configs as plain JSON objects, for the `diffusers_configs` metadata."""
+    return {
+        "unet": json.loads(components["unet"].to_json_string()),
+        "vae": json.loads(components["vae"].to_json_string()),
+        "text_encoder": components["text_encoder"].config.to_dict(),
+        "scheduler": json.loads(components["scheduler"].to_json_string()),
+    }
+
+
+def ldm_state_dict(components: dict[str, Any]) -> dict:
+    """The components as one SD1-layout (A1111 single-file) state dict."""
+    from modules.ldm_convert import diffusers_to_ldm
+
+    unet, vae = components["unet"], components["vae"]
+    state = diffusers_to_ldm(
+        unet.state_dict(),
+        vae.state_dict(),
+        components["text_encoder"].state_dict(),
+        unet_config=dict(unet.config),
+        vae_config=dict(vae.config),
+    )
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def _temp_sibling(path: Path) -> Path:
+    """A unique hidden name next to `path` (hidden, so a registry scan never lists a half-written
+    model). Not mkstemp/mkdtemp: those create 0600/0700 entries, and models should get the umask's
+    normal permissions."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _is_current(path: Path) -> bool:
+    from modules.sd_models import CheckpointError, read_safetensors_metadata
+
+    if not path.is_file():
+        return False
+    try:
+        return read_safetensors_metadata(path).get(VERSION_METADATA_KEY) == TINY_MODELS_VERSION
+    except CheckpointError:
+        return False
+
+
+_SAFETENSORS_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}
+
+
+def _write_safetensors(path: Path, state: dict, metadata: dict[str, str]) -> None:
+    """Write a safetensors file whose bytes depend only on its contents.
+
+    safetensors' own writer keeps `__metadata__` in a Rust HashMap, so with two metadata keys their
+    order (and so the file's sha256, which is its A1111 model hash) changes from run to run. This
+    writes the same format with everything sorted: 8-byte little-endian header length, the JSON
+    header padded with spaces to a multiple of 8, then the tensors' bytes in header order.
+    """
+    import torch
+
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors stores little-endian data; this writer assumes a little-endian host")
+    names = sorted(state)
+    all_metadata = {**metadata, VERSION_METADATA_KEY: TINY_MODELS_VERSION}
+    header: dict[str, Any] = {"__metadata__": dict(sorted(all_metadata.items()))}
+    offset = 0
+    for name in names:
+        tensor = state[name]
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[str(tensor.dtype).removeprefix("torch.")],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for name in names:
+                f.write(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_tiny_single_file(path: Path, components: dict[str, Any]) -> None:
+    """An SD1-layout single file of the components, carrying their configs in its metadata."""
+    _write_safetensors(
+        path,
+        ldm_state_dict(components),
+        {"diffusers_configs": json.dumps(diffusers_configs(components), sort_keys=True)},
+    )
+
+
+def _folder_is_current(folder: Path) -> bool:
+    marker = folder / VERSION_MARKER_FILE
+    return marker.is_file() and marker.read_text(encoding="utf-8").strip() == TINY_MODELS_VERSION
+
+
+def write_diffusers_folder(folder: Path, components: dict[str, Any]) -> None:
+    """The components as a diffusers folder (save_pretrained, safetensors), swapped in atomically."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False
+    )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(folder)
+    tmp.mkdir()
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / VERSION_MARKER_FILE).write_text(TINY_MODELS_VERSION + "\n", encoding="utf-8")
+        if folder.exists():
+            # An older recipe's folder: move it aside first so the swap itself is a single rename.
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.rename(folder, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_full_size_sd15(path: Path, seed: int = FULL_SIZE_SEED) -> None:
+    """A random SD 1.5-shaped single file in fp16, built from the shipped sd1 configs, without embedded
+    configs. One component at a time, so peak memory stays around one fp32 UNet plus the fp16 file."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from modules.ldm_convert import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+
+    config_dir = SD_CONFIGS_DIR / "sd1"
+    state: dict[str, torch.Tensor] = {}
+
+    def half(module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}
+
+    unet_config = UNet2DConditionModel.load_config(config_dir, subfolder="unet", local_files_only=True)
+    _seeded(seed)
+    unet = UNet2DConditionModel.from_config(unet_config)
+    state.update(unet_to_ldm(half(unet), unet_config))
+    del unet
+    vae_config = AutoencoderKL.load_config(config_dir, subfolder="vae", local_files_only=True)
+    _seeded(seed + 1000)
+    vae = AutoencoderKL.from_config(vae_config)
+    state.update(vae_to_ldm(half(vae), vae_config))
+    del vae
+    _seeded(seed + 2000)
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir, subfolder="text_encoder"))
+    state.update(text_encoder_to_ldm(half(text_encoder)))
+    del text_encoder
+    _write_safetensors(path, state, {})
+
+
+def make_tiny_models(dir: str | os.PathLike, full_size: bool = False) -> dict[str, Path]:
+    """Write the tiny model set under `dir` (see the module docstring); files already written by this
+    recipe version are kept. Returns name -> path for each model."""
+    root = Path(dir) / CHECKPOINT_SUBDIR
+    paths = {
+        TINY_SD15: root / f"{TINY_SD15}.safetensors",
+        TINY_SD15_DIFFUSERS: root / TINY_SD15_DIFFUSERS,
+        TINY_SD15_INPAINTING: root / f"{TINY_SD15_INPAINTING}.safetensors",
+    }
+    if full_size:
+        paths[SD15_RANDOM] = root / f"{SD15_RANDOM}.safetensors"
+
+    if not (_is_current(paths[TINY_SD15]) and _folder_is_current(paths[TINY_SD15_DIFFUSERS])):
+        components = build_tiny_sd15(TINY_SEED)
+        if not _is_current(paths[TINY_SD15]):
+            write_tiny_single_file(paths[TINY_SD15], components)
+        if not _folder_is_current(paths[TINY_SD15_DIFFUSERS]):
+            write_diffusers_folder(paths[TINY_SD15_DIFFUSERS], components)
+    if not _is_current(paths[TINY_SD15_INPAINTING]):
+        write_tiny_single_file(paths[TINY_SD15_INPAINTING], build_tiny_sd15(TINY_INPAINTING_SEED, in_channels=9))
+    if full_size and not _is_current(paths[SD15_RANDOM]):
+        write_full_size_sd15(paths[SD15_RANDOM])
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m modules.tiny_models", description=__doc__.split("\n")[0])
+    parser.add_argument("dir", help="models folder to write into (checkpoints go to DIR/Stable-diffusion/)")
+    parser.add_argument("--full-size", action="store_true", help="also write a random SD 1.5-sized fp16 file (~2 GB)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    paths = make_tiny_models(args.dir, full_size=args.full_size)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    print(f"done in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Wiring: turns parsed flags into the running pieces (folders, settings, registry, manager, queue)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modules import cmd_args, paths
+from modules.options import OptionError, Options
+
+log = logging.getLogger("webui")
+
+
+class CheckpointNotFoundError(ValueError):
+    """A checkpoint name that matches nothing on disk."""
+
+
+@dataclass
+class Folders:
+    data_dir: Path
+    models_dir: Path
+    checkpoint_dirs: list[Path]
+    checkpoint_files: list[Path]
+    lora_dir: Path
+    vae_dir: Path
+    embeddings_dir: Path
+    outputs_dir: Path
+    config_file: Path
+    styles_file: Path
+    cache_file: Path
+
+    @classmethod
+    def from_args(cls, args) -> "Folders":
+        data = Path(args.data_dir).resolve() if args.data_dir else paths.REPO_ROOT
+        models = Path(args.models_dir).resolve() if args.models_dir else data / "models"
+        ckpt_dirs = [models / "Stable-diffusion"]
+        if args.ckpt_dir:
+            ckpt_dirs.append(Path(args.ckpt_dir).resolve())
+        ckpt_files = [Path(args.ckpt).resolve()] if args.ckpt else []
+        return cls(
+            data_dir=data, models_dir=models, checkpoint_dirs=ckpt_dirs, checkpoint_files=ckpt_files,
+            lora_dir=Path(args.lora_dir).resolve() if args.lora_dir else models / "Lora",
+            vae_dir=Path(args.vae_dir).resolve() if args.vae_dir else models / "VAE",
+            embeddings_dir=Path(args.embeddings_dir).resolve() if args.embeddings_dir else data / "embeddings",
+            outputs_dir=data / "outputs",
+            config_file=data / "config.json",
+            styles_file=Path(args.styles_file).resolve() if args.styles_file else data / "styles.csv",
+            cache_file=data / "cache.json",
+        )
+
+
+class Webui:
+    """The server's state, built once from the flags and handed to the API and UI builders."""
+
+    def __init__(self, args):
+        from modules import devices, sd_models
+        from modules.jobs import JobQueue
+        from modules.model_manager import ModelManager
+        from modules.styles import StyleDatabase
+
+        self.args = args
+        self.folders = Folders.from_args(args)
+        self.folders.data_dir.mkdir(parents=True, exist_ok=True)
+        self.options = Options(self.folders.config_file, frozen=args.freeze_settings)
+        self.device = devices.resolve_device(args.device if args.device_id is None or args.device != "cuda"
+                                             else f"cuda:{args.device_id}")
+        self.dtype = devices.resolve_dtype(args.precision, self.device)
+        self.vae_dtype = devices.vae_dtype(args.precision, self.device, args.no_half_vae)
+        self.attention, attention_message = devices.attention_backend(args.xformers, self.device)
+        if attention_message:
+            log.info(attention_message)
+        self.offload = "sequential" if args.lowvram else "model" if args.medvram else None
+        if self.offload and self.device.type != "cuda":
+            log.info("--medvram/--lowvram only apply to CUDA devices; ignored on %s", self.device)
+            self.offload = None
+
+        self.hash_cache = sd_models.HashCache(self.folders.cache_file)
+        if args.demo:
+            self.folders.checkpoint_dirs.append(self.demo_models_dir() / "Stable-diffusion")
+        self.registry = sd_models.CheckpointRegistry(self.folders.checkpoint_dirs, self.folders.checkpoint_files,
+                                                     self.hash_cache)
+        self.registry.refresh()
+        vram, ram = devices.default_budgets(self.device)
+        self.manager = ModelManager(self.device, self._budget("vram_budget_mb", vram),
+                                    self._budget("ram_budget_mb", ram))
+        self.options.add_listener(self._on_options_changed)
+        self.queue = JobQueue()
+        self.styles = StyleDatabase(self.folders.styles_file)
+        if args.ckpt and not self.options.get("sd_model_checkpoint"):
+            info = self.registry.find(Path(args.ckpt).name)
+            if info:
+                self.options.update({"sd_model_checkpoint": info.name})
+        self._ensure_current_checkpoint()
+
+    # -- folders and settings ------------------------------------------------------------------------------
+    def demo_models_dir(self) -> Path:
+        """--demo: a tiny random-weight model set, made once under the data dir."""
+        from modules import tiny_models
+        root = self.folders.data_dir / "demo-models"
+        marker = root / "Stable-diffusion" / "tiny-sd15.safetensors"
+        if not marker.exists():
+            log.info("--demo: writing a tiny random-weight model set to %s", root)
+            tiny_models.make_tiny_models(root)
+        log.warning("--demo: the demo checkpoints have RANDOM weights; their images are noise, not pictures.")
+        return root
+
+    def _budget(self, key: str, automatic: int) -> int:
+        mb = self.options.get(key)
+        return mb * 2**20 if mb else automatic
+
+    def _on_options_changed(self, changed: dict) -> None:
+        if "vram_budget_mb" in changed or "ram_budget_mb" in changed:
+            from modules import devices
+            vram, ram = devices.default_budgets(self.device)
+            self.manager.set_budgets(self._budget("vram_budget_mb", vram), self._budget("ram_budget_mb", ram))
+
+    def _ensure_current_checkpoint(self) -> None:
+        """Point sd_model_checkpoint at something that exists (without loading it)."""
+        current = self.options.get("sd_model_checkpoint")
+        if current and self.registry.find(current):
+            return
+        available = self.registry.list()
+        if available:
+            self.options.update({"sd_model_checkpoint": available[0].name})
+        elif not current:
+            log.warning("No checkpoint found. Put a .safetensors file in %s (or start with --demo to try the UI "
+                        "with tiny random weights).", self.folders.checkpoint_dirs[0])
+
+    def refresh_checkpoints(self) -> None:
+        self.registry.refresh()
+        self._ensure_current_checkpoint()
+
+    def resolve_checkpoint(self, name: str):
+        """A title, name, model name, file name or short hash -> CheckpointInfo (as A1111 accepts)."""
+        info = self.registry.find(name)
+        if info is None:
+            names = ", ".join(c.name for c in self.registry.list()) or "none on disk"
+            raise CheckpointNotFoundError(f"checkpoint {name!r} not found (available: {names})")
+        return info
+
+    def normalize_settings(self, updates: dict[str, Any], *, from_api: bool) -> dict[str, Any]:
+        """Validate a settings update; a checkpoint name is resolved to its canonical name."""
+        updates = dict(updates)
+        if "sd_model_checkpoint" in updates:
+            updates["sd_model_checkpoint"] = self.resolve_checkpoint(str(updates["sd_model_checkpoint"])).name
+        self.options.validate(updates, from_api=from_api)
+        return updates
+
+    def settings_for_request(self, overrides: dict[str, Any] | None) -> dict[str, Any]:
+        overrides = self.normalize_settings(overrides or {}, from_api=True)
+        return self.options.with_overrides(overrides)
+
+    def current_checkpoint(self):
+        name = self.options.get("sd_model_checkpoint")
+        return self.registry.find(name) if name else None
+
+    # -- work ------------------------------------------------------------------------------------------------
+    def generation_context(self):
+        from modules.generation import GenerationContext
+        return GenerationContext(registry=self.registry, manager=self.manager, styles=self.styles,
+                                 outputs_root=self.outputs_root(), dtype=self.dtype, vae_dtype=self.vae_dtype,
+                                 offload=self.offload)
+
+    def outputs_root(self) -> Path:
+        custom = self.options.get("outputs_dir") if "outputs_dir" in self.options.specs else ""
+        return Path(custom) if custom else self.folders.outputs_dir
+
+    def submit_txt2img(self, req, *, override_settings: dict | None = None, owner: str | None = None,
+                       task_id: str | None = None):
+        """Validate and queue a txt2img request; returns the Job at once (raises on bad input)."""
+        from modules import generation
+        req = generation.validate(req)
+        settings = self.settings_for_request(override_settings)
+        if not self.registry.find(settings.get("sd_model_checkpoint") or "") and not self.registry.list():
+            raise generation.GenerationError(
+                f"no checkpoint found: put a .safetensors file in {self.folders.checkpoint_dirs[0]} "
+                "(or start with --demo)")
+        ctx = self.generation_context()
+        return self.queue.submit(lambda job: generation.run_txt2img(ctx, req, job, settings),
+                                 kind="txt2img", owner=owner, task_id=task_id)
+
+    def load_checkpoint_now(self, name: str | None = None, timeout: float | None = None):
+        """Load a checkpoint through the queue (so it never races a running job) and wait for it."""
+        from modules import sd_pipelines
+        info = self.resolve_checkpoint(name) if name else self.current_checkpoint()
+        if info is None:
+            return None
+
+        def load(job):
+            with sd_pipelines.use_checkpoint(self.manager, info, dtype=self.dtype, vae_dtype=self.vae_dtype):
+                pass
+            return info
+
+        return self.queue.submit(load, kind="load-checkpoint").wait(timeout)
+
+    def unload_checkpoints(self) -> None:
+        self.manager.unload_all(kind="checkpoint")
