@@ -88,6 +88,8 @@ class GenerationContext:
     dtype: torch.dtype = torch.float32
     vae_dtype: torch.dtype | None = None
     offload: str | None = None  # None | "model" | "sequential"
+    attention: str = "sdpa"  # "sdpa" | "xformers"
+    offload_device: str = "cuda"  # where offloaded parts run
 
 
 @dataclass
@@ -233,6 +235,17 @@ def decode_latents(pipe, latents: torch.Tensor, generators=None) -> list:
     return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
 
 
+def encode_with_clip_skip(pipe, prompts: list[str], clip_skip: int) -> torch.Tensor:
+    """CLIP text embeddings from the hidden state `clip_skip` layers from the end (A1111: 1 = last layer)."""
+    encoder = pipe.text_encoder
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(encoder.device)
+    with torch.no_grad():
+        out = encoder(ids, output_hidden_states=True)
+        hidden = out.hidden_states[-clip_skip]
+        return encoder.final_layer_norm(hidden).to(encoder.dtype)
+
+
 def _run_pass(pipe, kind: str, *, prompts, negatives, steps, cfg, width, height, generators, clip_skip,
               eta, tracker, latents=None, image=None, mask=None, strength=None):
     kw: dict[str, Any] = dict(
@@ -241,7 +254,13 @@ def _run_pass(pipe, kind: str, *, prompts, negatives, steps, cfg, width, height,
         callback_on_step_end=tracker, callback_on_step_end_tensor_inputs=["latents"],
     )
     if clip_skip and clip_skip > 1:
-        kw["clip_skip"] = clip_skip - 1  # A1111 counts the last layer as 1; diffusers counts layers skipped
+        if hasattr(pipe, "text_encoder_2"):
+            kw["clip_skip"] = clip_skip - 1  # A1111 counts the last layer as 1; diffusers counts layers skipped
+        else:
+            # diffusers' SD1/SD2 clip_skip path reaches for `text_encoder.text_model`, which transformers 5
+            # removed, so the embeddings are made here the same way (hidden state, then the final layer norm).
+            kw["prompt_embeds"] = encode_with_clip_skip(pipe, kw.pop("prompt"), clip_skip)
+            kw["negative_prompt_embeds"] = encode_with_clip_skip(pipe, kw.pop("negative_prompt"), clip_skip)
     if eta is not None:
         kw["eta"] = eta
     if kind == "txt2img":
@@ -283,14 +302,15 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
 
     images, infotexts, all_paths = [], [], []
     today = datetime.date.today()
-    with sd_pipelines.use_checkpoint(ctx.manager, info, dtype=ctx.dtype, vae_dtype=ctx.vae_dtype) as bundle:
+    with sd_pipelines.use_checkpoint(ctx.manager, info, dtype=ctx.dtype, vae_dtype=ctx.vae_dtype,
+                                     attention=ctx.attention) as bundle:
         family = bundle.arch.family
         inpainting_model = bundle.arch.inpainting
         vae_scale = 2 ** (len(bundle.components["vae"].config.block_out_channels) - 1)
         latent_channels = bundle.components["unet"].config.out_channels
         sampler_info = samplers.make_scheduler(req.sampler_name, req.scheduler, bundle.scheduler_config)
         pipe = sd_pipelines.make_pipeline(bundle, "inpaint" if inpainting_model else "txt2img", sampler_info,
-                                          offload=ctx.offload)
+                                          offload=ctx.offload, offload_device=ctx.offload_device)
         for it in range(req.n_iter):
             if job is not None:
                 job.begin_iteration(it, req.n_iter)
@@ -396,7 +416,7 @@ def _hires_pass(ctx, bundle, req, latents, first_pipe, seeds, prompt, negative, 
         decoded = decode_latents(first_pipe, latents)
         image = [im.resize((hr_w, hr_h), getattr(Image.Resampling, resample or "LANCZOS")) for im in decoded]
     scheduler = samplers.make_scheduler(req.hr_sampler_name, req.hr_scheduler, bundle.scheduler_config)
-    pipe = sd_pipelines.make_pipeline(bundle, "img2img", scheduler, offload=ctx.offload)
+    pipe = sd_pipelines.make_pipeline(bundle, "img2img", scheduler, offload=ctx.offload, offload_device=ctx.offload_device)
     _, generators = make_noise(seeds, seeds, 0.0, (1, 1, 1), ensd)  # fresh per-image generators for pass two
     tracker.offset = req.steps
     return _run_pass(pipe, "img2img", prompts=[req.hr_prompt or prompt] * len(seeds),

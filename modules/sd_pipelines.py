@@ -50,11 +50,14 @@ def checkpoint_key(info: "sd_models.CheckpointInfo", dtype: torch.dtype) -> str:
 
 
 @contextlib.contextmanager
-def use_checkpoint(manager, info, *, dtype: torch.dtype, vae_dtype: torch.dtype | None = None
-                   ) -> Iterator[CheckpointBundle]:
+def use_checkpoint(manager, info, *, dtype: torch.dtype, vae_dtype: torch.dtype | None = None,
+                   attention: str = "sdpa") -> Iterator[CheckpointBundle]:
     """Lease a checkpoint from the manager (loading it on first use) for the duration of a job."""
     def load() -> CheckpointBundle:
         loaded = sd_models.load_checkpoint(info, torch_dtype=dtype, vae_dtype=vae_dtype)
+        if attention == "xformers":
+            loaded.components["unet"].enable_xformers_memory_efficient_attention()
+            loaded.components["vae"].enable_xformers_memory_efficient_attention()
         return CheckpointBundle(loaded)
 
     with manager.use(checkpoint_key(info, dtype), load, kind="checkpoint", name=info.title) as bundle:
@@ -72,7 +75,8 @@ def _pipeline_class(arch, kind: str):
     return getattr(diffusers, names[kind])
 
 
-def make_pipeline(bundle: CheckpointBundle, kind: str, scheduler, *, offload: str | None = None):
+def make_pipeline(bundle: CheckpointBundle, kind: str, scheduler, *, offload: str | None = None,
+                  offload_device: str | torch.device = "cuda"):
     """A pipeline of `kind` over the bundle's modules with this request's own scheduler object."""
     if kind not in PIPELINE_KINDS:
         raise ValueError(f"unknown pipeline kind {kind!r}")
@@ -87,10 +91,12 @@ def make_pipeline(bundle: CheckpointBundle, kind: str, scheduler, *, offload: st
             parts[optional] = None
     pipe = cls(**parts)
     pipe.set_progress_bar_config(disable=True)
+    # --medvram/--lowvram: the manager keeps these checkpoints in RAM and diffusers' offload hooks move each
+    # part to the GPU only while it runs.
     if offload == "model":
-        pipe.enable_model_cpu_offload(device=bundle.device if bundle.device.type != "cpu" else "cuda")
+        pipe.enable_model_cpu_offload(device=offload_device)
     elif offload == "sequential":
-        pipe.enable_sequential_cpu_offload(device="cuda")
+        pipe.enable_sequential_cpu_offload(device=offload_device)
     return pipe
 
 

@@ -84,7 +84,8 @@ class Webui:
                                                      self.hash_cache)
         self.registry.refresh()
         vram, ram = devices.default_budgets(self.device)
-        self.manager = ModelManager(self.device, self._budget("vram_budget_mb", vram),
+        # With offload the checkpoints live in RAM and diffusers' hooks visit the GPU part by part.
+        self.manager = ModelManager("cpu" if self.offload else self.device, self._budget("vram_budget_mb", vram),
                                     self._budget("ram_budget_mb", ram))
         self.options.add_listener(self._on_options_changed)
         self.queue = JobQueue()
@@ -162,7 +163,8 @@ class Webui:
         from modules.generation import GenerationContext
         return GenerationContext(registry=self.registry, manager=self.manager, styles=self.styles,
                                  outputs_root=self.outputs_root(), dtype=self.dtype, vae_dtype=self.vae_dtype,
-                                 offload=self.offload)
+                                 offload=self.offload, attention=self.attention,
+                                 offload_device=str(self.device))
 
     def outputs_root(self) -> Path:
         custom = self.options.get("outputs_dir") if "outputs_dir" in self.options.specs else ""
@@ -190,7 +192,8 @@ class Webui:
             return None
 
         def load(job):
-            with sd_pipelines.use_checkpoint(self.manager, info, dtype=self.dtype, vae_dtype=self.vae_dtype):
+            with sd_pipelines.use_checkpoint(self.manager, info, dtype=self.dtype, vae_dtype=self.vae_dtype,
+                                             attention=self.attention):
                 pass
             return info
 

@@ -6,6 +6,7 @@ import binascii
 import json
 import logging
 import secrets
+import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
@@ -37,6 +38,12 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(body, (bytes, bytearray)):
             body = body[:1000].decode("utf-8", "replace")
         return error_body(422, "RequestValidationError", detail or "invalid request", body, errors)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # A server-side fault: logged with its traceback here, answered with a message (never a traceback).
+        log.exception("%s %s failed", request.method, request.url.path)
+        return error_body(500, type(exc).__name__, str(exc) or "internal error")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -74,6 +81,9 @@ def make_auth_dependency(credentials: dict[str, str]):
 
 def build_router(webui, api_credentials: dict[str, str]) -> APIRouter:
     from modules import generation, infotext, outputs, samplers
+    from modules.jobs import DuplicateTaskError, QueueFullError
+    from modules.model_manager import ModelOutOfMemoryError
+    from modules.sd_models import CheckpointError
     from modules.webui_app import CheckpointNotFoundError
 
     auth = make_auth_dependency(api_credentials)
@@ -110,13 +120,21 @@ def build_router(webui, api_credentials: dict[str, str]) -> APIRouter:
             raise HTTPException(status, str(e)) from None
         except OptionError as e:
             raise HTTPException(400, f"override_settings: {e}") from None
-        except ValueError as e:  # styles, queue limits and other input problems
+        except DuplicateTaskError as e:
+            raise HTTPException(409, str(e)) from None
+        except ValueError as e:  # unknown styles and other input problems
             raise HTTPException(400, str(e)) from None
+        except QueueFullError as e:
+            raise HTTPException(503, str(e), headers={"Retry-After": "10"}) from None
         response.headers["X-Task-Id"] = job.id
         try:
             result = job.wait()
         except generation.GenerationError as e:
             raise HTTPException(422, str(e)) from None
+        except CheckpointError as e:
+            raise HTTPException(400, f"the checkpoint cannot be used: {e}") from None
+        except ModelOutOfMemoryError as e:
+            raise HTTPException(503, str(e)) from None
         info = dict(result.info, task_id=job.id)
         images = [outputs.encode_image_base64(im, infotext=txt) for im, txt in
                   zip(result.images, result.infotexts)] if body.send_images else []
@@ -131,7 +149,8 @@ def build_router(webui, api_credentials: dict[str, str]) -> APIRouter:
             return models.ProgressResponse(progress=0.0, eta_relative=0.0, state=models.ProgressState())
         state = models.ProgressState(
             skipped=job.skipped, interrupted=job.interrupted, job=job.kind, job_count=job.job_count or 0,
-            job_timestamp=str(int(job.started or job.created)), job_no=job.job_no or 0,
+            job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),
+            job_no=job.job_no or 0,
             sampling_step=job.sampling_step or 0, sampling_steps=job.sampling_steps or 0)
         image = None
         if not skip_current_image and job.current_image is not None:

@@ -47,6 +47,8 @@ _token_lock = threading.Lock()  # the shared fast tokenizer is not safe to call 
 
 
 def _token_counter_html(text: str) -> str:
+    if not text:
+        return '<div class="token-counter">0/75</div>'  # no tokenizer (and no transformers import) needed
     from modules import clip_tokenizer
     tok = clip_tokenizer.clip_tokenizer()
     with _token_lock:

@@ -37,11 +37,12 @@ def plain_pipe(tiny_models):
                                                    local_files_only=True, safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe, dict(pipe.scheduler.config)
 
 
 @pytest.mark.parametrize("sampler", list(PLAIN_SCHEDULERS))
 def test_txt2img_matches_plain_diffusers(context, plain_pipe, sampler):
+    plain_pipe, checkpoint_scheduler_config = plain_pipe
     seed, batch, steps = 1234, 2, 6
     req = generation.validate(generation.Txt2ImgRequest(
         prompt="a photo of a cat, highly detailed", negative_prompt="blurry", sampler_name=sampler,
@@ -50,7 +51,7 @@ def test_txt2img_matches_plain_diffusers(context, plain_pipe, sampler):
                                                        "return_grid": False})
     assert len(ours.images) == batch
 
-    plain_pipe.scheduler = PLAIN_SCHEDULERS[sampler](plain_pipe.scheduler.config)
+    plain_pipe.scheduler = PLAIN_SCHEDULERS[sampler](checkpoint_scheduler_config)
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
     plain = plain_pipe(["a photo of a cat, highly detailed"] * batch, negative_prompt=["blurry"] * batch,
                        num_inference_steps=steps, guidance_scale=7.0, height=64, width=64, generator=generators,
