@@ -146,6 +146,8 @@ def validate(req: Txt2ImgRequest) -> Txt2ImgRequest:
         if req.hr_sampler_name and req.hr_sampler_name != "Use same sampler":
             hr_sampler, hr_schedule = samplers.resolve(req.hr_sampler_name, req.hr_scheduler or schedule,
                                                        default=sampler)
+        samplers.scheduler_overrides(sampler, schedule)  # pairs diffusers cannot build fail here, with a 4xx
+        samplers.scheduler_overrides(hr_sampler, hr_schedule)
     except samplers.UnknownSamplerError as e:
         problems.append(str(e))
         sampler = schedule = hr_sampler = hr_schedule = None
@@ -448,7 +450,8 @@ def _infotext_params(req, info, seed, subseed, width, height, clip_skip, hires, 
     params: dict[str, Any] = {
         "Steps": req.steps,
         "Sampler": req.sampler_name,
-        "Schedule type": req.scheduler if req.scheduler != "Automatic" else None,
+        # "Automatic" is written as the schedule it stands for (as A1111 does), so the text reproduces the image.
+        "Schedule type": _written_schedule(req.sampler_name, req.scheduler),
         "CFG scale": req.cfg_scale,
         "Seed": seed,
         "Size": f"{req.width}x{req.height}",
@@ -464,6 +467,12 @@ def _infotext_params(req, info, seed, subseed, width, height, clip_skip, hires, 
         params["Styles array"] = json.dumps(list(req.styles))
     params["Version"] = VERSION
     return params
+
+
+def _written_schedule(sampler: str, schedule: str) -> str | None:
+    if schedule == samplers.AUTOMATIC:
+        schedule = samplers.automatic_schedule(sampler)
+    return None if schedule == "Uniform" else schedule
 
 
 def _outdir(ctx: GenerationContext, settings: dict, kind: str, today) -> Path:

@@ -387,6 +387,11 @@ _RECIPES: dict[str, _Recipe] = {
 }
 
 
+def automatic_schedule(sampler: str) -> str:
+    """The schedule type that "Automatic" stands for with this sampler (e.g. Karras for DPM++ 2M)."""
+    return _recipe(resolve(sampler)[0]).automatic
+
+
 def supported_schedule_types(sampler: str) -> list[str]:
     """Schedule labels `make_scheduler` accepts for a canonical sampler name, Automatic first."""
     recipe = _recipe(sampler)

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import struct
 import tempfile
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modules.fileio import atomic_write_text
 from modules.paths import SD_CONFIGS_DIR
 
 if TYPE_CHECKING:
@@ -423,15 +423,7 @@ class HashCache:
     def _write_locked(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = json.dumps({"version": self.FORMAT_VERSION, "files": self._entries}, indent=1, sort_keys=True)
-        # A unique sibling name ("x" mode) rather than mkstemp, which would make the file 0600.
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        try:
-            with open(tmp, "x", encoding="utf-8") as f:
-                f.write(payload)
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write_text(self.path, payload)
 
     @staticmethod
     def _key(file: str | os.PathLike) -> tuple[str, os.stat_result]:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import threading
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
+
+from modules.fileio import atomic_write_text
 
 STANDARD_COLUMNS = ("name", "prompt", "negative_prompt")
 PROMPT_PLACEHOLDER = "{prompt}"
@@ -154,7 +154,7 @@ class StyleDatabase:
             writer.writerow(
                 {**row.extra, "name": row.name, "prompt": row.prompt, "negative_prompt": row.negative_prompt}
             )
-        _atomic_write_text(self.path, buffer.getvalue())
+        atomic_write_text(self.path, buffer.getvalue(), encoding="utf-8-sig")  # A1111 writes a BOM too
         # Memory changes only once the file holds the new content.
         self._rows = rows
         self._columns = columns
@@ -186,17 +186,3 @@ def _parse_csv(content: str) -> tuple[list[PromptStyle], list[str]]:
         position[name] = len(rows)
         rows.append(style)
     return rows, columns
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temp, "w", encoding="utf-8-sig", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    finally:
-        if temp.exists():
-            temp.unlink()

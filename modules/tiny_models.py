@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from modules.fileio import atomic_open
 from modules.paths import SD_CONFIGS_DIR
 
 # Bump when any recipe below changes, so existing files get rewritten.
@@ -204,17 +205,11 @@ def _write_safetensors(path: Path, state: dict, metadata: dict[str, str]) -> Non
     raw += b" " * (-len(raw) % 8)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(path)
-    try:
-        with open(tmp, "xb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for name in names:
-                f.write(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in names:
+            f.write(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def write_tiny_single_file(path: Path, components: dict[str, Any]) -> None:

@@ -175,6 +175,7 @@ class Webui:
         """Validate and queue a txt2img request; returns the Job at once (raises on bad input)."""
         from modules import generation
         req = generation.validate(req)
+        self.styles.apply(req.prompt, req.negative_prompt, req.styles)  # unknown style names fail here, not later
         settings = self.settings_for_request(override_settings)
         if not self.registry.find(settings.get("sd_model_checkpoint") or "") and not self.registry.list():
             raise generation.GenerationError(

@@ -225,6 +225,9 @@ def test_progress_and_interrupt_a_long_job(api):
 
 def test_refresh_finds_new_checkpoints_and_switching_loads_each_once(tiny_models, tmp_path):
     models = copy_models(tiny_models, tmp_path / "models", ["tiny-sd15.safetensors"])
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "styles.csv").write_text(
+        'name,prompt,negative_prompt\nOil,"{prompt}, oil painting",lowres\nMood,moody light,\n')
     server = Server(["--api", "--models-dir", str(models)], tmp_path / "data")
     try:
         base = server.url + "/sdapi/v1"
@@ -240,6 +243,24 @@ def test_refresh_finds_new_checkpoints_and_switching_loads_each_once(tiny_models
             assert json.loads(r.json()["info"])["sd_model_name"] == name
         loads = {m["name"]: m["loads"] for m in requests.get(base + "/memory").json()["models"]}
         assert sorted(loads.values()) == [1, 1], loads  # A -> B -> A: each loaded from disk once
+
+        # styles from styles.csv: "{prompt}" is replaced, otherwise appended after ", "
+        r = requests.post(base + "/txt2img", json={**SMALL, "prompt": "a cat", "negative_prompt": "blurry",
+                                                  "styles": ["Oil", "Mood"]})
+        info = json.loads(r.json()["info"])
+        assert info["prompt"] == "a cat, oil painting, moody light"
+        assert info["negative_prompt"] == "blurry, lowres" and info["styles"] == ["Oil", "Mood"]
+        r = requests.post(base + "/txt2img", json={**SMALL, "prompt": "a cat", "styles": ["Nope"]})
+        assert r.status_code == 400 and "Nope" in r.json()["detail"]
+
+        # a broken checkpoint: a clear 4xx, and the worker goes on serving
+        (models / "Stable-diffusion" / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}garbage")
+        requests.post(base + "/refresh-checkpoints")
+        r = requests.post(base + "/txt2img", json={**SMALL, "prompt": "p",
+                                                  "override_settings": {"sd_model_checkpoint": "broken"}})
+        assert 400 <= r.status_code < 500 and "broken" in r.text.lower(), r.text
+        r = requests.post(base + "/txt2img", json={**SMALL, "prompt": "p"})
+        assert r.status_code == 200 and server.alive()
     finally:
         server.stop()
 
