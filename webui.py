@@ -68,7 +68,10 @@ def main(argv=None) -> None:
     import uvicorn
 
     host, port = cmd_args.server_host(args), args.port
+    # an open browser tab holds a streaming connection; without a graceful-shutdown limit, SIGTERM/Ctrl+C
+    # would wait for it forever
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_keep_alive=30,
+                            timeout_graceful_shutdown=3,
                             ssl_keyfile=args.tls_keyfile, ssl_certfile=args.tls_certfile,
                             root_path=args.subpath or "")
     server = uvicorn.Server(config)

@@ -123,6 +123,14 @@ def create_ui(webui) -> gr.Blocks:
 
         refresh.click(on_refresh, outputs=[checkpoint, banner])
 
+        def on_page_load():
+            # the page may be (re)loaded long after start-up: show the checkpoints and notices in force now
+            text = _banner(webui)
+            return (gr.update(choices=checkpoint_choices(), value=current_checkpoint_title()),
+                    gr.update(value=text, visible=bool(text)))
+
+        demo.load(on_page_load, outputs=[checkpoint, banner], queue=False, show_progress="hidden")
+
         def on_checkpoint(title):
             if not title:
                 return gr.update()
@@ -246,6 +254,9 @@ def _txt2img_tab(webui, generation):
         try:
             job = webui.submit_txt2img(req, owner=owner)
         except ValueError as e:
+            # shown under the gallery as well as in the toast, as a failed job's error is
+            yield {progress: "", preview: gr.update(visible=False),
+                   error_html: f'<div class="error">{html.escape(str(e))}</div>'}
             raise gr.Error(str(e)) from None
         yield {job_state: job.id, progress: _progress_html(job), error_html: "", preview: gr.update(visible=False)}
         last_preview = None
@@ -344,7 +355,9 @@ def _settings_tab(webui):
         with gr.Accordion(section, open=True):
             for key in keys:
                 spec = specs[key]
-                value = webui.options.get(key)
+                # a callable is read again on every page load, so a reloaded page shows the values in force
+                # now (not those at startup), and Apply does not write stale values back over newer ones
+                value = (lambda k=key: webui.options.get(k))
                 elem_id = f"setting_{key}"
                 choices = spec.choices() if callable(spec.choices) else spec.choices
                 if spec.type is bool:
