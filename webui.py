@@ -84,6 +84,8 @@ def main(argv=None) -> None:
         scheme = "https" if args.tls_certfile else "http"
         print(f"Running on local URL:  {scheme}://{shown}:{port}  (ready in {time.perf_counter() - started:.1f} s)",
               flush=True)
+        # No model is loaded before it is needed, but torch/diffusers are imported now so the first request is quick.
+        webui.warm_up()
 
     server.startup = startup
     try:

@@ -1,15 +1,14 @@
 """Wiring: turns parsed flags into the running pieces (folders, settings, registry, manager, queue)."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modules import cmd_args, paths
-from modules.options import OptionError, Options
+from modules import paths
+from modules.options import Options
 
 log = logging.getLogger("webui")
 
@@ -56,37 +55,20 @@ class Webui:
     """The server's state, built once from the flags and handed to the API and UI builders."""
 
     def __init__(self, args):
-        from modules import devices, sd_models
+        from modules import sd_models
         from modules.jobs import JobQueue
-        from modules.model_manager import ModelManager
         from modules.styles import StyleDatabase
 
         self.args = args
         self.folders = Folders.from_args(args)
         self.folders.data_dir.mkdir(parents=True, exist_ok=True)
         self.options = Options(self.folders.config_file, frozen=args.freeze_settings)
-        self.device = devices.resolve_device(args.device if args.device_id is None or args.device != "cuda"
-                                             else f"cuda:{args.device_id}")
-        self.dtype = devices.resolve_dtype(args.precision, self.device)
-        self.vae_dtype = devices.vae_dtype(args.precision, self.device, args.no_half_vae)
-        self.attention, attention_message = devices.attention_backend(args.xformers, self.device)
-        if attention_message:
-            log.info(attention_message)
-        self.offload = "sequential" if args.lowvram else "model" if args.medvram else None
-        if self.offload and self.device.type != "cuda":
-            log.info("--medvram/--lowvram only apply to CUDA devices; ignored on %s", self.device)
-            self.offload = None
-
         self.hash_cache = sd_models.HashCache(self.folders.cache_file)
         if args.demo:
             self.folders.checkpoint_dirs.append(self.demo_models_dir() / "Stable-diffusion")
         self.registry = sd_models.CheckpointRegistry(self.folders.checkpoint_dirs, self.folders.checkpoint_files,
                                                      self.hash_cache)
         self.registry.refresh()
-        vram, ram = devices.default_budgets(self.device)
-        # With offload the checkpoints live in RAM and diffusers' hooks visit the GPU part by part.
-        self.manager = ModelManager("cpu" if self.offload else self.device, self._budget("vram_budget_mb", vram),
-                                    self._budget("ram_budget_mb", ram))
         self.options.add_listener(self._on_options_changed)
         self.queue = JobQueue()
         self.styles = StyleDatabase(self.folders.styles_file)
@@ -95,6 +77,59 @@ class Webui:
             if info:
                 self.options.update({"sd_model_checkpoint": info.name})
         self._ensure_current_checkpoint()
+        self._runtime_lock = threading.Lock()
+        self._runtime: dict[str, Any] | None = None
+
+    # -- the torch side, set up on first use so the server is ready before torch is even imported ----------
+    def runtime(self) -> dict[str, Any]:
+        with self._runtime_lock:
+            if self._runtime is None:
+                self._runtime = self._make_runtime()
+            return self._runtime
+
+    def _make_runtime(self) -> dict[str, Any]:
+        from modules import devices
+        from modules.model_manager import ModelManager
+
+        args = self.args
+        device = devices.resolve_device(args.device if args.device_id is None or args.device != "cuda"
+                                        else f"cuda:{args.device_id}")
+        attention, attention_message = devices.attention_backend(args.xformers, device)
+        if attention_message:
+            log.info(attention_message)
+        offload = "sequential" if args.lowvram else "model" if args.medvram else None
+        if offload and device.type != "cuda":
+            log.info("--medvram/--lowvram only apply to CUDA devices; ignored on %s", device)
+            offload = None
+        vram, ram = devices.default_budgets(device)
+        # With offload the checkpoints live in RAM and diffusers' hooks visit the GPU part by part.
+        manager = ModelManager("cpu" if offload else device, self._budget("vram_budget_mb", vram),
+                               self._budget("ram_budget_mb", ram))
+        return dict(device=device, dtype=devices.resolve_dtype(args.precision, device),
+                    vae_dtype=devices.vae_dtype(args.precision, device, args.no_half_vae),
+                    attention=attention, offload=offload, manager=manager)
+
+    @property
+    def device(self):
+        return self.runtime()["device"]
+
+    @property
+    def manager(self):
+        return self.runtime()["manager"]
+
+    def warm_up(self):
+        """Right after start-up: import torch/diffusers so the first request is quick (no model is loaded).
+
+        It runs as a job on the one worker thread: diffusers' lazy module is not safe to import from two
+        threads at once, and a request that arrives meanwhile simply waits behind it in the queue.
+        """
+        def run(job):
+            self.runtime()
+            from modules import generation  # noqa: F401  (imports torch, diffusers and the pipelines)
+            import diffusers
+            diffusers.StableDiffusionPipeline, diffusers.AutoencoderKL  # resolve the lazy attributes now
+
+        return self.queue.submit(run, kind="warm-up")
 
     # -- folders and settings ------------------------------------------------------------------------------
     def demo_models_dir(self) -> Path:
@@ -113,7 +148,7 @@ class Webui:
         return mb * 2**20 if mb else automatic
 
     def _on_options_changed(self, changed: dict) -> None:
-        if "vram_budget_mb" in changed or "ram_budget_mb" in changed:
+        if ("vram_budget_mb" in changed or "ram_budget_mb" in changed) and self._runtime is not None:
             from modules import devices
             vram, ram = devices.default_budgets(self.device)
             self.manager.set_budgets(self._budget("vram_budget_mb", vram), self._budget("ram_budget_mb", ram))
@@ -161,10 +196,10 @@ class Webui:
     # -- work ------------------------------------------------------------------------------------------------
     def generation_context(self):
         from modules.generation import GenerationContext
-        return GenerationContext(registry=self.registry, manager=self.manager, styles=self.styles,
-                                 outputs_root=self.outputs_root(), dtype=self.dtype, vae_dtype=self.vae_dtype,
-                                 offload=self.offload, attention=self.attention,
-                                 offload_device=str(self.device))
+        rt = self.runtime()
+        return GenerationContext(registry=self.registry, manager=rt["manager"], styles=self.styles,
+                                 outputs_root=self.outputs_root(), dtype=rt["dtype"], vae_dtype=rt["vae_dtype"],
+                                 offload=rt["offload"], attention=rt["attention"], offload_device=str(rt["device"]))
 
     def outputs_root(self) -> Path:
         custom = self.options.get("outputs_dir") if "outputs_dir" in self.options.specs else ""
@@ -173,7 +208,7 @@ class Webui:
     def submit_txt2img(self, req, *, override_settings: dict | None = None, owner: str | None = None,
                        task_id: str | None = None):
         """Validate and queue a txt2img request; returns the Job at once (raises on bad input)."""
-        from modules import generation
+        from modules import generation_params as generation
         req = generation.validate(req)
         self.styles.apply(req.prompt, req.negative_prompt, req.styles)  # unknown style names fail here, not later
         settings = self.settings_for_request(override_settings)
@@ -181,23 +216,26 @@ class Webui:
             raise generation.GenerationError(
                 f"no checkpoint found: put a .safetensors file in {self.folders.checkpoint_dirs[0]} "
                 "(or start with --demo)")
-        ctx = self.generation_context()
-        return self.queue.submit(lambda job: generation.run_txt2img(ctx, req, job, settings),
-                                 kind="txt2img", owner=owner, task_id=task_id)
+        def run(job):
+            from modules.generation import run_txt2img
+            return run_txt2img(self.generation_context(), req, job, settings)
+
+        return self.queue.submit(run, kind="txt2img", owner=owner, task_id=task_id)
 
     def load_checkpoint_now(self, name: str | None = None, timeout: float | None = None):
         """Load a checkpoint through the queue (so it never races a running job) and wait for it."""
-        from modules import sd_pipelines
         info = self.resolve_checkpoint(name) if name else self.current_checkpoint()
         if info is None:
             return None
 
         def load(job):
-            with sd_pipelines.use_checkpoint(self.manager, info, dtype=self.dtype, vae_dtype=self.vae_dtype,
-                                             attention=self.attention):
+            rt = self.runtime()
+            with sd_pipelines.use_checkpoint(rt["manager"], info, dtype=rt["dtype"], vae_dtype=rt["vae_dtype"],
+                                             attention=rt["attention"]):
                 pass
             return info
 
+        from modules import sd_pipelines
         return self.queue.submit(load, kind="load-checkpoint").wait(timeout)
 
     def unload_checkpoints(self) -> None:

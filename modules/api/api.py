@@ -1,7 +1,6 @@
 """The /sdapi/v1 routes: thin translation between A1111's JSON contract and the services."""
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import logging
@@ -80,9 +79,9 @@ def make_auth_dependency(credentials: dict[str, str]):
 
 
 def build_router(webui, api_credentials: dict[str, str]) -> APIRouter:
-    from modules import generation, infotext, outputs, samplers
+    from modules import generation_params as generation
+    from modules import infotext, outputs, samplers
     from modules.jobs import DuplicateTaskError, QueueFullError
-    from modules.model_manager import ModelOutOfMemoryError
     from modules.sd_models import CheckpointError
     from modules.webui_app import CheckpointNotFoundError
 
@@ -133,8 +132,11 @@ def build_router(webui, api_credentials: dict[str, str]) -> APIRouter:
             raise HTTPException(422, str(e)) from None
         except CheckpointError as e:
             raise HTTPException(400, f"the checkpoint cannot be used: {e}") from None
-        except ModelOutOfMemoryError as e:
-            raise HTTPException(503, str(e)) from None
+        except RuntimeError as e:
+            from modules.model_manager import ModelOutOfMemoryError  # torch is loaded by now; not at start-up
+            if isinstance(e, ModelOutOfMemoryError):
+                raise HTTPException(503, str(e)) from None
+            raise
         info = dict(result.info, task_id=job.id)
         images = [outputs.encode_image_base64(im, infotext=txt) for im, txt in
                   zip(result.images, result.infotexts)] if body.send_images else []

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import html
-import json
 import logging
 import threading
 import time
@@ -90,7 +89,7 @@ def _banner(webui) -> str:
 
 
 def create_ui(webui) -> gr.Blocks:
-    from modules import generation
+    from modules import generation_params as generation
 
     def checkpoint_choices():
         return [c.title for c in webui.registry.list()]
