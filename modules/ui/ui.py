@@ -112,7 +112,8 @@ def create_ui(webui) -> gr.Blocks:
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 png = _pnginfo_tab()
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
-                _settings_tab(webui)
+                settings_components = _settings_tab(webui)
+        ready = gr.HTML("", elem_id="ui_ready", padding=False)
 
         def on_refresh():
             webui.refresh_checkpoints()
@@ -123,12 +124,15 @@ def create_ui(webui) -> gr.Blocks:
         refresh.click(on_refresh, outputs=[checkpoint, banner])
 
         def on_page_load():
-            # the page may be (re)loaded long after start-up: show the checkpoints and notices in force now
+            # The page may be (re)loaded long after start-up: show the checkpoints, notices and settings in force
+            # now (stale settings would be written back by the next Apply). One event, so #ui_ready marks them all.
             text = _banner(webui)
-            return (gr.update(choices=checkpoint_choices(), value=current_checkpoint_title()),
-                    gr.update(value=text, visible=bool(text)))
+            return [gr.update(choices=checkpoint_choices(), value=current_checkpoint_title()),
+                    gr.update(value=text, visible=bool(text)),
+                    '<span data-ready="1"></span>'] + [webui.options.get(k) for k in settings_components]
 
-        demo.load(on_page_load, outputs=[checkpoint, banner], queue=False, show_progress="hidden")
+        demo.load(on_page_load, outputs=[checkpoint, banner, ready] + list(settings_components.values()),
+                  queue=False, show_progress="hidden")
 
         def on_checkpoint(title):
             if not title:
@@ -354,9 +358,7 @@ def _settings_tab(webui):
         with gr.Accordion(section, open=True):
             for key in keys:
                 spec = specs[key]
-                # a callable is read again on every page load, so a reloaded page shows the values in force
-                # now (not those at startup), and Apply does not write stale values back over newer ones
-                value = (lambda k=key: webui.options.get(k))
+                value = webui.options.get(key)  # refreshed on every page load (create_ui's on_page_load)
                 elem_id = f"setting_{key}"
                 choices = spec.choices() if callable(spec.choices) else spec.choices
                 if spec.type is bool:
@@ -386,3 +388,4 @@ def _settings_tab(webui):
         return f"{len(changed)} settings changed: {', '.join(changed) or 'none'}."
 
     apply.click(save, inputs=[comps[k] for k in keys], outputs=[result])
+    return comps

@@ -23,6 +23,8 @@ FILE_RE = re.compile(r"^(\d{5})-(\d+)-(.*)\.png$")
 def open_ui(page: Page, server) -> None:
     page.goto(server.url)
     expect(page.locator("#txt2img_prompt textarea")).to_be_visible()
+    # the page-load event fills settings and the checkpoint list; typing before it lands would be overwritten
+    expect(page.locator("#ui_ready [data-ready]")).to_be_attached()
 
 
 def set_number(page: Page, elem_id: str, value) -> None:
@@ -224,6 +226,7 @@ def test_settings_apply_persist_and_take_effect(page, tiny_models, tmp_path):
 
         # ...and a reloaded page shows it, so applying again does not undo it
         page.reload()
+        expect(page.locator("#ui_ready [data-ready]")).to_be_attached()
         page.get_by_role("tab", name="Settings").click()
         expect(clip).to_have_value("2")
         period = page.locator("#setting_show_progress_every_n_steps input[type=number]")
