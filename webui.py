@@ -26,7 +26,9 @@ def create_app(args):
     """Build the app and the server state. Loads no model: the first request that needs one does."""
     from fastapi import FastAPI
 
-    from modules.api.api import build_router, install_error_handlers
+    from modules.api import auth as api_auth
+    from modules.api.api import ServerControl, build_internal_router, build_router, install_error_handlers
+    from modules.api.middleware import install_edge_middleware
     from modules.webui_app import Webui
     from modules.version import VERSION
 
@@ -37,12 +39,20 @@ def create_app(args):
     install_error_handlers(app)
     api_credentials = cmd_args.parse_credentials(args.api_auth)
     gradio_credentials = read_gradio_credentials(args)
+    # One auth layer for every route of the app, routers included later too (see modules/api/auth.py).
+    authenticator = api_auth.Authenticator(api_credentials, gradio_credentials)
+    server_control = ServerControl()
+    app.state.server_control = server_control
+    app.include_router(build_internal_router(webui))
     if args.api:
-        app.include_router(build_router(webui, api_credentials))
-    if args.cors_allow_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-        app.add_middleware(CORSMiddleware, allow_origins=args.cors_allow_origins.split(","),
-                           allow_methods=["*"], allow_headers=["*"], allow_credentials=True)
+        app.include_router(build_router(webui, server_control))
+        from modules.api.captioning_api import build_captioning_router
+        app.include_router(build_captioning_router(webui))
+        from modules.api.extra_networks_api import build_extra_networks_router
+        app.include_router(build_extra_networks_router(webui))
+    install_edge_middleware(app, authenticator=authenticator, api_log=args.api_log,
+                            cors_origins=args.cors_allow_origins,
+                            max_request_bytes=lambda: webui.options.get("api_max_request_mb") * 2**20)
     if cmd_args.is_exposed(args) and not (api_credentials or gradio_credentials):
         log.warning("WARNING: the server listens on %s without --gradio-auth or --api-auth: anyone on your "
                     "network can use it, read its outputs and change its settings.", cmd_args.server_host(args))
@@ -51,10 +61,12 @@ def create_app(args):
 
         from modules.ui import ui
         blocks = ui.create_ui(webui)
-        auth = list(gradio_credentials.items()) or None
-        app = gr.mount_gradio_app(app, blocks, path="/", auth=auth, ssr_mode=False, show_error=True,
+        # the UI's login form accepts --api-auth and --gradio-auth users alike
+        app = gr.mount_gradio_app(app, blocks, path="/", auth=api_auth.gradio_auth_callback(authenticator),
+                                  ssr_mode=False, show_error=True,
                                   theme=ui.theme(), css=ui.CSS, js=ui.JS, footer_links=["api"] if args.api else [],
                                   allowed_paths=[str(webui.outputs_root())])
+        authenticator.attach_gradio(api_auth.mounted_gradio_app(app))
     app.state.webui = webui
     return app, webui
 
@@ -64,6 +76,9 @@ def main(argv=None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     started = time.perf_counter()
     args = cmd_args.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.download_captioner:
+        from modules.captioning.cli import download_and_exit
+        download_and_exit(args)
     app, webui = create_app(args)
     import uvicorn
 
@@ -88,10 +103,16 @@ def main(argv=None) -> None:
         webui.warm_up()
 
     server.startup = startup
+    control = app.state.server_control
+    control.server = server  # /sdapi/v1/server-stop and server-restart (with --api-server-stop)
     try:
         server.run()
     finally:
         webui.queue.shutdown(wait=False)
+    if control.restart_requested:
+        # a restart is a fresh process with the same command line, so every module and setting is re-read
+        log.info("restarting: %s", " ".join(sys.argv))
+        os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
 if __name__ == "__main__":

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     misc = p.add_argument_group("start-up")
     misc.add_argument("--demo", action="store_true",
                       help="use a tiny random-weight model set (made once under the data dir); images are noise")
+    misc.add_argument("--download-captioner", default=None, metavar="NAME",
+                      help="download a captioner (e.g. blip2-opt-2.7b, blip-image-captioning-base) into "
+                           "MODELS_DIR/BLIP2 or BLIP with huggingface_hub, then exit")
     misc.add_argument("--skip-load-model-at-start", action="store_true",
                       help="load no checkpoint until a request needs one (the default here; kept for A1111 scripts)")
     misc.add_argument("--no-hashing", action="store_true", help="do not compute checkpoint sha256 hashes")

@@ -1,6 +1,7 @@
 """The txt2img service: a request (every A1111 field) -> images, seeds, infotexts, saved files."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 
 from modules import infotext as infotext_mod
-from modules import outputs, samplers, sd_pipelines
+from modules import extra_networks, outputs, prompt_parser, prompts, samplers, sd_pipelines
 from modules.generation_params import (HIRES_UPSCALERS, LATENT_UPSCALE_MODES, PIXEL_UPSCALERS,
                                        GenerationError, Txt2ImgRequest, hires_target_size, validate)
 from modules.jobs import Job, JobInterrupted, JobSkipped
@@ -37,6 +38,7 @@ class GenerationContext:
     offload: str | None = None  # None | "model" | "sequential"
     attention: str = "sdpa"  # "sdpa" | "xformers"
     offload_device: str = "cuda"  # where offloaded parts run
+    networks: Any = None  # extra_networks.ExtraNetworks: LoRA files and embeddings (None: none of either)
 
 
 @dataclass
@@ -97,10 +99,13 @@ class _StepTracker:
         self.job, self.total, self.family, self.offset = job, total, family, offset
         self.preview_every = preview_every
         self.latents: torch.Tensor | None = None
+        self.switch: prompts.ConditioningSwitch | None = None  # prompt editing/AND: told when a step ends
 
     def __call__(self, pipe, i, t, kwargs):
         latents = kwargs["latents"]
         self.latents = latents
+        if self.switch is not None:
+            self.switch.on_step_end(i)
         if self.job is not None:
             self.job.step(self.offset + i + 1, self.total,
                           preview=lambda: sd_pipelines.cheap_preview(latents, self.family))
@@ -116,32 +121,15 @@ def decode_latents(pipe, latents: torch.Tensor, generators=None) -> list:
     return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
 
 
-def encode_with_clip_skip(pipe, prompts: list[str], clip_skip: int) -> torch.Tensor:
-    """CLIP text embeddings from the hidden state `clip_skip` layers from the end (A1111: 1 = last layer)."""
-    encoder = pipe.text_encoder
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(encoder.device)
-    with torch.no_grad():
-        out = encoder(ids, output_hidden_states=True)
-        hidden = out.hidden_states[-clip_skip]
-        return encoder.final_layer_norm(hidden).to(encoder.dtype)
-
-
-def _run_pass(pipe, kind: str, *, prompts, negatives, steps, cfg, width, height, generators, clip_skip,
-              eta, tracker, latents=None, image=None, mask=None, strength=None):
+def _run_pass(pipe, kind: str, *, conditioning: prompts.ScheduledConditioning, sdxl: bool, steps, cfg, width,
+              height, generators, eta, tracker, latents=None, image=None, mask=None, strength=None):
+    batch = len(generators)
     kw: dict[str, Any] = dict(
-        prompt=prompts, negative_prompt=negatives, num_inference_steps=steps, guidance_scale=cfg,
+        num_inference_steps=steps, guidance_scale=cfg,
         generator=generators, output_type="latent",
         callback_on_step_end=tracker, callback_on_step_end_tensor_inputs=["latents"],
+        **prompts.pipeline_embeds(conditioning, batch, sdxl),
     )
-    if clip_skip and clip_skip > 1:
-        if hasattr(pipe, "text_encoder_2"):
-            kw["clip_skip"] = clip_skip - 1  # A1111 counts the last layer as 1; diffusers counts layers skipped
-        else:
-            # diffusers' SD1/SD2 clip_skip path reaches for `text_encoder.text_model`, which transformers 5
-            # removed, so the embeddings are made here the same way (hidden state, then the final layer norm).
-            kw["prompt_embeds"] = encode_with_clip_skip(pipe, kw.pop("prompt"), clip_skip)
-            kw["negative_prompt_embeds"] = encode_with_clip_skip(pipe, kw.pop("negative_prompt"), clip_skip)
     if eta is not None:
         kw["eta"] = eta
     if kind == "txt2img":
@@ -150,8 +138,13 @@ def _run_pass(pipe, kind: str, *, prompts, negatives, steps, cfg, width, height,
         kw.update(height=height, width=width, latents=latents, image=image, mask_image=mask, strength=strength)
     else:
         kw.update(image=image, strength=strength)
-    with torch.inference_mode():
-        return pipe(**kw).images
+    switch = None if conditioning.is_static else prompts.ConditioningSwitch(pipe.unet, conditioning, batch)
+    tracker.switch = switch
+    try:
+        with torch.inference_mode(), (switch or contextlib.nullcontext()):
+            return pipe(**kw).images
+    finally:
+        tracker.switch = None
 
 
 def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = None,
@@ -181,11 +174,34 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
     hr_steps = req.hr_second_pass_steps or req.steps
     steps_per_iter = req.steps + (min(int(hr_steps * hr_denoise), hr_steps) if hires else 0)
 
+    # LoRA tags come out of the text before encoding; bad ones are reported, and the image is made anyway.
+    warnings: list[str] = []
+    resolved = ctx.networks.resolve(prompt) if ctx.networks is not None else \
+        extra_networks.ResolvedNetworks(prompt=prompt_parser.parse_extra_networks(prompt)[0])
+    warnings.extend(resolved.warnings)
+    hr_prompt_text = prompt_parser.parse_extra_networks(req.hr_prompt)[0] if req.hr_prompt else resolved.prompt
+    if req.hr_prompt and hires and prompt_parser.parse_extra_networks(req.hr_prompt)[1]:
+        warnings.append("LoRA tags of the hires prompt are not applied separately: the first pass's LoRAs are used")
+
     images, infotexts, all_paths = [], [], []
     today = datetime.date.today()
     with sd_pipelines.use_checkpoint(ctx.manager, info, dtype=ctx.dtype, vae_dtype=ctx.vae_dtype,
-                                     attention=ctx.attention) as bundle:
+                                     attention=ctx.attention) as bundle, \
+            _networks_applied(ctx, bundle, resolved, warnings) as applied:
         family = bundle.arch.family
+        conditioner = prompts.TextConditioner(
+            bundle.components, family, clip_skip, emphasis=settings.get("emphasis", prompts.EMPHASIS_ORIGINAL),
+            embeddings=ctx.networks.embeddings.all() if ctx.networks is not None else None,
+            comma_backtrack=int(settings.get("comma_padding_backtrack", prompts.COMMA_BACKTRACK)))
+        old_scheduling = bool(settings.get("use_old_scheduling", False))
+        conditioning = prompts.build_conditioning(conditioner, resolved.prompt, negative, req.steps,
+                                                  use_old_scheduling=old_scheduling)
+        hr_conditioning = None
+        if hires:
+            hr_conditioning = prompts.build_conditioning(
+                conditioner, hr_prompt_text, req.hr_negative_prompt or negative, req.steps, hr_steps, old_scheduling)
+        network_params = _network_params(applied, prompts.embeddings_in(
+            [resolved.prompt, negative, hr_prompt_text, req.hr_negative_prompt or ""], conditioner.used_embeddings))
         inpainting_model = bundle.arch.inpainting
         vae_scale = 2 ** (len(bundle.components["vae"].config.block_out_channels) - 1)
         latent_channels = bundle.components["unet"].config.out_channels
@@ -211,13 +227,13 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
             stopped = None
             try:
                 latents = _run_pass(pipe, "inpaint" if inpainting_model else "txt2img",
-                                    prompts=[prompt] * len(it_seeds), negatives=[negative] * len(it_seeds),
+                                    conditioning=conditioning, sdxl=family == "sdxl",
                                     steps=req.steps, cfg=req.cfg_scale, width=req.width, height=req.height,
-                                    generators=generators, clip_skip=clip_skip, eta=req.eta, tracker=tracker,
+                                    generators=generators, eta=req.eta, tracker=tracker,
                                     latents=noise, **extra)
                 if hires:
-                    latents = _hires_pass(ctx, bundle, req, latents, pipe, it_seeds, prompt, negative,
-                                          hr_w, hr_h, hr_steps, hr_denoise, clip_skip, ensd, tracker)
+                    latents = _hires_pass(ctx, bundle, req, latents, pipe, it_seeds, hr_conditioning,
+                                          hr_w, hr_h, hr_steps, hr_denoise, ensd, tracker)
             except (JobInterrupted, JobSkipped) as e:
                 # A1111 keeps what was drawn so far: decode the latest latents as this iteration's images.
                 stopped = e
@@ -231,6 +247,7 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
             for j, image in enumerate(batch_images):
                 params = _infotext_params(req, bundle.info, it_seeds[j], it_subseeds[j], out_w, out_h,
                                           clip_skip, hires, hr_denoise, (hr_w, hr_h))
+                params.update(network_params)
                 text = infotext_mod.create_infotext(prompt, negative, params)
                 images.append(image)
                 infotexts.append(text)
@@ -275,15 +292,17 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
         "job_timestamp": (job.started if job and job.started else datetime.datetime.now().timestamp()),
         "clip_skip": clip_skip, "is_using_inpainting_conditioning": bool(inpainting_model),
         "version": VERSION,
+        "warnings": warnings,
     }
+    info_dict["extra_generation_params"].update(network_params)
     if isinstance(info_dict["job_timestamp"], float):
         info_dict["job_timestamp"] = datetime.datetime.fromtimestamp(info_dict["job_timestamp"]).strftime("%Y%m%d%H%M%S")
     return GenerationResult(images=images, infotexts=infotexts, info=info_dict, paths=all_paths,
                             grid_count=grid_count)
 
 
-def _hires_pass(ctx, bundle, req, latents, first_pipe, seeds, prompt, negative, hr_w, hr_h, hr_steps,
-                hr_denoise, clip_skip, ensd, tracker):
+def _hires_pass(ctx, bundle, req, latents, first_pipe, seeds, conditioning, hr_w, hr_h, hr_steps,
+                hr_denoise, ensd, tracker):
     """A1111's hires fix: upscale the first pass (in latent space or in pixels), then img2img over it."""
     vae_scale = 2 ** (len(bundle.components["vae"].config.block_out_channels) - 1)
     if req.hr_upscaler in LATENT_UPSCALE_MODES:
@@ -300,10 +319,30 @@ def _hires_pass(ctx, bundle, req, latents, first_pipe, seeds, prompt, negative, 
     pipe = sd_pipelines.make_pipeline(bundle, "img2img", scheduler, offload=ctx.offload, offload_device=ctx.offload_device)
     _, generators = make_noise(seeds, seeds, 0.0, (1, 1, 1), ensd)  # fresh per-image generators for pass two
     tracker.offset = req.steps
-    return _run_pass(pipe, "img2img", prompts=[req.hr_prompt or prompt] * len(seeds),
-                     negatives=[req.hr_negative_prompt or negative] * len(seeds), steps=hr_steps,
-                     cfg=req.cfg_scale, width=hr_w, height=hr_h, generators=generators, clip_skip=clip_skip,
+    return _run_pass(pipe, "img2img", conditioning=conditioning, sdxl=bundle.arch.family == "sdxl", steps=hr_steps,
+                     cfg=req.cfg_scale, width=hr_w, height=hr_h, generators=generators,
                      eta=req.eta, tracker=tracker, image=image, strength=hr_denoise)
+
+
+@contextlib.contextmanager
+def _networks_applied(ctx, bundle, resolved, warnings):
+    """Lease the request's LoRAs from the manager and merge them into the leased checkpoint until the
+    request ends; yields the applied LoRAs (for the infotext)."""
+    if ctx.networks is None or not resolved.loras:
+        yield []
+        return
+    with ctx.networks.leased(ctx.manager, resolved, warnings) as applied, \
+            extra_networks.applied_loras(bundle, applied, warnings):
+        yield applied
+
+
+def _network_params(applied, embeddings) -> dict:
+    params: dict[str, Any] = {}
+    if applied:
+        params["Lora hashes"] = ", ".join(f"{a.info.name}: {a.info.shorthash}" for a in applied)
+    if embeddings:
+        params["TI hashes"] = ", ".join(f"{e.name}: {e.shorthash}" for e in embeddings)
+    return params
 
 
 def _extra_params(req, hires, hr_denoise, hr_size) -> dict:

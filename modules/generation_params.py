@@ -125,9 +125,12 @@ def validate(req: Txt2ImgRequest) -> Txt2ImgRequest:
             problems.append(f"hr_second_pass_steps must be between 0 and {MAX_STEPS}")
         if req.denoising_strength is not None and not 0 < req.denoising_strength <= 1:
             problems.append(f"denoising_strength must be in (0, 1], got {req.denoising_strength}")
-        w, h = hires_target_size(req)
-        if not (MIN_SIZE <= w <= MAX_SIZE and MIN_SIZE <= h <= MAX_SIZE):
-            problems.append(f"hires size {w}x{h} is outside {MIN_SIZE}..{MAX_SIZE}")
+        if req.width > 0 and req.height > 0 and req.hr_resize_x >= 0 and req.hr_resize_y >= 0:
+            w, h = hires_target_size(req)  # needs a valid first-pass size (reported above when not)
+            if not (MIN_SIZE <= w <= MAX_SIZE and MIN_SIZE <= h <= MAX_SIZE):
+                problems.append(f"hires size {w}x{h} is outside {MIN_SIZE}..{MAX_SIZE}")
+        else:
+            problems.append("hires fix needs a first-pass width and height, and hr_resize_x/y of 0 or more")
     if problems:
         raise GenerationError("; ".join(problems))
     return dataclasses.replace(req, sampler_name=sampler, scheduler=schedule,

@@ -80,6 +80,11 @@ def default_specs() -> dict[str, OptionSpec]:
         "sd_checkpoint_hash": S("", "Hash of the current checkpoint", "Stable Diffusion", api_writable=False, ui=False),
         "sd_vae": S("Automatic", "SD VAE", "Stable Diffusion", choices=("Automatic", "None")),
         "CLIP_stop_at_last_layers": S(1, "Clip skip", "Stable Diffusion", int, 1, 12),
+        "emphasis": S("Original", "Emphasis mode: (word:1.2) weights, rescaled to the original mean or not",
+                      "Stable Diffusion", choices=("Original", "No norm")),
+        "comma_padding_backtrack": S(20, "Prompt word wrap length limit (tokens moved to the next chunk after a "
+                                     "comma)", "Stable Diffusion", int, 0, 74),
+        "use_old_scheduling": S(False, "Use old prompt editing timelines", "Stable Diffusion", bool),
         "eta_noise_seed_delta": S(0, "Eta noise seed delta (ENSD)", "Sampler parameters", int, 0),
         "eta_ddim": S(0.0, "Eta for DDIM", "Sampler parameters", float, 0.0, 1.0),
         "eta_ancestral": S(1.0, "Eta for k-diffusion (ancestral) samplers", "Sampler parameters", float, 0.0, 1.0),
@@ -104,6 +109,19 @@ def default_specs() -> dict[str, OptionSpec]:
                             "Memory", int, 0),
         "ram_budget_mb": S(0, "RAM budget for models moved off the GPU in MB (0: automatic, half the RAM)",
                            "Memory", int, 0),
+        # API and queue (server configuration: the limits protect a shared server, so clients cannot lift them)
+        "queue_max_pending": S(100, "Most jobs that may wait in the queue (more are refused with HTTP 503)",
+                               "API", int, 1, 100000, api_writable=False),
+        "api_enable_requests": S(False, "Allow http(s) URLs as images in API requests (never to loopback or "
+                                 "private addresses)", "API", bool, api_writable=False),
+        "api_max_request_mb": S(64, "Largest request body in MB (larger ones are refused with HTTP 413)",
+                                "API", int, 1, 4096, api_writable=False),
+        "api_max_steps": S(0, "Most sampling steps an API request may ask for (0: no limit of its own)",
+                           "API", int, 0, 500, api_writable=False),
+        "api_max_size": S(0, "Largest width/height in pixels an API request may ask for, hires fix included "
+                          "(0: no limit of its own)", "API", int, 0, 8192, api_writable=False),
+        "api_max_images": S(0, "Most images one API request may ask for (0: no limit of its own)",
+                            "API", int, 0, 1000, api_writable=False),
     }
 
 

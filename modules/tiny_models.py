@@ -22,15 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
-import shutil
 import struct
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from modules.fileio import atomic_open
+from modules.fileio import atomic_folder, atomic_open
 from modules.paths import SD_CONFIGS_DIR
 
 # Bump when any recipe below changes, so existing files get rewritten.
@@ -152,13 +150,6 @@ def ldm_state_dict(components: dict[str, Any]) -> dict:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def _temp_sibling(path: Path) -> Path:
-    """A unique hidden name next to `path` (hidden, so a registry scan never lists a half-written
-    model). Not mkstemp/mkdtemp: those create 0600/0700 entries, and models should get the umask's
-    normal permissions."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
 def _is_current(path: Path) -> bool:
     from modules.sd_models import CheckpointError, read_safetensors_metadata
 
@@ -233,21 +224,9 @@ def write_diffusers_folder(folder: Path, components: dict[str, Any]) -> None:
     pipe = StableDiffusionPipeline(
         **components, safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False
     )
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(folder)
-    tmp.mkdir()
-    try:
+    with atomic_folder(folder) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / VERSION_MARKER_FILE).write_text(TINY_MODELS_VERSION + "\n", encoding="utf-8")
-        if folder.exists():
-            # An older recipe's folder: move it aside first so the swap itself is a single rename.
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.rename(folder, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_full_size_sd15(path: Path, seed: int = FULL_SIZE_SEED) -> None:
@@ -304,6 +283,10 @@ def make_tiny_models(dir: str | os.PathLike, full_size: bool = False) -> dict[st
         write_tiny_single_file(paths[TINY_SD15_INPAINTING], build_tiny_sd15(TINY_INPAINTING_SEED, in_channels=9))
     if full_size and not _is_current(paths[SD15_RANDOM]):
         write_full_size_sd15(paths[SD15_RANDOM])
+    from modules.captioning.tiny import make_tiny_captioners  # BLIP2/tiny-blip2, BLIP2/tiny-blip2-itm, BLIP/tiny-blip
+    make_tiny_captioners(dir)
+    from modules.tiny_extra_networks import make_tiny_extra_networks  # Lora/tiny-lora, embeddings/tiny-emb*
+    make_tiny_extra_networks(dir)
     return paths
 
 

@@ -70,7 +70,7 @@ class Webui:
                                                      self.hash_cache)
         self.registry.refresh()
         self.options.add_listener(self._on_options_changed)
-        self.queue = JobQueue()
+        self.queue = JobQueue(max_queued=self.options.get("queue_max_pending"))  # a setting: 503 beyond it
         self.styles = StyleDatabase(self.folders.styles_file)
         if args.ckpt and not self.options.get("sd_model_checkpoint"):
             info = self.registry.find(Path(args.ckpt).name)
@@ -117,6 +117,22 @@ class Webui:
     def manager(self):
         return self.runtime()["manager"]
 
+    @property
+    def captioning(self):
+        """The captioning service (BLIP/BLIP-2 captions, VQA, search), made on first use; torch-free until it runs."""
+        if getattr(self, "_captioning", None) is None:
+            from modules import captioning
+            self._captioning = captioning.for_webui(self)
+        return self._captioning
+
+    @property
+    def extra_networks(self):
+        """LoRA files and textual inversion embeddings (modules/extra_networks.py), scanned on first use."""
+        if getattr(self, "_extra_networks", None) is None:
+            from modules import extra_networks
+            self._extra_networks = extra_networks.for_folders(self.folders, demo=self.args.demo)
+        return self._extra_networks
+
     def warm_up(self):
         """Right after start-up: import torch/diffusers so the first request is quick (no model is loaded).
 
@@ -148,6 +164,8 @@ class Webui:
         return mb * 2**20 if mb else automatic
 
     def _on_options_changed(self, changed: dict) -> None:
+        if "queue_max_pending" in changed:
+            self.queue.max_queued = changed["queue_max_pending"]
         if ("vram_budget_mb" in changed or "ram_budget_mb" in changed) and self._runtime is not None:
             from modules import devices
             vram, ram = devices.default_budgets(self.device)
@@ -199,7 +217,8 @@ class Webui:
         rt = self.runtime()
         return GenerationContext(registry=self.registry, manager=rt["manager"], styles=self.styles,
                                  outputs_root=self.outputs_root(), dtype=rt["dtype"], vae_dtype=rt["vae_dtype"],
-                                 offload=rt["offload"], attention=rt["attention"], offload_device=str(rt["device"]))
+                                 offload=rt["offload"], attention=rt["attention"], offload_device=str(rt["device"]),
+                                 networks=self.extra_networks)
 
     def outputs_root(self) -> Path:
         custom = self.options.get("outputs_dir") if "outputs_dir" in self.options.specs else ""
@@ -221,6 +240,25 @@ class Webui:
             return run_txt2img(self.generation_context(), req, job, settings)
 
         return self.queue.submit(run, kind="txt2img", owner=owner, task_id=task_id)
+
+    def submit_img2img(self, req, *, override_settings: dict | None = None, owner: str | None = None,
+                       task_id: str | None = None):
+        """Validate and queue an img2img/inpaint request (modules/img2img.py); returns the Job at once."""
+        from modules import generation_params
+        from modules.img2img_params import validate_img2img
+        req = validate_img2img(req)
+        self.styles.apply(req.prompt, req.negative_prompt, req.styles)
+        settings = self.settings_for_request(override_settings)
+        if not self.registry.find(settings.get("sd_model_checkpoint") or "") and not self.registry.list():
+            raise generation_params.GenerationError(
+                f"no checkpoint found: put a .safetensors file in {self.folders.checkpoint_dirs[0]} "
+                "(or start with --demo)")
+
+        def run(job):
+            from modules.img2img import run_img2img
+            return run_img2img(self.generation_context(), req, job, settings)
+
+        return self.queue.submit(run, kind="img2img", owner=owner, task_id=task_id)
 
     def load_checkpoint_now(self, name: str | None = None, timeout: float | None = None):
         """Load a checkpoint through the queue (so it never races a running job) and wait for it."""

@@ -11,7 +11,8 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class Txt2ImgRequest(_Request):
+class _GenerationRequest(_Request):
+    """The fields txt2img and img2img share (A1111's StableDiffusionProcessing API fields)."""
     prompt: str = ""
     negative_prompt: str = ""
     styles: list[str] = Field(default_factory=list)
@@ -34,7 +35,6 @@ class Txt2ImgRequest(_Request):
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
     eta: Optional[float] = None
-    denoising_strength: Optional[float] = None
     s_min_uncond: Optional[float] = None
     s_churn: Optional[float] = None
     s_tmax: Optional[float] = None
@@ -47,6 +47,17 @@ class Txt2ImgRequest(_Request):
     disable_extra_networks: bool = False
     firstpass_image: Optional[str] = None
     comments: Optional[dict[str, Any]] = None
+    force_task_id: Optional[str] = None
+    script_name: Optional[str] = None
+    script_args: list[Any] = Field(default_factory=list)
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    infotext: Optional[str] = None
+
+
+class Txt2ImgRequest(_GenerationRequest):
+    denoising_strength: Optional[float] = None
     enable_hr: bool = False
     firstphase_width: int = 0
     firstphase_height: int = 0
@@ -60,13 +71,25 @@ class Txt2ImgRequest(_Request):
     hr_scheduler: Optional[str] = None
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
-    force_task_id: Optional[str] = None
-    script_name: Optional[str] = None
-    script_args: list[Any] = Field(default_factory=list)
-    send_images: bool = True
-    save_images: bool = False
-    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
-    infotext: Optional[str] = None
+
+
+class Img2ImgRequest(_GenerationRequest):
+    init_images: Optional[list[str]] = None
+    resize_mode: int = 0
+    image_cfg_scale: Optional[float] = None
+    mask: Optional[str] = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: Optional[int] = None
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: Optional[float] = None
+    latent_mask: Optional[str] = None
+    denoising_strength: float = 0.75
+    include_init_images: bool = False
 
 
 class ImageResponse(BaseModel):
@@ -142,3 +165,105 @@ class MemoryResponse(BaseModel):
     ram: dict[str, Any]
     cuda: dict[str, Any]
     models: list[MemoryModelItem]
+
+
+class ExtrasBaseRequest(_Request):
+    resize_mode: int = 0
+    show_extras_results: bool = True
+    gfpgan_visibility: float = 0.0
+    codeformer_visibility: float = 0.0
+    codeformer_weight: float = 0.0
+    upscaling_resize: float = 2.0
+    upscaling_resize_w: int = 512
+    upscaling_resize_h: int = 512
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = 0.0
+    upscale_first: bool = False
+
+
+class ExtrasSingleImageRequest(ExtrasBaseRequest):
+    image: str = ""
+
+
+class FileData(_Request):
+    data: str
+    name: str = ""
+
+
+class ExtrasBatchImagesRequest(ExtrasBaseRequest):
+    imageList: list[FileData] = Field(default_factory=list)
+
+
+class ExtrasSingleImageResponse(BaseModel):
+    html_info: str
+    image: Optional[str] = None
+
+
+class ExtrasBatchImagesResponse(BaseModel):
+    html_info: str
+    images: list[str]
+
+
+class UpscalerItem(BaseModel):
+    name: str
+    model_name: Optional[str] = None
+    model_path: Optional[str] = None
+    model_url: Optional[str] = None
+    scale: Optional[float] = None
+
+
+class LatentUpscalerModeItem(BaseModel):
+    name: str
+
+
+class SDVaeItem(BaseModel):
+    model_name: str
+    filename: str
+
+
+class PromptStyleItem(BaseModel):
+    name: str
+    prompt: Optional[str] = None
+    negative_prompt: Optional[str] = None
+
+
+class ScriptsList(BaseModel):
+    txt2img: list[str] = Field(default_factory=list)
+    img2img: list[str] = Field(default_factory=list)
+
+
+class TaskIdRequest(_Request):
+    id_task: Optional[str] = None
+
+
+class InternalProgressRequest(_Request):
+    id_task: Optional[str] = None
+    id_live_preview: int = -1
+    live_preview: bool = True
+
+
+class InternalProgressResponse(BaseModel):
+    active: bool
+    queued: bool
+    completed: bool
+    progress: Optional[float] = None
+    eta: Optional[float] = None
+    live_preview: Optional[str] = None
+    id_live_preview: Optional[int] = None
+    textinfo: Optional[str] = None
+    queue_position: Optional[int] = None
+
+
+class PendingTask(BaseModel):
+    id: Optional[str] = None  # only the caller's own tasks show their id
+    kind: str
+    position: int
+    eta: Optional[float] = None
+    mine: bool
+
+
+class PendingTasksResponse(BaseModel):
+    running: Optional[PendingTask] = None
+    tasks: list[PendingTask]

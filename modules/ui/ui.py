@@ -10,6 +10,7 @@ import gradio as gr
 
 from modules import infotext, samplers
 from modules.options import OptionError
+from modules.ui import captioning as captioning_ui
 
 log = logging.getLogger("webui.ui")
 
@@ -46,6 +47,9 @@ _token_lock = threading.Lock()  # the shared fast tokenizer is not safe to call 
 
 
 def _token_counter_html(text: str) -> str:
+    if text:
+        from modules.ui.extra_networks import token_counter_html  # per chunk: BREAK, long prompts, tags
+        return token_counter_html(text)
     if not text:
         return '<div class="token-counter">0/75</div>'  # no tokenizer (and no transformers import) needed
     from modules import clip_tokenizer
@@ -91,12 +95,14 @@ def _banner(webui) -> str:
 def create_ui(webui) -> gr.Blocks:
     from modules import generation_params as generation
 
+    # Display titles show "name [hash]" once a file has been hashed and the bare name before: listing a folder
+    # of multi-GB checkpoints must not hash them all at start-up (as A1111 does).
     def checkpoint_choices():
-        return [c.title for c in webui.registry.list()]
+        return [c.display_title for c in webui.registry.list()]
 
     def current_checkpoint_title():
         info = webui.current_checkpoint()
-        return info.title if info else None
+        return info.display_title if info else None
 
     with gr.Blocks(title="Stable Diffusion", analytics_enabled=False) as demo:
         banner = gr.Markdown(_banner(webui), elem_id="banner_notice", visible=bool(_banner(webui)))
@@ -109,6 +115,7 @@ def create_ui(webui) -> gr.Blocks:
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):
                 t2i = _txt2img_tab(webui, generation)
+            captioning_ui.create_tabs(webui)  # Caption, VQA, Image search
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 png = _pnginfo_tab()
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
@@ -174,6 +181,8 @@ def _txt2img_tab(webui, generation):
             negative = gr.Textbox(label="Negative prompt", lines=2, placeholder="Negative prompt",
                                   elem_id="txt2img_neg_prompt")
             negative_tokens = gr.HTML(_token_counter_html(""), elem_id="txt2img_negative_token_counter")
+            from modules.ui import extra_networks as extra_networks_ui
+            extra_networks_ui.panel(webui, prompt)
         with gr.Column(scale=1, min_width=160):
             generate = gr.Button("Generate", variant="primary", elem_id="txt2img_generate")
             with gr.Row():
@@ -288,6 +297,7 @@ def _txt2img_tab(webui, generation):
             info_html: _infotext_html(result.infotexts[first] if result.infotexts else ""),
             seed_state: result.info.get("seed", -1),
             progress: "", preview: gr.update(visible=False), job_state: None,
+            error_html: extra_networks_ui.warnings_html(result.info.get("warnings")),  # ignored prompt tags
         }
 
     outputs_ = [job_state, progress, preview, gallery, infotexts_state, info_html, seed_state, error_html]

@@ -1,0 +1,90 @@
+"""Per-image cost of LoRAs: one and three LoRAs against none, on the full-size random SD1.5 checkpoint.
+
+    python benchmarks/lora.py [--rounds 2] [--steps 2] [--size 256] [--rank 16] [--models DIR]
+
+Writes three random kohya-format LoRAs (every attention projection of the UNet and text encoder) into a
+scratch Lora folder, then times txt2img with no LoRA, one, and three, alternating so drift hits all three
+alike, and prints seconds per image and the overhead of each against none (target: under 5%).
+The LoRA files are loaded once (the model manager caches them); each request merges and unmerges them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--models", type=Path, default=REPO / "benchmarks" / ".models")
+    args = parser.parse_args()
+
+    import torch
+
+    from modules import extra_networks, generation, sd_models, sd_pipelines, tiny_models
+    from modules.model_manager import ModelManager
+    from modules.styles import StyleDatabase
+    from modules.tiny_extra_networks import kohya_lora_state
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    if not (args.models / "Stable-diffusion" / f"{tiny_models.SD15_RANDOM}.safetensors").exists():
+        tiny_models.make_tiny_models(args.models, full_size=True)
+    out = args.models.parent / "bench-out"
+    registry = sd_models.CheckpointRegistry([args.models / "Stable-diffusion"], [],
+                                            sd_models.HashCache(out / "cache.json"))
+    registry.refresh()
+    info = registry.find(tiny_models.SD15_RANDOM)
+    manager = ModelManager("cpu", 0, 32 * 2**30)
+    lora_dir = args.models / "Lora"  # beside the checkpoints (git-ignored), made once
+    with sd_pipelines.use_checkpoint(manager, info, dtype=torch.float32) as bundle:
+        for i in range(3):
+            path = lora_dir / f"bench-lora-{i}.safetensors"
+            if not path.exists():
+                state = kohya_lora_state(bundle.components, rank=args.rank, seed=100 + i, scale=0.01)
+                tiny_models._write_safetensors(path, state, {})
+    nets = extra_networks.ExtraNetworks([lora_dir], [])
+    ctx = generation.GenerationContext(registry=registry, manager=manager, styles=StyleDatabase(out / "styles.csv"),
+                                       outputs_root=out, networks=nets)
+    prompts = {
+        "none": "a lighthouse at dusk",
+        "1 LoRA": "a lighthouse at dusk <lora:bench-lora-0:0.8>",
+        "3 LoRAs": "a lighthouse at dusk <lora:bench-lora-0:0.8> <lora:bench-lora-1:0.5> <lora:bench-lora-2:0.3>",
+    }
+
+    def once(prompt: str) -> float:
+        req = generation.validate(generation.Txt2ImgRequest(prompt=prompt, steps=args.steps, width=args.size,
+                                                            height=args.size, seed=1, save_images=False))
+        started = time.perf_counter()
+        res = generation.run_txt2img(ctx, req, None, {"sd_model_checkpoint": info.name, "return_grid": False})
+        assert not res.info["warnings"], res.info["warnings"]
+        return time.perf_counter() - started
+
+    for prompt in prompts.values():
+        once(prompt)  # warm-up: loads the checkpoint and each LoRA file once
+    times: dict[str, list[float]] = {k: [] for k in prompts}
+    for _ in range(args.rounds):
+        for key, prompt in prompts.items():
+            times[key].append(once(prompt))
+    none = statistics.median(times["none"])
+    print(f"full-size random SD1.5, {args.size}x{args.size}, {args.steps} steps, rank-{args.rank} LoRAs, "
+          f"median of {args.rounds} rounds, {torch.get_num_threads()} CPU threads")
+    for key in prompts:
+        t = statistics.median(times[key])
+        print(f"{key:8s} {t:7.2f} s/image  overhead {100 * (t - none) / none:+.1f}%")
+    lora_loads = [r["loads"] for r in manager.report() if r["kind"] == "lora"]
+    print(f"LoRA files loaded from disk: {lora_loads} (once each: later requests are cache hits)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The captioning routes of /sdapi/v1: interrogate (A1111's shape), vqa, captioners, search. Thin: body -> request -> job."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from fastapi import APIRouter, Depends, HTTPException, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from modules.api.auth import current_user
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # as A1111: unknown fields are ignored
+
+
+class InterrogateRequest(_Request):
+    image: str = Field("", description="base64 image (or data URI)")
+    model: str = Field("clip", description='a captioner folder name; "clip" (A1111\'s default) = the default captioner')
+    prompt: Optional[str] = Field(None, description='text the caption continues, e.g. "a photo of"')
+    num_beams: Optional[int] = None
+    nucleus: Optional[bool] = None
+    top_p: Optional[float] = None
+    min_length: Optional[int] = None
+    max_length: Optional[int] = None
+    repetition_penalty: Optional[float] = None
+    seed: Optional[int] = None
+
+
+class InterrogateResponse(BaseModel):
+    caption: str
+
+
+class VqaRequest(_Request):
+    image: str = ""
+    question: str = ""
+    model: Optional[str] = None
+    history: list[Any] = Field(default_factory=list,
+                               description='earlier turns, oldest first: [["question", "answer"], ...] or '
+                                           '[{"question": ..., "answer": ...}, ...]')
+
+
+class VqaResponse(BaseModel):
+    answer: str
+
+
+class CaptionerItem(BaseModel):
+    name: str
+    kind: str
+    path: str
+    loaded: bool
+
+
+class SearchRequest(_Request):
+    query: str = ""
+    folder: Optional[str] = Field(None, description="folder to search (default: the outputs folder)")
+    model: Optional[str] = None
+    top_k: int = 10
+    rerank: bool = True
+
+
+class SearchHitItem(BaseModel):
+    path: str
+    score: float
+    itc: float
+    itm: Optional[float] = None
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchHitItem]
+
+
+def _decode(text: str):
+    from modules import outputs
+    if not text:
+        raise HTTPException(422, "image is empty: send a base64-encoded image")
+    try:
+        return outputs.decode_image_base64(text).convert("RGB")
+    except ValueError as e:  # InvalidImageError and binascii errors are ValueErrors
+        raise HTTPException(422, f"image is not a readable image: {e}") from None
+
+
+def _history(items: list[Any]) -> tuple[tuple[str, str], ...]:
+    turns = []
+    for n, item in enumerate(items):
+        if isinstance(item, dict) and "question" in item and "answer" in item:
+            turns.append((str(item["question"]), str(item["answer"])))
+        elif isinstance(item, (list, tuple)) and len(item) == 2:
+            turns.append((str(item[0]), str(item[1])))
+        else:
+            raise HTTPException(422, f"history[{n}] must be [question, answer] or {{question, answer}}")
+    return tuple(turns)
+
+
+def _run(submit, owner, response: Response):
+    """Queue, wait, and map the service's errors to 4xx/503 with their messages."""
+    from modules.captioning import CaptionerError, CaptionerNotFoundError
+    from modules.jobs import QueueFullError
+    try:
+        job = submit(owner)
+    except CaptionerNotFoundError as e:
+        raise HTTPException(404, str(e)) from None
+    except CaptionerError as e:
+        raise HTTPException(422, str(e)) from None
+    except QueueFullError as e:
+        raise HTTPException(503, str(e), headers={"Retry-After": "10"}) from None
+    response.headers["X-Task-Id"] = job.id
+    try:
+        return job.wait()
+    except CaptionerError as e:
+        raise HTTPException(422, str(e)) from None
+    except RuntimeError as e:
+        from modules.model_manager import ModelOutOfMemoryError
+        if isinstance(e, ModelOutOfMemoryError):
+            raise HTTPException(503, str(e)) from None
+        raise
+
+
+def build_captioning_router(webui) -> APIRouter:
+    router = APIRouter(prefix="/sdapi/v1", tags=["captioning"])
+
+    @router.post("/interrogate", response_model=InterrogateResponse)
+    def interrogate(body: InterrogateRequest, response: Response, user: str | None = Depends(current_user)):
+        from modules import captioning
+        from dataclasses import replace
+        image = _decode(body.image)
+        fields = {k: v for k, v in body.model_dump(exclude={"image", "model"}).items() if v is not None}
+        settings = replace(captioning.CaptionSettings(), **fields)
+        req = captioning.CaptionRequest(image=image, model=body.model, settings=settings)
+        caption = _run(lambda owner: webui.captioning.submit_caption(req, owner), user, response)
+        return InterrogateResponse(caption=caption)
+
+    @router.post("/vqa", response_model=VqaResponse)
+    def vqa(body: VqaRequest, response: Response, user: str | None = Depends(current_user)):
+        from modules import captioning
+        if not body.question.strip():
+            raise HTTPException(422, "question is empty: ask something about the image")
+        image = _decode(body.image)
+        req = captioning.VqaRequest(image=image, question=body.question, model=body.model,
+                                    history=_history(body.history))
+        return VqaResponse(answer=_run(lambda owner: webui.captioning.submit_vqa(req, owner), user, response))
+
+    @router.get("/captioners", response_model=list[CaptionerItem])
+    def captioners():
+        return webui.captioning.captioners()
+
+    @router.post("/search", response_model=SearchResponse)
+    def search(body: SearchRequest, response: Response, user: str | None = Depends(current_user)):
+        from pathlib import Path
+
+        from modules import captioning
+        req = captioning.SearchRequest(query=body.query, folder=Path(body.folder) if body.folder else None,
+                                       model=body.model, top_k=body.top_k, rerank=body.rerank)
+        hits = _run(lambda owner: webui.captioning.submit_search(req, owner), user, response)
+        return SearchResponse(results=[SearchHitItem(path=str(h.path), itc=h.itc, itm=h.itm,
+                                                     score=h.itm if h.itm is not None else h.itc) for h in hits])
+
+    return router

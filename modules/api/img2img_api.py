@@ -1,0 +1,107 @@
+"""POST /sdapi/v1/img2img: A1111's img2img/inpaint request (init_images, mask, every option) -> a queued job."""
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import HTTPException, Response
+
+from modules.api import models
+from modules.api.image_input import decode_image_or_422
+
+log = logging.getLogger("webui.api")
+
+
+def to_service_request(body: models.Img2ImgRequest, *, allow_urls: bool):
+    """The API body -> modules.img2img_params.Img2ImgRequest (images decoded; bad ones are a 422 naming the field)."""
+    from modules import infotext, samplers
+    from modules.img2img_params import Img2ImgRequest
+
+    if not body.init_images:
+        raise HTTPException(422, "init_images: at least one init image is needed (base64 PNG/JPEG or a data URI)")
+    fields = body.model_dump()
+    if body.infotext:
+        parsed = infotext.infotext_to_txt2img_fields(infotext.parse_infotext(body.infotext))
+        for k, v in parsed.items():
+            if k in fields and k not in body.model_fields_set:
+                fields[k] = v
+        try:
+            fields = models.Img2ImgRequest(**fields).model_dump()
+        except ValueError as e:
+            raise HTTPException(422, f"infotext: {e}") from None
+    images = [decode_image_or_422(text, f"init_images[{i}]", allow_urls=allow_urls)
+              for i, text in enumerate(body.init_images)]
+    mask = decode_image_or_422(body.mask, "mask", allow_urls=allow_urls) if body.mask else None
+    names = set(Img2ImgRequest.__dataclass_fields__)
+    kwargs = {k: v for k, v in fields.items() if k in names and v is not None}
+    kwargs.update(init_images=images, mask=mask, save_images=bool(body.save_images),
+                  styles=list(fields.get("styles") or []),
+                  sampler_name=fields.get("sampler_name") or fields.get("sampler_index") or samplers.DEFAULT_API_SAMPLER,
+                  scheduler=fields.get("scheduler") or "Automatic", script_args=list(body.script_args or []))
+    if fields.get("mask_blur") is not None:
+        kwargs["mask_blur_x"] = kwargs["mask_blur_y"] = fields["mask_blur"]
+    for key in ("enable_hr", "hr_scale", "hr_upscaler"):  # txt2img-only fields an infotext may carry
+        kwargs.pop(key, None)
+    kwargs["inpainting_mask_invert"] = int(kwargs.get("inpainting_mask_invert", 0))
+    return Img2ImgRequest(**kwargs)
+
+
+def run(webui, body: models.Img2ImgRequest, response: Response, user: str | None, *, allow_urls: bool):
+    from modules import generation_params, img2img_scripts, outputs
+    from modules.api.api import check_api_limits, check_scripts
+    from modules.jobs import DuplicateTaskError, JobStopped, QueueFullError, QueueShutDownError
+    from modules.options import OptionError
+    from modules.sd_models import CheckpointError
+    from modules.webui_app import CheckpointNotFoundError
+
+    check_scripts(body.model_copy(update={"script_name": None}))  # alwayson scripts: none are installed
+    try:
+        img2img_scripts.find(body.script_name)
+    except ValueError as e:
+        raise HTTPException(400, f"{e} (see /sdapi/v1/scripts)") from None
+    req = to_service_request(body, allow_urls=allow_urls)
+    check_api_limits(req, webui.options.snapshot())
+    try:
+        job = webui.submit_img2img(req, override_settings=body.override_settings, owner=user,
+                                   task_id=body.force_task_id or None)
+    except CheckpointNotFoundError as e:
+        raise HTTPException(400, str(e)) from None
+    except generation_params.GenerationError as e:
+        status = 400 if ("sampler" in str(e).lower() and "unknown" in str(e).lower()) else 422
+        raise HTTPException(status, str(e)) from None
+    except OptionError as e:
+        raise HTTPException(400, f"override_settings: {e}") from None
+    except DuplicateTaskError as e:
+        raise HTTPException(409, str(e)) from None
+    except ValueError as e:
+        raise HTTPException(400, str(e)) from None
+    except (QueueFullError, QueueShutDownError) as e:
+        raise HTTPException(503, str(e), headers={"Retry-After": "10"}) from None
+    response.headers["X-Task-Id"] = job.id
+    if body.override_settings and not body.override_settings_restore_afterwards:
+        try:
+            webui.options.update(webui.normalize_settings(body.override_settings, from_api=True), from_api=True)
+        except (OptionError, CheckpointNotFoundError) as e:
+            log.warning("override_settings of task %s were not kept: %s", job.id, e)
+    parameters = body.model_dump()
+    if not body.include_init_images:  # A1111 echoes the init images and mask only when asked to
+        parameters["init_images"] = None
+        parameters["mask"] = None
+    try:
+        result = job.wait()
+    except JobStopped as e:
+        info = {"task_id": job.id, "interrupted": True, "message": str(e)}
+        return models.ImageResponse(images=[], parameters=parameters, info=json.dumps(info))
+    except generation_params.GenerationError as e:
+        raise HTTPException(422, str(e)) from None
+    except CheckpointError as e:
+        raise HTTPException(400, f"the checkpoint cannot be used: {e}") from None
+    except RuntimeError as e:
+        from modules.model_manager import ModelOutOfMemoryError
+        if isinstance(e, ModelOutOfMemoryError):
+            raise HTTPException(503, str(e)) from None
+        raise
+    info = dict(result.info, task_id=job.id)
+    images = [outputs.encode_image_base64(im, infotext=txt) for im, txt in
+              zip(result.images, result.infotexts)] if body.send_images else []
+    return models.ImageResponse(images=images, parameters=parameters, info=json.dumps(info))

@@ -1,0 +1,534 @@
+"""LoRA and textual inversion: folder registries, loading through the model manager, per-request application.
+
+- `LoraRegistry`: `.safetensors` (and `.pt` via safe loading) files in the LoRA folders; AutoV3 hashes.
+- `load_lora(path)` -> `LoraWeights`: kohya (`lora_unet_*`, `lora_te*_*`, `.alpha`) and PEFT/diffusers
+  (`unet.*.lora_A/lora_B`, `*.lora.down/up`) layouts normalised to one form; the model manager caches it.
+- `applied_loras(bundle, ...)`: adds the weighted deltas into the checkpoint's own weights for one request
+  and writes the saved originals back afterwards, so nothing leaks into the next request and a request
+  without LoRAs runs the untouched weights (bit for bit). Merging, rather than PEFT's extra layers, keeps
+  the per-step cost of a LoRA at zero.
+- `EmbeddingDatabase`: textual inversion files in the embeddings folders (`.pt` with weights_only,
+  `.safetensors`, diffusers' `{token: vector}` files), usable when their width matches an encoder.
+- `ExtraNetworks.resolve(prompt)`: strips `<lora:...>` tags, resolves them, and says which were ignored and why.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import struct
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from modules import prompt_parser
+
+log = logging.getLogger("webui.extra_networks")
+
+LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
+EMBEDDING_EXTENSIONS = (".safetensors", ".pt", ".bin")
+PARTS = ("unet", "te1", "te2")
+
+
+# ----------------------------------------------------------------------------------------- hashes
+
+def autov3(path: str | os.PathLike) -> str:
+    """A1111/Civitai's AutoV3 ("addnet") hash: sha256 of a safetensors file's data after its header."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        header_len = struct.unpack("<Q", f.read(8))[0]
+        f.seek(8 + header_len)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _HashMemo:
+    """Hashes per (file, size, mtime): a file is hashed once per version."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._known: dict[tuple, str] = {}
+
+    def get(self, path: Path, fn) -> str:
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns, fn.__name__)
+        with self._lock:
+            if key in self._known:
+                return self._known[key]
+        value = fn(path)
+        with self._lock:
+            self._known[key] = value
+        return value
+
+
+_hashes = _HashMemo()
+
+
+# ------------------------------------------------------------------------------------------ LoRA files
+
+@dataclass(frozen=True)
+class LoraInfo:
+    name: str  # file name without extension, relative to its folder ("sub/name" in sub-folders)
+    path: Path
+    alias: str
+
+    @property
+    def hash(self) -> str:
+        """AutoV3 (full) for safetensors; the file's sha256 for other formats."""
+        return _hashes.get(self.path, autov3 if self.path.suffix == ".safetensors" else sha256_file)
+
+    @property
+    def shorthash(self) -> str:
+        return self.hash[:12]
+
+    def metadata(self) -> dict:
+        if self.path.suffix != ".safetensors":
+            return {}
+        try:
+            from modules.sd_models import read_safetensors_metadata
+            return dict(read_safetensors_metadata(self.path))
+        except Exception:
+            return {}
+
+
+class LoraRegistry:
+    """The LoRA files of some folders, rescanned on `refresh()`."""
+
+    def __init__(self, dirs: list[Path]):
+        self.dirs = [Path(d) for d in dirs]
+        self._lock = threading.Lock()
+        self._items: dict[str, LoraInfo] = {}
+
+    def refresh(self) -> list[LoraInfo]:
+        found: dict[str, LoraInfo] = {}
+        for root in self.dirs:
+            if not root.is_dir():
+                continue
+            for path in sorted(root.rglob("*")):
+                if path.suffix.lower() not in LORA_EXTENSIONS or not path.is_file():
+                    continue
+                name = path.relative_to(root).with_suffix("").as_posix()
+                alias = name
+                if path.suffix == ".safetensors":
+                    try:
+                        from modules.sd_models import read_safetensors_metadata
+                        alias = read_safetensors_metadata(path).get("ss_output_name") or name
+                    except Exception:
+                        alias = name
+                found.setdefault(name, LoraInfo(name=name, path=path, alias=alias))
+        with self._lock:
+            self._items = found
+        return list(found.values())
+
+    def list(self) -> list[LoraInfo]:
+        with self._lock:
+            return list(self._items.values())
+
+    def find(self, name: str) -> LoraInfo | None:
+        """By name (with or without sub-folder), then by alias (A1111 looks aliases up too)."""
+        with self._lock:
+            items = dict(self._items)
+        if name in items:
+            return items[name]
+        for info in items.values():
+            if Path(info.name).name == name:
+                return info
+        for info in items.values():
+            if info.alias == name:
+                return info
+        return None
+
+
+# ------------------------------------------------------------------------------------ LoRA weights
+
+@dataclass
+class LoraModule:
+    down: Any  # [r, in] or [r, in, k, k]
+    up: Any  # [out, r] or [out, r, 1, 1]
+    alpha: float | None
+
+
+@dataclass
+class LoraWeights:
+    """A LoRA file in one normalised form: part -> module name (dots as "_") -> LoraModule."""
+    name: str
+    modules: dict[str, dict[str, LoraModule]] = field(default_factory=dict)
+    unknown_keys: list[str] = field(default_factory=list)
+
+    def to(self, device) -> "LoraWeights":
+        for part in self.modules.values():
+            for m in part.values():
+                m.down, m.up = m.down.to(device), m.up.to(device)
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for part in self.modules.values() for m in part.values()
+                   for t in (m.down, m.up))
+
+
+_KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te1"))
+_PEFT_PREFIXES = (("unet.", "unet"), ("text_encoder_2.", "te2"), ("text_encoder.", "te1"))
+_SUFFIXES = (  # (suffix, role)
+    (".lora_down.weight", "down"), (".lora_up.weight", "up"),
+    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
+    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
+    (".alpha", "alpha"),
+)
+
+
+def _split_key(key: str) -> tuple[str, str, str] | None:
+    """(part, module name with "_", role) of one LoRA key, or None when it is of no known layout."""
+    for suffix, role in _SUFFIXES:
+        if key.endswith(suffix):
+            stem = key[: -len(suffix)]
+            break
+    else:
+        return None
+    for prefix, part in _KOHYA_PREFIXES:
+        if stem.startswith(prefix):
+            return part, stem[len(prefix):], role
+    for prefix, part in _PEFT_PREFIXES:
+        if stem.startswith(prefix):
+            return part, stem[len(prefix):].replace(".", "_"), role
+    return None
+
+
+class LoraFileError(ValueError):
+    """A LoRA file that cannot be used (unreadable, no LoRA keys)."""
+
+
+def load_lora(path: str | os.PathLike, name: str | None = None) -> LoraWeights:
+    """Read a LoRA file (CPU tensors) into the normalised form."""
+    import torch
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+    except Exception as exc:
+        raise LoraFileError(f"cannot read {path.name}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise LoraFileError(f"{path.name} holds no tensors")
+    weights = LoraWeights(name=name or path.stem)
+    raw: dict[tuple[str, str], dict[str, Any]] = {}
+    for key, value in state.items():
+        split = _split_key(key) if isinstance(value, torch.Tensor) else None
+        if split is None:
+            weights.unknown_keys.append(key)
+            continue
+        part, module, role = split
+        raw.setdefault((part, module), {})[role] = value
+    for (part, module), roles in raw.items():
+        if "down" not in roles or "up" not in roles:
+            weights.unknown_keys.extend(f"{part}:{module}.{r}" for r in roles)
+            continue
+        alpha = roles.get("alpha")
+        weights.modules.setdefault(part, {})[module] = LoraModule(
+            down=roles["down"].float(), up=roles["up"].float(), alpha=float(alpha) if alpha is not None else None)
+    if not weights.modules:
+        raise LoraFileError(f"{path.name} has no LoRA weights of a known layout (kohya or PEFT/diffusers)")
+    return weights
+
+
+def _module_index(bundle) -> dict[str, dict[str, Any]]:
+    """part -> normalised module name -> module with a weight, for the bundle's UNet and text encoders."""
+    import torch
+    index: dict[str, dict[str, Any]] = {}
+    for part, key in (("unet", "unet"), ("te1", "text_encoder"), ("te2", "text_encoder_2")):
+        model = bundle.components.get(key)
+        if model is None:
+            continue
+        names: dict[str, Any] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                flat = name.replace(".", "_")
+                names[flat] = module
+                if part != "unet" and not flat.startswith("text_model_"):
+                    names["text_model_" + flat] = module  # kohya names CLIP's layers under text_model
+        index[part] = names
+    return index
+
+
+def _delta(m: LoraModule, weight_shape) -> Any:
+    down, up = m.down, m.up
+    rank = down.shape[0]
+    scale = (m.alpha / rank) if m.alpha is not None else 1.0
+    if down.ndim == 4 and down.shape[2:] != (1, 1):
+        delta = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], down.shape[1], *down.shape[2:])
+    else:
+        delta = up.flatten(1) @ down.flatten(1)
+    return (delta * scale).reshape(weight_shape)
+
+
+@dataclass
+class AppliedLora:
+    info: LoraInfo
+    te_multiplier: float
+    unet_multiplier: float
+    weights: LoraWeights
+
+
+@contextlib.contextmanager
+def applied_loras(bundle, loras: list[AppliedLora], warnings: list[str] | None = None) -> Iterator[None]:
+    """Merge the LoRAs into the bundle's weights for the with-block; the originals come back on exit."""
+    import torch
+    if not loras:
+        yield
+        return
+    index = _module_index(bundle)
+    deltas: dict[int, tuple[Any, Any]] = {}  # id(module) -> (module, accumulated fp32 delta)
+    for lora in loras:
+        missed = 0
+        for part, modules in lora.weights.modules.items():
+            mult = lora.unet_multiplier if part == "unet" else lora.te_multiplier
+            targets = index.get(part, {})
+            for name, m in modules.items():
+                module = targets.get(name)
+                if module is None:
+                    missed += 1
+                    continue
+                if mult == 0:
+                    continue
+                weight = module.weight
+                try:
+                    delta = _delta(m, weight.shape).to(weight.device) * mult
+                except RuntimeError:
+                    missed += 1
+                    continue
+                prev = deltas.get(id(module))
+                deltas[id(module)] = (module, delta if prev is None else prev[1] + delta)
+        if missed and warnings is not None:
+            warnings.append(f"LoRA {lora.info.name}: {missed} of its layers do not match this checkpoint and were skipped")
+    backups: list[tuple[Any, Any]] = []
+    try:
+        with torch.no_grad():
+            for module, delta in deltas.values():
+                weight = module.weight
+                backup = weight.detach().clone()
+                backups.append((weight, backup))
+                weight.copy_((backup.float() + delta).to(weight.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, backup in backups:
+                weight.copy_(backup)  # the saved originals: removal is exact
+
+
+# ------------------------------------------------------------------------------------- embeddings
+
+class Embedding:
+    """One textual inversion embedding: vectors per text-encoder width."""
+
+    def __init__(self, name: str, path: Path, vectors: dict[int, Any], step: int | None = None,
+                 checkpoint: str | None = None, checkpoint_name: str | None = None):
+        self.name, self.path = name, path
+        self._vectors = vectors
+        self.step, self.checkpoint, self.checkpoint_name = step, checkpoint, checkpoint_name
+
+    def vectors_for(self, dim: int):
+        return self._vectors.get(dim)
+
+    @property
+    def count(self) -> int:
+        return next(iter(self._vectors.values())).shape[0]
+
+    @property
+    def shape(self) -> int:
+        return next(iter(self._vectors))
+
+    @property
+    def dims(self) -> set[int]:
+        return set(self._vectors)
+
+    @property
+    def shorthash(self) -> str:
+        return _hashes.get(self.path, sha256_file)[:12]
+
+
+class EmbeddingError(ValueError):
+    pass
+
+
+def load_embedding(path: Path) -> Embedding:
+    import torch
+    name = path.stem
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            data = load_file(str(path), device="cpu")
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise EmbeddingError(f"cannot read {path.name}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise EmbeddingError(f"{path.name} is not an embedding file")
+    step = checkpoint = checkpoint_name = None
+    tensors: list[Any] = []
+    if "string_to_param" in data:  # A1111's own .pt format
+        tensors = list(data["string_to_param"].values())[:1]
+        step, checkpoint, checkpoint_name = data.get("step"), data.get("sd_checkpoint"), data.get("sd_checkpoint_name")
+    elif "emb_params" in data:
+        tensors = [data["emb_params"]]
+    elif "clip_l" in data or "clip_g" in data:  # SDXL: one set of vectors per encoder
+        tensors = [data[k] for k in ("clip_l", "clip_g") if k in data]
+    else:
+        values = [v for v in data.values() if isinstance(v, torch.Tensor)]
+        if len(values) == 1:  # diffusers' {token: vector(s)}
+            tensors = values
+    vectors: dict[int, Any] = {}
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.ndim not in (1, 2):
+            continue
+        t = t.detach().float().reshape(-1, t.shape[-1])
+        vectors[t.shape[-1]] = t
+    if not vectors:
+        raise EmbeddingError(f"{path.name} holds no embedding vectors of a known layout")
+    return Embedding(name, path, vectors, step=step if isinstance(step, int) else None,
+                     checkpoint=checkpoint if isinstance(checkpoint, str) else None,
+                     checkpoint_name=checkpoint_name if isinstance(checkpoint_name, str) else None)
+
+
+class EmbeddingDatabase:
+    """The embeddings of some folders; files that fail to load are listed with why."""
+
+    def __init__(self, dirs: list[Path]):
+        self.dirs = list(dict.fromkeys(Path(d) for d in dirs))
+        self._lock = threading.Lock()
+        self._items: dict[str, Embedding] = {}
+        self._errors: dict[str, str] = {}
+        self._scanned = False
+
+    def refresh(self) -> None:
+        items, errors = {}, {}
+        for root in self.dirs:
+            if not root.is_dir():
+                continue
+            for path in sorted(root.rglob("*")):
+                if path.suffix.lower() not in EMBEDDING_EXTENSIONS or not path.is_file() or path.stem in items:
+                    continue
+                try:
+                    items[path.stem] = load_embedding(path)
+                except EmbeddingError as exc:
+                    errors[path.stem] = str(exc)
+                    log.warning("embedding skipped: %s", exc)
+        with self._lock:
+            self._items, self._errors, self._scanned = items, errors, True
+
+    def all(self) -> dict[str, Embedding]:
+        if not self._scanned:
+            self.refresh()
+        with self._lock:
+            return dict(self._items)
+
+    def errors(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._errors)
+
+    def split_for(self, dims: set[int]) -> tuple[dict[str, Embedding], dict[str, Embedding]]:
+        """(loaded, skipped) for a model whose text encoders have these widths."""
+        loaded, skipped = {}, {}
+        for name, emb in self.all().items():
+            (loaded if emb.dims & dims else skipped)[name] = emb
+        return loaded, skipped
+
+
+# ------------------------------------------------------------------------------------ prompt tags
+
+@dataclass
+class ResolvedNetworks:
+    """A prompt's LoRA tags, resolved: what will be applied and what was ignored, and why."""
+    prompt: str  # the prompt without tags
+    loras: list[tuple[LoraInfo, float, float]] = field(default_factory=list)  # (info, te, unet)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _parse_multiplier(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if value == value and abs(value) != float("inf") else None
+
+
+class ExtraNetworks:
+    """The LoRA registry and the embedding database of one server."""
+
+    def __init__(self, lora_dirs: list[Path], embedding_dirs: list[Path]):
+        self.loras = LoraRegistry(lora_dirs)
+        self.embeddings = EmbeddingDatabase(embedding_dirs)
+        self.loras.refresh()
+
+    def resolve(self, prompt: str) -> ResolvedNetworks:
+        text, tags = prompt_parser.parse_extra_networks(prompt)
+        out = ResolvedNetworks(prompt=text)
+        seen: set[str] = set()
+        for tag in tags:
+            if tag.kind not in ("lora", "lyco"):
+                out.warnings.append(f"{tag.text} ignored: unknown extra network type {tag.kind!r} (only lora is supported)")
+                continue
+            name = tag.args[0].strip()
+            info = self.loras.find(name)
+            if info is None:
+                out.warnings.append(f"{tag.text} ignored: no LoRA named {name!r} in {', '.join(map(str, self.loras.dirs))}")
+                continue
+            values = [a.strip() for a in tag.args[1:3]]
+            mults = [_parse_multiplier(v) for v in values]
+            if any(m is None for m in mults):
+                bad = next(v for v, m in zip(values, mults) if m is None)
+                out.warnings.append(f"{tag.text} ignored: {bad!r} is not a number")
+                continue
+            te = mults[0] if mults else 1.0
+            unet = mults[1] if len(mults) > 1 else te
+            if info.name in seen:
+                out.warnings.append(f"{tag.text} ignored: LoRA {info.name!r} is already in the prompt")
+                continue
+            seen.add(info.name)
+            out.loras.append((info, te, unet))
+        return out
+
+    @contextlib.contextmanager
+    def leased(self, manager, resolved: ResolvedNetworks, warnings: list[str]) -> Iterator[list[AppliedLora]]:
+        """Lease every resolved LoRA from the model manager (loaded once, then cached); unreadable files
+        are skipped with a warning."""
+        with contextlib.ExitStack() as stack:
+            applied = []
+            for info, te, unet in resolved.loras:
+                st = info.path.stat()
+                key = f"lora:{info.path}:{st.st_size}:{st.st_mtime_ns}"
+                try:
+                    weights = stack.enter_context(manager.use(key, lambda info=info: load_lora(info.path, info.name),
+                                                              kind="lora", name=f"LoRA {info.name}"))
+                except LoraFileError as exc:
+                    warnings.append(f"<lora:{info.name}> ignored: {exc}")
+                    continue
+                applied.append(AppliedLora(info, te, unet, weights))
+            yield applied
+
+
+def for_folders(folders, demo: bool = False) -> ExtraNetworks:
+    """The server's extra networks: --lora-dir (default MODELS/Lora), --embeddings-dir (default
+    DATA/embeddings) and MODELS/embeddings, plus the demo set's folders with --demo."""
+    lora_dirs = [folders.lora_dir]
+    embedding_dirs = [folders.embeddings_dir, folders.models_dir / "embeddings"]
+    if demo:
+        demo_root = folders.data_dir / "demo-models"
+        lora_dirs.append(demo_root / "Lora")
+        embedding_dirs.append(demo_root / "embeddings")
+    return ExtraNetworks(lora_dirs, embedding_dirs)

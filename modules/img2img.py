@@ -1,0 +1,356 @@
+"""The img2img service: init images (+ mask) and a request -> images, as A1111's img2img and inpainting do.
+
+Plain img2img is diffusers' img2img pipeline; a mask (or an inpainting checkpoint) uses diffusers' inpaint
+pipeline, which blends the masked latents each step for ordinary checkpoints and feeds mask + masked-image
+latents to 9-channel inpainting UNets. Both pipelines are views over the checkpoint the manager holds.
+Around them: resize modes, mask invert/blur, masked content (fill / original / latent noise / latent
+nothing), "only masked" (crop the mask's box plus padding, work at full resolution, paste back) and the
+final composite, so that pixels outside the (blurred) mask are the original's.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from modules import extra_networks, img2img_images as pix, img2img_scripts, infotext as infotext_mod
+from modules import outputs, prompt_parser, prompts, samplers, sd_pipelines
+from modules.generation import (GenerationContext, GenerationResult, _network_params, _networks_applied,
+                                _StepTracker, _written_schedule, decode_latents, make_noise, resolve_seeds)
+from modules.generation_params import GenerationError
+from modules.img2img_params import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, Img2ImgRequest, validate_img2img
+from modules.jobs import Job, JobInterrupted, JobSkipped
+from modules.version import VERSION
+
+log = logging.getLogger("webui.img2img")
+
+__all__ = ["Img2ImgRequest", "validate_img2img", "run_img2img", "Prepared", "prepare_images"]
+
+
+@dataclass
+class Prepared:
+    """One init image made ready for sampling, and what is needed to put the result back."""
+    work: Image.Image  # the picture the sampler starts from (processing size)
+    raw: Image.Image  # the flattened init image (latent upscale encodes this one)
+    mask: Image.Image | None  # processing-size L mask (white = repaint), blurred
+    original: Image.Image | None  # what the result is composited over (None: no mask, no composite)
+    alpha: Image.Image | None  # compositing alpha, the size of `original`
+    paste_box: tuple[int, int, int, int] | None  # "only masked": where the crop goes back
+
+
+def prepare_images(req: Img2ImgRequest) -> list[Prepared]:
+    """A1111's image side of img2img for every init image (pixels only, no model)."""
+    w, h = req.width, req.height
+    out = []
+    for init in req.init_images:
+        raw = pix.flatten(init)
+        mode = 0 if req.resize_mode == 3 and req.mask is not None else req.resize_mode
+        if req.mask is None:
+            out.append(Prepared(pix.resize_image(mode, raw, w, h), raw, None, None, None, None))
+            continue
+        m = pix.mask_from_image(req.mask, raw.size, invert=bool(req.inpainting_mask_invert), round_mask=req.mask_round)
+        m = pix.blur_mask(m, req.mask_blur_x, req.mask_blur_y)
+        region = pix.crop_region(m, req.inpaint_full_res_padding) if req.inpaint_full_res else None
+        if region is not None:
+            region = pix.expand_crop_region(region, w, h, *raw.size)
+            work = pix.resize_image(2, raw.crop(region), w, h)
+            proc_mask = pix.resize_image(2, m.crop(region), w, h)
+            original, alpha = raw, m
+        else:
+            work = pix.resize_image(mode, raw, w, h)
+            proc_mask = pix.resize_image(mode, m, w, h)
+            original, alpha = work, pix.overlay_mask(proc_mask)
+        if req.inpainting_fill != 1:
+            work = pix.fill(work, proc_mask)
+        out.append(Prepared(work, raw, proc_mask, original, alpha, region))
+    return out
+
+
+def _checkpoint(ctx: GenerationContext, settings: dict):
+    name = settings.get("sd_model_checkpoint") or ""
+    info = ctx.registry.find(name) if name else None
+    if info is None:
+        available = ctx.registry.list()
+        if name or not available:
+            raise GenerationError(f"checkpoint {name!r} not found" if name else
+                                  "no checkpoint found: put a .safetensors file in models/Stable-diffusion")
+        info = available[0]
+    return info
+
+
+def _encode(pipe, images: list[Image.Image], width: int, height: int) -> torch.Tensor:
+    """VAE latents (scaled) of PIL images at width x height: the distribution's mean, as a tensor."""
+    vae = pipe.vae
+    x = pipe.image_processor.preprocess(images, height=height, width=width).to(vae.device, vae.dtype)
+    with torch.no_grad():
+        latents = vae.encode(x).latent_dist.mode()
+    return latents * vae.config.scaling_factor
+
+
+def _sample(pipe, *, conditioning, sdxl, steps, cfg, generators, eta, tracker, **kw):
+    batch = len(generators)
+    kw.update(num_inference_steps=steps, guidance_scale=cfg, generator=generators, output_type="latent",
+              callback_on_step_end=tracker, callback_on_step_end_tensor_inputs=["latents"],
+              **prompts.pipeline_embeds(conditioning, batch, sdxl))
+    if eta is not None:
+        kw["eta"] = eta
+    switch = None if conditioning.is_static else prompts.ConditioningSwitch(pipe.unet, conditioning, batch)
+    tracker.switch = switch
+    try:
+        with torch.inference_mode(), (switch or contextlib.nullcontext()):
+            return pipe(**kw).images
+    finally:
+        tracker.switch = None
+
+
+@contextlib.contextmanager
+def _noise_substituted(scheduler, noise: torch.Tensor | None):
+    """Make the pipeline use our initial noise (variation seeds, noise multiplier, latent noise) wherever it
+    noises latents; a no-op for None."""
+    if noise is None:
+        yield
+        return
+    original = scheduler.add_noise
+
+    def add_noise(samples, drawn, timesteps):
+        if drawn.shape == noise.shape:
+            drawn = noise.to(drawn.device, drawn.dtype)
+        return original(samples, drawn, timesteps)
+
+    scheduler.add_noise = add_noise
+    try:
+        yield
+    finally:
+        del scheduler.add_noise
+
+
+def run_img2img(ctx: GenerationContext, req: Img2ImgRequest, job: Job | None = None,
+                settings: dict | None = None) -> GenerationResult:
+    """Run every image of a validated img2img request on the current thread (the job worker)."""
+    settings = settings or {}
+    info = _checkpoint(ctx, settings)
+    req = img2img_scripts.apply(req)
+    prompt, negative = ctx.styles.apply(req.prompt, req.negative_prompt, req.styles)
+    seeds, subseeds, seed, subseed = resolve_seeds(req)
+    clip_skip = int(settings.get("CLIP_stop_at_last_layers", 1))
+    ensd = int(settings.get("eta_noise_seed_delta", 0))
+    multiplier = req.initial_noise_multiplier if req.initial_noise_multiplier is not None else \
+        float(settings.get("initial_noise_multiplier", 1.0))
+    preview_every = int(settings.get("show_progress_every_n_steps", 0)) if settings.get("live_previews_enable", True) else 0
+    if job is not None:
+        job.preview_every = preview_every
+    run_steps = min(int(req.steps * req.denoising_strength), req.steps)
+    prepared = prepare_images(req)
+
+    warnings: list[str] = []
+    resolved = ctx.networks.resolve(prompt) if ctx.networks is not None else \
+        extra_networks.ResolvedNetworks(prompt=prompt_parser.parse_extra_networks(prompt)[0])
+    warnings.extend(resolved.warnings)
+    images, infotexts, all_paths = [], [], []
+    today = datetime.date.today()
+    with sd_pipelines.use_checkpoint(ctx.manager, info, dtype=ctx.dtype, vae_dtype=ctx.vae_dtype,
+                                     attention=ctx.attention) as bundle, \
+            _networks_applied(ctx, bundle, resolved, warnings) as applied:
+        family = bundle.arch.family
+        conditioner = prompts.TextConditioner(
+            bundle.components, family, clip_skip, emphasis=settings.get("emphasis", prompts.EMPHASIS_ORIGINAL),
+            embeddings=ctx.networks.embeddings.all() if ctx.networks is not None else None,
+            comma_backtrack=int(settings.get("comma_padding_backtrack", prompts.COMMA_BACKTRACK)))
+        conditioning = prompts.build_conditioning(conditioner, resolved.prompt, negative, max(run_steps, 1),
+                                                  use_old_scheduling=bool(settings.get("use_old_scheduling", False)))
+        network_params = _network_params(applied, prompts.embeddings_in([resolved.prompt, negative],
+                                                                         conditioner.used_embeddings))
+        inpainting_model = bundle.arch.inpainting
+        has_mask = req.mask is not None
+        kind = "inpaint" if (has_mask or inpainting_model) else "img2img"
+        vae_scale = 2 ** (len(bundle.components["vae"].config.block_out_channels) - 1)
+        latent_channels = bundle.components["vae"].config.latent_channels
+        shape = (latent_channels, req.height // vae_scale, req.width // vae_scale)
+        pipe = sd_pipelines.make_pipeline(bundle, kind, samplers.make_scheduler(
+            req.sampler_name, req.scheduler, bundle.scheduler_config), offload=ctx.offload,
+            offload_device=ctx.offload_device)
+        for it in range(req.n_iter):
+            if job is not None:
+                job.begin_iteration(it, req.n_iter)
+            lo, hi = it * req.batch_size, (it + 1) * req.batch_size
+            it_seeds, it_subseeds = seeds[lo:hi], subseeds[lo:hi]
+            batch = [prepared[(lo + j) % len(prepared)] for j in range(len(it_seeds))]
+            stopped = None
+            if run_steps < 1:  # nothing to denoise: the (prepared) init images are the result
+                latents = None
+                batch_images = [p.work for p in batch]
+            else:
+                pipe.scheduler = samplers.make_scheduler(req.sampler_name, req.scheduler, bundle.scheduler_config)
+                tracker = _StepTracker(job, run_steps, family, preview_every)
+                noise, _ = make_noise(it_seeds, it_subseeds, req.subseed_strength, shape, 0)
+                # fresh generators: the pipeline draws exactly what a plain diffusers call with these seeds does
+                generators = [torch.Generator("cpu").manual_seed(s + ensd) for s in it_seeds]
+                kw, own_noise = _pass_inputs(pipe, req, batch, kind, noise, inpainting_model)
+                if own_noise or req.subseed_strength > 0 or multiplier != 1 or ensd:
+                    substitute = noise * multiplier
+                    if kind == "inpaint" and req.denoising_strength >= 1:
+                        kw["latents"] = substitute  # at full strength the inpaint pipeline starts from these
+                else:
+                    substitute = None
+                try:
+                    with _noise_substituted(pipe.scheduler, substitute):
+                        latents = _sample(pipe, conditioning=conditioning, sdxl=family == "sdxl", steps=req.steps,
+                                          cfg=req.cfg_scale, generators=generators, eta=req.eta, tracker=tracker,
+                                          strength=req.denoising_strength, **kw)
+                except (JobInterrupted, JobSkipped) as e:
+                    stopped = e
+                    latents = tracker.latents
+                    if latents is None:
+                        if isinstance(e, JobInterrupted):
+                            break
+                        continue
+                batch_images = decode_latents(pipe, latents)
+            for j, image in enumerate(batch_images):
+                p = batch[j]
+                if p.original is not None:
+                    image = pix.composite(image, p.original, p.alpha, p.paste_box)
+                params = _infotext_params(req, bundle.info, it_seeds[j], it_subseeds[j], clip_skip, has_mask)
+                params.update(network_params)
+                text = infotext_mod.create_infotext(prompt, negative, params)
+                images.append(image)
+                infotexts.append(text)
+                if req.save_images and settings.get("samples_save", True) and not req.do_not_save_samples:
+                    folder = outputs.dated_folder(ctx.outputs_root, "img2img-images", today)
+                    all_paths.append(outputs.save_image(
+                        image, folder, seed=it_seeds[j], prompt=prompt,
+                        infotext=text if settings.get("enable_pnginfo", True) else None,
+                        extension=settings.get("samples_format", "png"),
+                        jpeg_quality=settings.get("jpeg_quality", 80)))
+            if isinstance(stopped, JobInterrupted):
+                break
+
+    grid_count = 0
+    want_grid_save = req.save_images and settings.get("grid_save", True) and not req.do_not_save_grid
+    if len(images) > 1 and (settings.get("return_grid", True) or want_grid_save):
+        grid = outputs.make_grid(images)
+        if want_grid_save:
+            all_paths.append(outputs.save_image(
+                grid, outputs.dated_folder(ctx.outputs_root, "img2img-grids", today), seed=seeds[0], prompt=prompt,
+                infotext=infotexts[0] if settings.get("enable_pnginfo", True) else None,
+                extension=settings.get("samples_format", "png")))
+        if settings.get("return_grid", True):
+            images.insert(0, grid)
+            infotexts.insert(0, infotexts[0])
+            grid_count = 1
+
+    extra = dict(_mask_params(req) if req.mask is not None else {}, **network_params)
+    info_dict = {
+        "prompt": prompt, "all_prompts": [prompt] * len(seeds),
+        "negative_prompt": negative, "all_negative_prompts": [negative] * len(seeds),
+        "seed": seed, "all_seeds": seeds, "subseed": subseed, "all_subseeds": subseeds,
+        "subseed_strength": req.subseed_strength, "width": req.width, "height": req.height,
+        "sampler_name": req.sampler_name, "scheduler": req.scheduler, "cfg_scale": req.cfg_scale,
+        "steps": req.steps, "batch_size": req.batch_size, "n_iter": req.n_iter, "restore_faces": False,
+        "face_restoration_model": None, "sd_model_name": info.model_name, "sd_model_hash": info.shorthash,
+        "sd_vae_name": None, "sd_vae_hash": None,
+        "seed_resize_from_w": req.seed_resize_from_w, "seed_resize_from_h": req.seed_resize_from_h,
+        "denoising_strength": req.denoising_strength, "extra_generation_params": extra,
+        "index_of_first_image": grid_count, "infotexts": infotexts, "styles": list(req.styles),
+        "job_timestamp": datetime.datetime.fromtimestamp(job.started if job and job.started else
+                                                         datetime.datetime.now().timestamp()).strftime("%Y%m%d%H%M%S"),
+        "clip_skip": clip_skip, "is_using_inpainting_conditioning": bool(inpainting_model),
+        "version": VERSION, "warnings": warnings, "script_name": req.script_name or None,
+    }
+    return GenerationResult(images=images, infotexts=infotexts, info=info_dict, paths=all_paths,
+                            grid_count=grid_count)
+
+
+def _pass_inputs(pipe, req: Img2ImgRequest, batch: list[Prepared], kind: str, noise: torch.Tensor,
+                 inpainting_model: bool) -> tuple[dict[str, Any], bool]:
+    """The pipeline's image arguments for one batch; True when the init latents were made here (latent
+    upscale, latent noise/nothing), in which case our own noise must be used too."""
+    w, h = req.width, req.height
+    works = [p.work for p in batch]
+    if kind == "img2img":
+        if req.resize_mode != 3:
+            return dict(image=works), False
+        # latent upscale: encode at the init image's own size (a multiple of 8), then resize the latents
+        latents = []
+        for p in batch:
+            rw, rh = max(8, p.raw.width // 8 * 8), max(8, p.raw.height // 8 * 8)
+            lat = _encode(pipe, [p.raw], rw, rh)
+            latents.append(torch.nn.functional.interpolate(lat.float(), size=noise.shape[-2:], mode="bilinear",
+                                                           antialias=True).to(lat.dtype))
+        return dict(image=torch.cat(latents)), True
+    masks = [p.mask if p.mask is not None else Image.new("L", (w, h), 255) for p in batch]
+    kw: dict[str, Any] = dict(image=works, mask_image=masks, height=h, width=w)
+    if req.mask is None or req.inpainting_fill not in (2, 3):
+        return kw, False
+    # latent noise / latent nothing: the masked part of the init latents is noise / zeros
+    init = _encode(pipe, works, w, h)
+    lat_mask = torch.stack([torch.from_numpy(np.asarray(
+        m.resize((init.shape[-1], init.shape[-2]), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0)
+        for m in masks])[:, None].to(init.device, init.dtype).round()
+    replacement = noise.to(init.device, init.dtype) if req.inpainting_fill == 2 else torch.zeros_like(init)
+    kw["image"] = init * (1 - lat_mask) + replacement * lat_mask
+    # the inpaint pipeline cannot mask latents it was handed: give it the masked-image latents (a 4-channel
+    # UNet never reads them, so the init latents stand in there)
+    kw["masked_image_latents"] = _encode_masked(pipe, works, masks, w, h) if inpainting_model else kw["image"]
+    return kw, True
+
+
+def _encode_masked(pipe, works, masks, w, h) -> torch.Tensor:
+    """What diffusers feeds an inpainting UNet: the latents of the image with the masked part zeroed (in [-1, 1])."""
+    vae = pipe.vae
+    x = pipe.image_processor.preprocess(works, height=h, width=w)
+    m = pipe.mask_processor.preprocess(masks, height=h, width=w)
+    x = (x * (m < 0.5)).to(vae.device, vae.dtype)
+    with torch.no_grad():
+        latents = vae.encode(x).latent_dist.mode()
+    return latents * vae.config.scaling_factor
+
+
+def _mask_params(req: Img2ImgRequest) -> dict[str, Any]:
+    blur = req.mask_blur_x if req.mask_blur_x == req.mask_blur_y else None
+    params: dict[str, Any] = {"Mask blur": blur}
+    if blur is None:
+        params.update({"Mask blur x": req.mask_blur_x, "Mask blur y": req.mask_blur_y})
+    params.update({
+        "Mask mode": MASK_MODES[1] if req.inpainting_mask_invert else None,
+        "Masked content": MASKED_CONTENT[req.inpainting_fill],
+        "Inpaint area": INPAINT_AREAS[1] if req.inpaint_full_res else INPAINT_AREAS[0],
+        "Masked area padding": req.inpaint_full_res_padding,
+    })
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _infotext_params(req: Img2ImgRequest, info, seed, subseed, clip_skip, has_mask) -> dict:
+    params: dict[str, Any] = {
+        "Steps": req.steps,
+        "Sampler": req.sampler_name,
+        "Schedule type": _written_schedule(req.sampler_name, req.scheduler),
+        "CFG scale": req.cfg_scale,
+        "Seed": seed,
+        "Size": f"{req.width}x{req.height}",
+        "Model hash": info.shorthash,
+        "Model": info.model_name,
+        "Variation seed": subseed if req.subseed_strength > 0 else None,
+        "Variation seed strength": req.subseed_strength if req.subseed_strength > 0 else None,
+        "Denoising strength": req.denoising_strength,
+        "Clip skip": clip_skip if clip_skip > 1 else None,
+    }
+    if req.resize_mode:
+        params["Resize mode"] = ("Just resize", "Crop and resize", "Resize and fill",
+                                 "Just resize (latent upscale)")[req.resize_mode]
+    if has_mask:
+        params.update(_mask_params(req))
+    if req.initial_noise_multiplier not in (None, 1, 1.0):
+        params["Noise multiplier"] = req.initial_noise_multiplier
+    if req.script_name:
+        params.update(img2img_scripts.infotext_params(req))
+    if req.styles:
+        params["Styles array"] = json.dumps(list(req.styles))
+    params["Version"] = VERSION
+    return params

@@ -1,0 +1,70 @@
+"""Tiny random LoRA and textual inversion files for the tiny checkpoint (tests and --demo).
+
+- DIR/Lora/tiny-lora.safetensors: kohya layout (`lora_unet_*`, `lora_te_*`, `.alpha`) over every attention
+  projection of the tiny UNet and text encoder, rank 4, seeded non-zero weights large enough that its
+  effect on an image is plain to see;
+- DIR/embeddings/tiny-emb.safetensors: a 2-vector embedding (`emb_params`) for the tiny text encoder (width 32);
+- DIR/embeddings/tiny-emb-pt.pt: a 1-vector embedding in A1111's own `.pt` layout (`string_to_param`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+LORA_SUBDIR = "Lora"
+EMBEDDINGS_SUBDIR = "embeddings"
+TINY_LORA = "tiny-lora"
+TINY_EMBEDDING = "tiny-emb"
+TINY_EMBEDDING_PT = "tiny-emb-pt"
+LORA_RANK = 4
+LORA_SEED = 10
+EMBEDDING_SEED = 11
+
+_UNET_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                 "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+_TE_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+
+
+def kohya_lora_state(components: dict, rank: int = LORA_RANK, seed: int = LORA_SEED, scale: float = 0.5) -> dict:
+    """kohya-format LoRA tensors for the Linear layers of `components` that the targets name."""
+    import torch
+    g = torch.Generator("cpu").manual_seed(seed)
+    state: dict = {}
+    for prefix, model, targets in (("lora_unet_", components["unet"], _UNET_TARGETS),
+                                   ("lora_te_text_model_", components["text_encoder"], _TE_TARGETS)):
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear) or not name.endswith(targets):
+                continue
+            key = prefix + name.replace(".", "_")
+            state[f"{key}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=g) * scale
+            state[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=g) * scale
+            state[f"{key}.alpha"] = torch.tensor(float(rank))
+    return state
+
+
+def make_tiny_extra_networks(dir: str | Path, components: dict | None = None) -> dict[str, Path]:
+    """Write the tiny LoRA and embeddings under `dir` (kept when already written by this recipe version)."""
+    import torch
+
+    from modules import tiny_models
+    from modules.fileio import atomic_open
+    root = Path(dir)
+    paths = {
+        TINY_LORA: root / LORA_SUBDIR / f"{TINY_LORA}.safetensors",
+        TINY_EMBEDDING: root / EMBEDDINGS_SUBDIR / f"{TINY_EMBEDDING}.safetensors",
+        TINY_EMBEDDING_PT: root / EMBEDDINGS_SUBDIR / f"{TINY_EMBEDDING_PT}.pt",
+    }
+    if not tiny_models._is_current(paths[TINY_LORA]):
+        components = components or tiny_models.build_tiny_sd15(tiny_models.TINY_SEED)
+        tiny_models._write_safetensors(paths[TINY_LORA], kohya_lora_state(components),
+                                       {"ss_network_module": "networks.lora", "ss_network_dim": str(LORA_RANK)})
+    dim = tiny_models.TINY_TEXT_ENCODER["hidden_size"]
+    g = torch.Generator("cpu").manual_seed(EMBEDDING_SEED)
+    emb = torch.randn(2, dim, generator=g)
+    if not tiny_models._is_current(paths[TINY_EMBEDDING]):
+        tiny_models._write_safetensors(paths[TINY_EMBEDDING], {"emb_params": emb}, {})
+    if not paths[TINY_EMBEDDING_PT].exists():
+        data = {"string_to_token": {"*": 265}, "string_to_param": {"*": torch.randn(1, dim, generator=g)},
+                "name": TINY_EMBEDDING_PT, "step": 100, "sd_checkpoint": None, "sd_checkpoint_name": None}
+        with atomic_open(paths[TINY_EMBEDDING_PT], "wb") as f:
+            torch.save(data, f)
+    return paths
