@@ -144,6 +144,8 @@ class Webui:
             from modules import generation  # noqa: F401  (imports torch, diffusers and the pipelines)
             import diffusers
             diffusers.StableDiffusionPipeline, diffusers.AutoencoderKL  # resolve the lazy attributes now
+            from modules import clip_tokenizer, prompts
+            prompts.token_counts("warm up", clip_tokenizer.clip_tokenizer())  # the UI's token counter
 
         return self.queue.submit(run, kind="warm-up")
 

@@ -1,9 +1,8 @@
-"""The Gradio UI, laid out like A1111's: checkpoint picker, txt2img, PNG Info, Settings. No torch here."""
+"""The Gradio UI, laid out like A1111's: checkpoint picker, txt2img, img2img, PNG Info, Settings. No torch here."""
 from __future__ import annotations
 
 import html
 import logging
-import threading
 import time
 
 import gradio as gr
@@ -11,6 +10,7 @@ import gradio as gr
 from modules import infotext, samplers
 from modules.options import OptionError
 from modules.ui import captioning as captioning_ui
+from modules.ui import img2img as img2img_ui
 
 log = logging.getLogger("webui.ui")
 
@@ -19,8 +19,8 @@ CSS = """
 .token-counter { text-align: right; font-size: 0.85em; opacity: 0.75; margin-top: -0.4em; }
 .token-counter.over { color: #d33; opacity: 1; }
 #banner_notice { border-left: 4px solid #f59e0b; padding: 0.4em 0.8em; }
-#txt2img_progress .progress-bar { height: 0.7em; background: #f97316; border-radius: 0.3em; }
-#txt2img_progress .progress-track { width: 100%; background: #3333; border-radius: 0.3em; }
+#txt2img_progress .progress-bar, #img2img_progress .progress-bar { height: 0.7em; background: #f97316; border-radius: 0.3em; }
+#txt2img_progress .progress-track, #img2img_progress .progress-track { width: 100%; background: #3333; border-radius: 0.3em; }
 .infotext { white-space: pre-wrap; font-family: monospace; font-size: 0.85em; }
 """
 
@@ -43,22 +43,11 @@ def theme():
     return gr.themes.Default(primary_hue="orange")
 
 
-_token_lock = threading.Lock()  # the shared fast tokenizer is not safe to call from two threads at once
 
 
 def _token_counter_html(text: str) -> str:
-    if text:
-        from modules.ui.extra_networks import token_counter_html  # per chunk: BREAK, long prompts, tags
-        return token_counter_html(text)
-    if not text:
-        return '<div class="token-counter">0/75</div>'  # no tokenizer (and no transformers import) needed
-    from modules import clip_tokenizer
-    tok = clip_tokenizer.clip_tokenizer()
-    with _token_lock:
-        n = len(tok(text or "", add_special_tokens=False, truncation=False)["input_ids"])
-    limit = max(75, -(-n // 75) * 75)
-    cls = "token-counter over" if n > 75 else "token-counter"
-    return f'<div class="{cls}">{n}/{limit}</div>'
+    from modules.ui.extra_networks import token_counter_html  # per chunk: BREAK, long prompts, tags
+    return token_counter_html(text)
 
 
 def _progress_html(job) -> str:
@@ -115,6 +104,7 @@ def create_ui(webui) -> gr.Blocks:
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):
                 t2i = _txt2img_tab(webui, generation)
+            i2i = img2img_ui.create_tab(webui, tabs)  # img2img, sketch, inpaint, ..., batch
             captioning_ui.create_tabs(webui)  # Caption, VQA, Image search
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 png = _pnginfo_tab()
@@ -136,10 +126,11 @@ def create_ui(webui) -> gr.Blocks:
             text = _banner(webui)
             return [gr.update(choices=checkpoint_choices(), value=current_checkpoint_title()),
                     gr.update(value=text, visible=bool(text)),
-                    '<span data-ready="1"></span>'] + [webui.options.get(k) for k in settings_components]
+                    '<span data-ready="1"></span>'] + [webui.options.get(k) for k in settings_components] \
+                + t2i["styles"].load()  # style choices as in styles.csv now
 
-        demo.load(on_page_load, outputs=[checkpoint, banner, ready] + list(settings_components.values()),
-                  queue=False, show_progress="hidden")
+        demo.load(on_page_load, outputs=[checkpoint, banner, ready] + list(settings_components.values())
+                  + t2i["styles"].outputs, queue=False, show_progress="hidden")
 
         def on_checkpoint(title):
             if not title:
@@ -167,6 +158,8 @@ def create_ui(webui) -> gr.Blocks:
 
         png["send"].click(send_to_txt2img, inputs=[png["text"]],
                           outputs=[tabs] + [t2i["components"][n] for n, _ in t2i["send_fields"]])
+        img2img_ui.wire_send(i2i, t2i["send_img2img"], t2i["gallery"], t2i["infotexts"], t2i["selected"])
+        img2img_ui.wire_send(i2i, png["send_img2img"], png["image"], png["text"])
     return demo
 
 
@@ -188,8 +181,9 @@ def _txt2img_tab(webui, generation):
             with gr.Row():
                 interrupt = gr.Button("Interrupt", elem_id="txt2img_interrupt", size="sm")
                 skip = gr.Button("Skip", elem_id="txt2img_skip", size="sm")
-            styles = gr.Dropdown(label="Styles", choices=webui.styles.names(), multiselect=True,
-                                 elem_id="txt2img_styles")
+            from modules.ui import styles as styles_ui
+            style_controls = styles_ui.create(webui, prompt, negative)  # dropdown, apply button, style editor
+            styles = style_controls.dropdown
 
     with gr.Row():
         with gr.Column():
@@ -235,6 +229,7 @@ def _txt2img_tab(webui, generation):
             gallery = gr.Gallery(label="Output", format="png", columns=4, height=512, elem_id="txt2img_gallery",
                                  interactive=False)
             info_html = gr.HTML("", elem_id="html_info_txt2img")
+            send_img2img = img2img_ui.send_buttons("txt2img")
             error_html = gr.HTML("", elem_id="txt2img_error")
 
     job_state = gr.State(None)
@@ -325,7 +320,9 @@ def _txt2img_tab(webui, generation):
                       hr_scale=hr_scale, hr_upscaler=hr_upscaler, hr_second_pass_steps=hr_steps,
                       denoising_strength=hr_denoise, batch_size=batch_size)
     send_fields = [(name, None) for name in components]
-    return {"components": components, "send_fields": send_fields}
+    return {"components": components, "send_fields": send_fields, "styles": style_controls,
+            "send_img2img": send_img2img, "gallery": gallery, "infotexts": infotexts_state,
+            "selected": img2img_ui.gallery_selection(gallery)}
 
 
 def _pnginfo_tab():
@@ -336,6 +333,7 @@ def _pnginfo_tab():
             info = gr.HTML(elem_id="pnginfo_html")
             text = gr.Textbox(visible=False, elem_id="pnginfo_generation_info")
             send = gr.Button("Send to txt2img", elem_id="pnginfo_send_txt2img")
+            send_img2img = img2img_ui.send_buttons("pnginfo")
 
     def read(img):
         if img is None:
@@ -353,7 +351,7 @@ def _pnginfo_tab():
         return "".join(parts), raw or ""
 
     image.change(read, inputs=[image], outputs=[info, text])
-    return {"image": image, "text": text, "send": send}
+    return {"image": image, "text": text, "send": send, "send_img2img": send_img2img}
 
 
 def _settings_tab(webui):

@@ -1,0 +1,165 @@
+"""The txt2img extra-networks panel and the styles controls, in a real Chromium against a real server."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from tests.browser.test_ui import GEN_TIMEOUT, infotext, open_ui, small
+from tests.conftest import Server
+
+
+@pytest.fixture
+def server(api_server):
+    yield api_server
+    assert api_server.alive(), api_server.log()
+
+
+def open_panel(page: Page):
+    page.get_by_text("Extra networks (LoRA, embeddings)").click()
+    cards = page.locator("#txt2img_extra_cards")
+    expect(cards).to_be_visible()
+    return cards
+
+
+def card(page: Page, name: str):
+    return page.locator("#txt2img_extra_cards tbody tr", has_text=name)
+
+
+def pick(page: Page, dropdown_id: str, option: str) -> None:
+    """Open a dropdown and click one of its options, as a user would."""
+    page.keyboard.press("Escape")  # close any other open dropdown list first: only one list may show the option
+    page.locator(f"#{dropdown_id} input").click()
+    page.get_by_role("option", name=option, exact=True).locator("visible=true").click()
+
+
+def style_rows(path) -> dict[str, tuple[str, str]]:
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        return {r["name"]: (r["prompt"], r["negative_prompt"]) for r in csv.DictReader(handle)}
+
+
+def test_panel_lists_and_filters_cards_and_a_click_inserts_the_lora(page, server):
+    open_ui(page, server)
+    cards = open_panel(page)
+    expect(card(page, "tiny-lora")).to_have_count(1)
+    expect(card(page, "tiny-lora")).to_contain_text("LoRA")
+    expect(card(page, "tiny-emb").first).to_contain_text("Embedding")
+
+    search = page.locator("#txt2img_extra_search textarea, #txt2img_extra_search input").first
+    search.fill("lora")
+    expect(card(page, "tiny-emb")).to_have_count(0)
+    expect(card(page, "tiny-lora")).to_have_count(1)
+    search.fill("no such network")
+    expect(cards).to_contain_text("(nothing matches)")
+    expect(card(page, "tiny-lora")).to_have_count(0)
+    search.fill("")
+    expect(card(page, "tiny-emb").first).to_be_visible()
+
+    box = page.locator("#txt2img_prompt textarea")
+    box.fill("a cat")
+    card(page, "tiny-lora").click()
+    expect(box).to_have_value("a cat, <lora:tiny-lora:1>")
+    expect(page.locator("#txt2img_token_counter")).to_have_text("3/75")  # "a", "cat", ","; the tag not counted
+
+    small(page, steps=2)
+    page.click("#txt2img_generate")
+    info = page.locator("#html_info_txt2img .infotext")
+    expect(info).to_contain_text("Lora hashes: ", timeout=GEN_TIMEOUT)
+    text = infotext(page)
+    assert text.splitlines()[0] == "a cat, <lora:tiny-lora:1>"
+    assert 'Lora hashes: "tiny-lora: ' in text
+    expect(page.locator("#txt2img_network_warnings")).to_have_count(0)
+    assert not page.errors
+
+
+def test_a_missing_lora_still_generates_and_names_the_ignored_tag(page, server):
+    open_ui(page, server)
+    small(page, steps=2)
+    page.locator("#txt2img_prompt textarea").fill("a cat <lora:missing:1>")
+    page.click("#txt2img_generate")
+    expect(page.locator("#txt2img_gallery img").first).to_be_visible(timeout=GEN_TIMEOUT)
+    notice = page.locator("#txt2img_network_warnings")
+    expect(notice).to_be_visible()
+    expect(notice).to_contain_text("<lora:missing:1>")
+    expect(notice).to_contain_text("ignored")
+    assert "Lora hashes" not in infotext(page)
+    assert server.alive(), server.log()
+
+
+def test_style_editor_saves_applies_generates_and_deletes(page, tiny_models, tmp_path):
+    srv = Server(["--api", "--models-dir", str(tiny_models)], tmp_path / "data")
+    styles_csv = srv.data_dir / "styles.csv"
+    try:
+        open_ui(page, srv)
+        page.get_by_text("Edit styles").click()
+        notice = page.locator("#txt2img_styles_notice")
+
+        # bad input: no name
+        page.click("#txt2img_style_save")
+        expect(notice).to_contain_text("Not saved")
+        assert not styles_csv.exists()
+
+        name_box = page.locator("#txt2img_style_name input")
+        name_box.fill("watercolour")
+        name_box.press("Enter")
+        page.locator("#txt2img_style_prompt textarea").fill("watercolour painting, soft light")
+        page.locator("#txt2img_style_neg_prompt textarea").fill("photo")
+        page.click("#txt2img_style_save")
+        expect(notice).to_contain_text("Saved style 'watercolour'")
+        assert style_rows(styles_csv) == {"watercolour": ("watercolour painting, soft light", "photo")}
+        assert not list(styles_csv.parent.glob(".styles.csv.*.tmp"))  # written atomically, nothing left over
+
+        # a reloaded page offers it too (the page config was built before the style existed), and choosing
+        # its name in the editor loads it
+        page.reload()
+        expect(page.locator("#ui_ready [data-ready]")).to_be_attached()
+        page.get_by_text("Edit styles").click()
+        style_prompt = page.locator("#txt2img_style_prompt textarea")
+        expect(style_prompt).to_have_value("")
+        pick(page, "txt2img_style_name", "watercolour")
+        expect(style_prompt).to_have_value("watercolour painting, soft light")
+        expect(page.locator("#txt2img_style_neg_prompt textarea")).to_have_value("photo")
+
+        # the Styles dropdown offers it; applying writes it into the boxes and clears the selection
+        box = page.locator("#txt2img_prompt textarea")
+        neg = page.locator("#txt2img_neg_prompt textarea")
+        box.fill("a cat")
+        neg.fill("blurry")
+        pick(page, "txt2img_styles", "watercolour")
+        expect(page.locator("#txt2img_styles .token")).to_have_count(1)
+        expect(page.locator("#txt2img_styles .token")).to_contain_text("watercolour")
+        page.click("#txt2img_style_apply")
+        expect(box).to_have_value("a cat, watercolour painting, soft light")
+        expect(neg).to_have_value("blurry, photo")
+        expect(page.locator("#txt2img_styles .token")).to_have_count(0)
+        expect(notice).to_have_text("")
+
+        # generating with a selected style puts the styled prompt in the infotext
+        box.fill("a dog")
+        neg.fill("")
+        pick(page, "txt2img_styles", "watercolour")
+        small(page, steps=2)
+        page.click("#txt2img_generate")
+        info = page.locator("#html_info_txt2img .infotext")
+        expect(info).to_contain_text("Steps: 2", timeout=GEN_TIMEOUT)
+        text = infotext(page)
+        assert text.splitlines()[0] == "a dog, watercolour painting, soft light"
+        assert text.splitlines()[1] == "Negative prompt: photo"
+        expect(box).to_have_value("a dog")  # the selection was applied, the box left alone
+
+        # choosing the name shown again reloads the style; delete removes it from the file and the choices
+        style_prompt.fill("")
+        pick(page, "txt2img_style_name", "watercolour")
+        expect(style_prompt).to_have_value("watercolour painting, soft light")
+        page.click("#txt2img_style_delete")
+        expect(notice).to_contain_text("Deleted style 'watercolour'")
+        assert style_rows(styles_csv) == {}
+        expect(page.locator("#txt2img_styles .token")).to_have_count(0)
+        page.locator("#txt2img_styles input").click()
+        expect(page.get_by_role("option", name="watercolour", exact=True)).to_have_count(0)
+        assert not page.errors
+        assert srv.alive(), srv.log()
+    finally:
+        page.close()  # the open tab's streaming connection would hold up the server's graceful shutdown
+        srv.stop()
