@@ -24,15 +24,16 @@ CSS = """
 .infotext { white-space: pre-wrap; font-family: monospace; font-size: 0.85em; }
 """
 
-# Ctrl+Enter in a prompt box clicks Generate, as in A1111.
+# Ctrl+Enter in a prompt box clicks that tab's Generate, as in A1111.
 JS = """
 () => {
   document.addEventListener('keydown', (e) => {
     if (!(e.ctrlKey || e.metaKey) || e.key !== 'Enter') return;
-    const box = e.target.closest('#txt2img_prompt, #txt2img_neg_prompt');
+    const box = e.target.closest('#txt2img_prompt, #txt2img_neg_prompt, #img2img_prompt, #img2img_neg_prompt');
     if (!box) return;
     e.preventDefault();
-    const btn = document.querySelector('#txt2img_generate');
+    const tab = box.id.startsWith('img2img') ? 'img2img' : 'txt2img';
+    const btn = document.querySelector('#' + tab + '_generate');
     if (btn) btn.click();
   });
 }
