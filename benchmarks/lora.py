@@ -81,7 +81,8 @@ def main() -> None:
           f"median of {args.rounds} rounds, {torch.get_num_threads()} CPU threads")
     for key in prompts:
         t = statistics.median(times[key])
-        print(f"{key:8s} {t:7.2f} s/image  overhead {100 * (t - none) / none:+.1f}%")
+        print(f"{key:8s} {t:7.2f} s/image  overhead {100 * (t - none) / none:+.1f}%   "
+              f"rounds {['%.2f' % x for x in times[key]]}")
     lora_loads = [r["loads"] for r in manager.report() if r["kind"] == "lora"]
     print(f"LoRA files loaded from disk: {lora_loads} (once each: later requests are cache hits)")
 

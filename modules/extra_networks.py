@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -266,10 +265,28 @@ def _module_index(bundle) -> dict[str, dict[str, Any]]:
     return index
 
 
+def _scale(m: LoraModule) -> float:
+    return (m.alpha / m.down.shape[0]) if m.alpha is not None else 1.0
+
+
+def _is_matmul(m: LoraModule) -> bool:
+    """A LoRA whose delta is a plain up @ down (linear layers and 1x1 convolutions)."""
+    return not (m.down.ndim == 4 and tuple(m.down.shape[2:]) != (1, 1))
+
+
+def _fits(m: LoraModule, weight_shape) -> bool:
+    """Whether the LoRA's delta has the layer's shape (else the layer is skipped with a warning)."""
+    out_features = m.up.shape[0]
+    in_numel = m.down[0].numel()
+    total = 1
+    for d in weight_shape:
+        total *= d
+    return out_features == weight_shape[0] and out_features * in_numel == total and m.up.shape[1] == m.down.shape[0]
+
+
 def _delta(m: LoraModule, weight_shape) -> Any:
     down, up = m.down, m.up
-    rank = down.shape[0]
-    scale = (m.alpha / rank) if m.alpha is not None else 1.0
+    scale = _scale(m)
     if down.ndim == 4 and down.shape[2:] != (1, 1):
         delta = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], down.shape[1], *down.shape[2:])
     else:
@@ -293,7 +310,7 @@ def applied_loras(bundle, loras: list[AppliedLora], warnings: list[str] | None =
         yield
         return
     index = _module_index(bundle)
-    deltas: dict[int, tuple[Any, Any]] = {}  # id(module) -> (module, accumulated fp32 delta)
+    deltas: dict[int, tuple[Any, list]] = {}  # id(module) -> (module, [(LoraModule, multiplier), ...])
     for lora in loras:
         missed = 0
         for part, modules in lora.weights.modules.items():
@@ -307,28 +324,48 @@ def applied_loras(bundle, loras: list[AppliedLora], warnings: list[str] | None =
                 if mult == 0:
                     continue
                 weight = module.weight
-                try:
-                    delta = _delta(m, weight.shape).to(weight.device) * mult
-                except RuntimeError:
+                if not _fits(m, weight.shape):
                     missed += 1
                     continue
-                prev = deltas.get(id(module))
-                deltas[id(module)] = (module, delta if prev is None else prev[1] + delta)
+                deltas.setdefault(id(module), (module, []))[1].append((m, mult))
         if missed and warnings is not None:
             warnings.append(f"LoRA {lora.info.name}: {missed} of its layers do not match this checkpoint and were skipped")
-    backups: list[tuple[Any, Any]] = []
+    # The originals of every weight a LoRA has touched are kept with the bundle (in CPU RAM) after their first
+    # use: cloning them afresh for each request cost more than the sampling saved (fresh multi-MB allocations
+    # page-fault on every request), and restoring from an exact copy keeps removal bit-exact.
+    originals = bundle.__dict__.setdefault("lora_originals", {})
+    merged: list[Any] = []
     try:
         with torch.no_grad():
-            for module, delta in deltas.values():
+            for module, parts in deltas.values():
                 weight = module.weight
-                backup = weight.detach().clone()
-                backups.append((weight, backup))
-                weight.copy_((backup.float() + delta).to(weight.dtype))
+                original = originals.get(id(module))
+                if original is None or original.shape != weight.shape:
+                    original = originals[id(module)] = weight.detach().to("cpu", copy=True)
+                merged.append((weight, original))
+                source = original.to(weight.device, non_blocking=True)
+                if weight.dtype == torch.float32 and all(_is_matmul(m) for m, _ in parts):
+                    # weight = original + sum(scale * up @ down), written in place: one LoRA needs no full-size
+                    # temporary; several are summed first, so the result does not depend on merge order
+                    flat = weight.view(weight.shape[0], -1)
+                    factors = [(m.up.flatten(1).to(weight.device).float(), m.down.flatten(1).to(weight.device).float(),
+                                _scale(m) * mult) for m, mult in parts]
+                    if len(factors) == 1:
+                        up, down, alpha = factors[0]
+                        torch.addmm(source.view(flat.shape), up, down, alpha=alpha, out=flat)
+                    else:
+                        total = torch.zeros_like(flat)
+                        for up, down, alpha in factors:
+                            total.addmm_(up, down, alpha=alpha)
+                        torch.add(source.view(flat.shape), total, out=flat)
+                else:
+                    delta = sum(_delta(m, weight.shape).to(weight.device) * mult for m, mult in parts)
+                    weight.copy_((source.float() + delta).to(weight.dtype))
         yield
     finally:
         with torch.no_grad():
-            for weight, backup in backups:
-                weight.copy_(backup)  # the saved originals: removal is exact
+            for weight, original in merged:
+                weight.copy_(original)  # the saved originals: removal is exact
 
 
 # ------------------------------------------------------------------------------------- embeddings
