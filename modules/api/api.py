@@ -6,7 +6,6 @@ and skip only ever see the caller's jobs (everyone is one anonymous caller when 
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any, Optional
@@ -122,7 +121,6 @@ def check_api_limits(req, opts: dict[str, Any]) -> None:
 def build_router(webui, server_control: ServerControl | None = None) -> APIRouter:
     from modules import generation_params as generation
     from modules import infotext, outputs, samplers, upscaling
-    from modules.jobs import DuplicateTaskError, JobStopped, QueueFullError, QueueShutDownError
     from modules.sd_models import CheckpointError
     from modules.webui_app import CheckpointNotFoundError
 
@@ -159,47 +157,11 @@ def build_router(webui, server_control: ServerControl | None = None) -> APIRoute
         check_scripts(body)
         req = to_service_request(body)
         check_api_limits(req, webui.options.snapshot())
-        try:
-            job = webui.submit_txt2img(req, override_settings=body.override_settings, owner=user,
-                                       task_id=body.force_task_id or None)
-        except CheckpointNotFoundError as e:
-            raise HTTPException(400, str(e)) from None
-        except generation.GenerationError as e:
-            status = 400 if ("sampler" in str(e).lower() and "unknown" in str(e).lower()) else 422
-            raise HTTPException(status, str(e)) from None
-        except OptionError as e:
-            raise HTTPException(400, f"override_settings: {e}") from None
-        except DuplicateTaskError as e:
-            raise HTTPException(409, str(e)) from None
-        except ValueError as e:  # unknown styles and other input problems
-            raise HTTPException(400, str(e)) from None
-        except (QueueFullError, QueueShutDownError) as e:
-            raise HTTPException(503, str(e), headers={"Retry-After": "10"}) from None
-        response.headers["X-Task-Id"] = job.id
-        if body.override_settings and not body.override_settings_restore_afterwards:
-            # A1111 keeps such overrides as the new settings; they were validated when the job was queued
-            try:
-                webui.options.update(webui.normalize_settings(body.override_settings, from_api=True), from_api=True)
-            except (OptionError, CheckpointNotFoundError) as e:
-                log.warning("override_settings of task %s were not kept: %s", job.id, e)
-        try:
-            result = job.wait()
-        except JobStopped as e:  # interrupted before it made an image: the caller's wish, not a failure
-            info = {"task_id": job.id, "interrupted": True, "message": str(e)}
-            return models.ImageResponse(images=[], parameters=body.model_dump(), info=json.dumps(info))
-        except generation.GenerationError as e:
-            raise HTTPException(422, str(e)) from None
-        except CheckpointError as e:
-            raise HTTPException(400, f"the checkpoint cannot be used: {e}") from None
-        except RuntimeError as e:
-            from modules.model_manager import ModelOutOfMemoryError  # torch is loaded by now; not at start-up
-            if isinstance(e, ModelOutOfMemoryError):
-                raise HTTPException(503, str(e)) from None
-            raise
-        info = dict(result.info, task_id=job.id)
-        images = [outputs.encode_image_base64(im, infotext=txt) for im, txt in
-                  zip(result.images, result.infotexts)] if body.send_images else []
-        return models.ImageResponse(images=images, parameters=body.model_dump(), info=json.dumps(info))
+        from modules.api.generation_job import run_generation
+        return run_generation(
+            webui, lambda: webui.submit_txt2img(req, override_settings=body.override_settings, owner=user,
+                                                task_id=body.force_task_id or None),
+            body, response, body.model_dump())
 
     @router.post("/img2img", response_model=models.ImageResponse)
     def img2img(body: models.Img2ImgRequest, response: Response, user: str | None = Depends(current_user)):

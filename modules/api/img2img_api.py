@@ -1,15 +1,10 @@
 """POST /sdapi/v1/img2img: A1111's img2img/inpaint request (init_images, mask, every option) -> a queued job."""
 from __future__ import annotations
 
-import json
-import logging
-
 from fastapi import HTTPException, Response
 
 from modules.api import models
 from modules.api.image_input import decode_image_or_422
-
-log = logging.getLogger("webui.api")
 
 
 def to_service_request(body: models.Img2ImgRequest, *, allow_urls: bool):
@@ -47,12 +42,9 @@ def to_service_request(body: models.Img2ImgRequest, *, allow_urls: bool):
 
 
 def run(webui, body: models.Img2ImgRequest, response: Response, user: str | None, *, allow_urls: bool):
-    from modules import generation_params, img2img_scripts, outputs
+    from modules import img2img_scripts
     from modules.api.api import check_api_limits, check_scripts
-    from modules.jobs import DuplicateTaskError, JobStopped, QueueFullError, QueueShutDownError
-    from modules.options import OptionError
-    from modules.sd_models import CheckpointError
-    from modules.webui_app import CheckpointNotFoundError
+    from modules.api.generation_job import run_generation
 
     check_scripts(body.model_copy(update={"script_name": None}))  # alwayson scripts: none are installed
     try:
@@ -61,47 +53,11 @@ def run(webui, body: models.Img2ImgRequest, response: Response, user: str | None
         raise HTTPException(400, f"{e} (see /sdapi/v1/scripts)") from None
     req = to_service_request(body, allow_urls=allow_urls)
     check_api_limits(req, webui.options.snapshot())
-    try:
-        job = webui.submit_img2img(req, override_settings=body.override_settings, owner=user,
-                                   task_id=body.force_task_id or None)
-    except CheckpointNotFoundError as e:
-        raise HTTPException(400, str(e)) from None
-    except generation_params.GenerationError as e:
-        status = 400 if ("sampler" in str(e).lower() and "unknown" in str(e).lower()) else 422
-        raise HTTPException(status, str(e)) from None
-    except OptionError as e:
-        raise HTTPException(400, f"override_settings: {e}") from None
-    except DuplicateTaskError as e:
-        raise HTTPException(409, str(e)) from None
-    except ValueError as e:
-        raise HTTPException(400, str(e)) from None
-    except (QueueFullError, QueueShutDownError) as e:
-        raise HTTPException(503, str(e), headers={"Retry-After": "10"}) from None
-    response.headers["X-Task-Id"] = job.id
-    if body.override_settings and not body.override_settings_restore_afterwards:
-        try:
-            webui.options.update(webui.normalize_settings(body.override_settings, from_api=True), from_api=True)
-        except (OptionError, CheckpointNotFoundError) as e:
-            log.warning("override_settings of task %s were not kept: %s", job.id, e)
     parameters = body.model_dump()
     if not body.include_init_images:  # A1111 echoes the init images and mask only when asked to
         parameters["init_images"] = None
         parameters["mask"] = None
-    try:
-        result = job.wait()
-    except JobStopped as e:
-        info = {"task_id": job.id, "interrupted": True, "message": str(e)}
-        return models.ImageResponse(images=[], parameters=parameters, info=json.dumps(info))
-    except generation_params.GenerationError as e:
-        raise HTTPException(422, str(e)) from None
-    except CheckpointError as e:
-        raise HTTPException(400, f"the checkpoint cannot be used: {e}") from None
-    except RuntimeError as e:
-        from modules.model_manager import ModelOutOfMemoryError
-        if isinstance(e, ModelOutOfMemoryError):
-            raise HTTPException(503, str(e)) from None
-        raise
-    info = dict(result.info, task_id=job.id)
-    images = [outputs.encode_image_base64(im, infotext=txt) for im, txt in
-              zip(result.images, result.infotexts)] if body.send_images else []
-    return models.ImageResponse(images=images, parameters=parameters, info=json.dumps(info))
+    return run_generation(
+        webui, lambda: webui.submit_img2img(req, override_settings=body.override_settings, owner=user,
+                                            task_id=body.force_task_id or None),
+        body, response, parameters)
