@@ -364,8 +364,9 @@ def _extra_params(req, hires, hr_denoise, hr_size) -> dict:
     return extra
 
 
-def _infotext_params(req, info, seed, subseed, width, height, clip_skip, hires, hr_denoise, hr_size) -> dict:
-    params: dict[str, Any] = {
+def base_infotext_params(req, info, seed, subseed, clip_skip, denoising_strength) -> dict[str, Any]:
+    """The infotext keys txt2img and img2img share, in A1111's order (None values are left out when written)."""
+    return {
         "Steps": req.steps,
         "Sampler": req.sampler_name,
         # "Automatic" is written as the schedule it stands for (as A1111 does), so the text reproduces the image.
@@ -377,9 +378,13 @@ def _infotext_params(req, info, seed, subseed, width, height, clip_skip, hires, 
         "Model": info.model_name,
         "Variation seed": subseed if req.subseed_strength > 0 else None,
         "Variation seed strength": req.subseed_strength if req.subseed_strength > 0 else None,
-        "Denoising strength": hr_denoise if hires else None,
+        "Denoising strength": denoising_strength,
         "Clip skip": clip_skip if clip_skip > 1 else None,
     }
+
+
+def _infotext_params(req, info, seed, subseed, width, height, clip_skip, hires, hr_denoise, hr_size) -> dict:
+    params = base_infotext_params(req, info, seed, subseed, clip_skip, hr_denoise if hires else None)
     params.update(_extra_params(req, hires, hr_denoise, hr_size))
     if req.styles:
         params["Styles array"] = json.dumps(list(req.styles))

@@ -23,7 +23,7 @@ from PIL import Image
 from modules import extra_networks, img2img_images as pix, img2img_scripts, infotext as infotext_mod
 from modules import outputs, prompt_parser, prompts, samplers, sd_pipelines
 from modules.generation import (GenerationContext, GenerationResult, _network_params, _networks_applied,
-                                _StepTracker, _written_schedule, decode_latents, make_noise, resolve_seeds)
+                                _StepTracker, base_infotext_params, decode_latents, make_noise, resolve_seeds)
 from modules.generation_params import GenerationError
 from modules.img2img_params import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, Img2ImgRequest, validate_img2img
 from modules.jobs import Job, JobInterrupted, JobSkipped
@@ -327,20 +327,7 @@ def _mask_params(req: Img2ImgRequest) -> dict[str, Any]:
 
 
 def _infotext_params(req: Img2ImgRequest, info, seed, subseed, clip_skip, has_mask) -> dict:
-    params: dict[str, Any] = {
-        "Steps": req.steps,
-        "Sampler": req.sampler_name,
-        "Schedule type": _written_schedule(req.sampler_name, req.scheduler),
-        "CFG scale": req.cfg_scale,
-        "Seed": seed,
-        "Size": f"{req.width}x{req.height}",
-        "Model hash": info.shorthash,
-        "Model": info.model_name,
-        "Variation seed": subseed if req.subseed_strength > 0 else None,
-        "Variation seed strength": req.subseed_strength if req.subseed_strength > 0 else None,
-        "Denoising strength": req.denoising_strength,
-        "Clip skip": clip_skip if clip_skip > 1 else None,
-    }
+    params = base_infotext_params(req, info, seed, subseed, clip_skip, req.denoising_strength)
     if req.resize_mode:
         params["Resize mode"] = ("Just resize", "Crop and resize", "Resize and fill",
                                  "Just resize (latent upscale)")[req.resize_mode]
