@@ -121,23 +121,16 @@ def decode_latents(pipe, latents: torch.Tensor, generators=None) -> list:
     return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
 
 
-def _run_pass(pipe, kind: str, *, conditioning: prompts.ScheduledConditioning, sdxl: bool, steps, cfg, width,
-              height, generators, eta, tracker, latents=None, image=None, mask=None, strength=None):
+def sample_latents(pipe, *, conditioning: prompts.ScheduledConditioning, sdxl: bool, steps, cfg, generators, eta,
+                   tracker, **kw):
+    """One denoising run of `pipe` to latents, with this request's conditioning (switched per step when it
+    uses prompt editing or AND), progress through `tracker`, and the pipeline's own inputs in `kw`."""
     batch = len(generators)
-    kw: dict[str, Any] = dict(
-        num_inference_steps=steps, guidance_scale=cfg,
-        generator=generators, output_type="latent",
-        callback_on_step_end=tracker, callback_on_step_end_tensor_inputs=["latents"],
-        **prompts.pipeline_embeds(conditioning, batch, sdxl),
-    )
+    kw.update(num_inference_steps=steps, guidance_scale=cfg, generator=generators, output_type="latent",
+              callback_on_step_end=tracker, callback_on_step_end_tensor_inputs=["latents"],
+              **prompts.pipeline_embeds(conditioning, batch, sdxl))
     if eta is not None:
         kw["eta"] = eta
-    if kind == "txt2img":
-        kw.update(height=height, width=width, latents=latents)
-    elif kind == "inpaint":
-        kw.update(height=height, width=width, latents=latents, image=image, mask_image=mask, strength=strength)
-    else:
-        kw.update(image=image, strength=strength)
     switch = None if conditioning.is_static else prompts.ConditioningSwitch(pipe.unet, conditioning, batch)
     tracker.switch = switch
     try:
@@ -145,6 +138,27 @@ def _run_pass(pipe, kind: str, *, conditioning: prompts.ScheduledConditioning, s
             return pipe(**kw).images
     finally:
         tracker.switch = None
+
+
+def _run_pass(pipe, kind: str, *, conditioning: prompts.ScheduledConditioning, sdxl: bool, steps, cfg, width,
+              height, generators, eta, tracker, latents=None, image=None, mask=None, strength=None):
+    if kind == "txt2img":
+        kw = dict(height=height, width=width, latents=latents)
+    elif kind == "inpaint":
+        kw = dict(height=height, width=width, latents=latents, image=image, mask_image=mask, strength=strength)
+    else:
+        kw = dict(image=image, strength=strength)
+    return sample_latents(pipe, conditioning=conditioning, sdxl=sdxl, steps=steps, cfg=cfg, generators=generators,
+                          eta=eta, tracker=tracker, **kw)
+
+
+def text_conditioner(ctx: GenerationContext, bundle, settings: dict, clip_skip: int) -> prompts.TextConditioner:
+    """The prompt encoder for this checkpoint with this request's settings (emphasis, embeddings, backtrack)."""
+    return prompts.TextConditioner(
+        bundle.components, bundle.arch.family, clip_skip,
+        emphasis=settings.get("emphasis", prompts.EMPHASIS_ORIGINAL),
+        embeddings=ctx.networks.embeddings.all() if ctx.networks is not None else None,
+        comma_backtrack=int(settings.get("comma_padding_backtrack", prompts.COMMA_BACKTRACK)))
 
 
 def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = None,
@@ -189,10 +203,7 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
                                      attention=ctx.attention) as bundle, \
             _networks_applied(ctx, bundle, resolved, warnings) as applied:
         family = bundle.arch.family
-        conditioner = prompts.TextConditioner(
-            bundle.components, family, clip_skip, emphasis=settings.get("emphasis", prompts.EMPHASIS_ORIGINAL),
-            embeddings=ctx.networks.embeddings.all() if ctx.networks is not None else None,
-            comma_backtrack=int(settings.get("comma_padding_backtrack", prompts.COMMA_BACKTRACK)))
+        conditioner = text_conditioner(ctx, bundle, settings, clip_skip)
         old_scheduling = bool(settings.get("use_old_scheduling", False))
         conditioning = prompts.build_conditioning(conditioner, resolved.prompt, negative, req.steps,
                                                   use_old_scheduling=old_scheduling)

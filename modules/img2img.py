@@ -23,7 +23,8 @@ from PIL import Image
 from modules import extra_networks, img2img_images as pix, img2img_scripts, infotext as infotext_mod
 from modules import outputs, prompt_parser, prompts, samplers, sd_pipelines
 from modules.generation import (GenerationContext, GenerationResult, _network_params, _networks_applied,
-                                _StepTracker, base_infotext_params, decode_latents, make_noise, resolve_seeds)
+                                _StepTracker, base_infotext_params, decode_latents, sample_latents,
+                                text_conditioner, make_noise, resolve_seeds)
 from modules.generation_params import GenerationError
 from modules.img2img_params import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, Img2ImgRequest, validate_img2img
 from modules.jobs import Job, JobInterrupted, JobSkipped
@@ -94,22 +95,6 @@ def _encode(pipe, images: list[Image.Image], width: int, height: int) -> torch.T
     return latents * vae.config.scaling_factor
 
 
-def _sample(pipe, *, conditioning, sdxl, steps, cfg, generators, eta, tracker, **kw):
-    batch = len(generators)
-    kw.update(num_inference_steps=steps, guidance_scale=cfg, generator=generators, output_type="latent",
-              callback_on_step_end=tracker, callback_on_step_end_tensor_inputs=["latents"],
-              **prompts.pipeline_embeds(conditioning, batch, sdxl))
-    if eta is not None:
-        kw["eta"] = eta
-    switch = None if conditioning.is_static else prompts.ConditioningSwitch(pipe.unet, conditioning, batch)
-    tracker.switch = switch
-    try:
-        with torch.inference_mode(), (switch or contextlib.nullcontext()):
-            return pipe(**kw).images
-    finally:
-        tracker.switch = None
-
-
 @contextlib.contextmanager
 def _noise_substituted(scheduler, noise: torch.Tensor | None):
     """Make the pipeline use our initial noise (variation seeds, noise multiplier, latent noise) wherever it
@@ -159,10 +144,7 @@ def run_img2img(ctx: GenerationContext, req: Img2ImgRequest, job: Job | None = N
                                      attention=ctx.attention) as bundle, \
             _networks_applied(ctx, bundle, resolved, warnings) as applied:
         family = bundle.arch.family
-        conditioner = prompts.TextConditioner(
-            bundle.components, family, clip_skip, emphasis=settings.get("emphasis", prompts.EMPHASIS_ORIGINAL),
-            embeddings=ctx.networks.embeddings.all() if ctx.networks is not None else None,
-            comma_backtrack=int(settings.get("comma_padding_backtrack", prompts.COMMA_BACKTRACK)))
+        conditioner = text_conditioner(ctx, bundle, settings, clip_skip)
         conditioning = prompts.build_conditioning(conditioner, resolved.prompt, negative, max(run_steps, 1),
                                                   use_old_scheduling=bool(settings.get("use_old_scheduling", False)))
         network_params = _network_params(applied, prompts.embeddings_in([resolved.prompt, negative],
@@ -201,9 +183,9 @@ def run_img2img(ctx: GenerationContext, req: Img2ImgRequest, job: Job | None = N
                     substitute = None
                 try:
                     with _noise_substituted(pipe.scheduler, substitute):
-                        latents = _sample(pipe, conditioning=conditioning, sdxl=family == "sdxl", steps=req.steps,
-                                          cfg=req.cfg_scale, generators=generators, eta=req.eta, tracker=tracker,
-                                          strength=req.denoising_strength, **kw)
+                        latents = sample_latents(pipe, conditioning=conditioning, sdxl=family == "sdxl",
+                                                 steps=req.steps, cfg=req.cfg_scale, generators=generators,
+                                                 eta=req.eta, tracker=tracker, strength=req.denoising_strength, **kw)
                 except (JobInterrupted, JobSkipped) as e:
                     stopped = e
                     latents = tracker.latents
