@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer.text_model."
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 # diffusers ResnetBlock2D part -> LDM ResBlock part (UNet).
 _UNET_RESNET_PARTS = {
@@ -50,6 +52,9 @@ _UNET_FIXED = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    # SDXL's size/crop conditioning (addition_embed_type "text_time").
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 _VAE_FIXED = {
     "conv_in": "conv_in",
@@ -199,15 +204,71 @@ def vae_to_ldm(vae_state_dict: Mapping[str, "Tensor"], vae_config: Mapping) -> d
     return out
 
 
-def text_encoder_to_ldm(text_encoder_state_dict: Mapping[str, "Tensor"]) -> dict[str, "Tensor"]:
-    """transformers CLIPTextModel weights -> `cond_stage_model.transformer.text_model.*` keys.
+def text_encoder_to_ldm(text_encoder_state_dict: Mapping[str, "Tensor"],
+                        prefix: str = TEXT_ENCODER_PREFIX) -> dict[str, "Tensor"]:
+    """transformers CLIPTextModel weights -> `cond_stage_model.transformer.text_model.*` keys (or
+    `prefix`, e.g. SDXL's `conditioner.embedders.0.transformer.text_model.`).
 
     transformers 5 dropped the `text_model.` level from CLIPTextModel, older versions (and
     CLIPTextModelWithProjection) keep it; both spellings are accepted.
     """
     out = {}
     for key, tensor in text_encoder_state_dict.items():
-        out[TEXT_ENCODER_PREFIX + key.removeprefix("text_model.")] = tensor
+        out[prefix + key.removeprefix("text_model.")] = tensor
+    return out
+
+
+# transformers CLIP encoder-layer part -> OpenCLIP resblock part.
+_OPEN_CLIP_LAYER_PARTS = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+_OPEN_CLIP_FIXED = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+
+
+def open_clip_to_ldm(text_encoder_state_dict: Mapping[str, "Tensor"],
+                     prefix: str = SDXL_OPEN_CLIP_PREFIX) -> dict[str, "Tensor"]:
+    """transformers CLIPTextModelWithProjection weights -> the OpenCLIP layout of SDXL's second encoder
+    (`conditioner.embedders.1.model.*`): q/k/v joined into `attn.in_proj_*`, the projection transposed.
+    The inverse of diffusers' `convert_open_clip_checkpoint`."""
+    import torch
+
+    out: dict[str, Tensor] = {}
+    qkv: dict[tuple[int, str], dict[str, Tensor]] = {}
+    for key, tensor in text_encoder_state_dict.items():
+        if key == "text_projection.weight":
+            out[prefix + "text_projection"] = tensor.T.contiguous()
+            continue
+        rest = key.removeprefix("text_model.")
+        if rest == "embeddings.position_ids":
+            continue  # a buffer, not a weight
+        if rest in _OPEN_CLIP_FIXED:
+            out[prefix + _OPEN_CLIP_FIXED[rest]] = tensor
+            continue
+        m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", rest)
+        if not m:
+            raise ValueError(f"text encoder key {key!r} has no OpenCLIP equivalent")
+        layer, part, param = int(m[1]), m[2], m[3]
+        qkv_m = re.fullmatch(r"self_attn\.([qkv])_proj", part)
+        if qkv_m:
+            qkv.setdefault((layer, param), {})[qkv_m[1]] = tensor
+        elif part in _OPEN_CLIP_LAYER_PARTS:
+            out[f"{prefix}transformer.resblocks.{layer}.{_OPEN_CLIP_LAYER_PARTS[part]}.{param}"] = tensor
+        else:
+            raise ValueError(f"text encoder key {key!r} has no OpenCLIP equivalent")
+    for (layer, param), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise ValueError(f"layer {layer} lacks some of its q/k/v {param}s")
+        out[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{param}"] = torch.cat(
+            [parts["q"], parts["k"], parts["v"]]).contiguous()
     return out
 
 
@@ -218,14 +279,21 @@ def diffusers_to_ldm(
     *,
     unet_config: Mapping,
     vae_config: Mapping,
+    text_encoder_2_state_dict: Mapping[str, "Tensor"] | None = None,
 ) -> dict[str, "Tensor"]:
-    """One SD1-family single-file state dict (the layout A1111 and `from_single_file` read) from the
-    three diffusers/transformers state dicts and the UNet/VAE configs they were built from."""
+    """One single-file state dict (the layout A1111 and `from_single_file` read) from the
+    diffusers/transformers state dicts and the UNet/VAE configs they were built from: SD1-family with
+    one text encoder, SDXL (CLIP-L as `conditioner.embedders.0`, OpenCLIP-G as `.1`) with two."""
+    if text_encoder_2_state_dict is None:
+        text_parts = [text_encoder_to_ldm(text_encoder_state_dict)]
+    else:
+        text_parts = [text_encoder_to_ldm(text_encoder_state_dict, SDXL_CLIP_L_PREFIX),
+                      open_clip_to_ldm(text_encoder_2_state_dict)]
     out: dict[str, Tensor] = {}
     for part in (
         unet_to_ldm(unet_state_dict, unet_config),
         vae_to_ldm(vae_state_dict, vae_config),
-        text_encoder_to_ldm(text_encoder_state_dict),
+        *text_parts,
     ):
         collisions = out.keys() & part.keys()
         if collisions:

@@ -80,6 +80,8 @@ def default_specs() -> dict[str, OptionSpec]:
         "sd_checkpoint_hash": S("", "Hash of the current checkpoint", "Stable Diffusion", api_writable=False, ui=False),
         "sd_vae": S("Automatic", "SD VAE", "Stable Diffusion", choices=("Automatic", "None")),
         "CLIP_stop_at_last_layers": S(1, "Clip skip", "Stable Diffusion", int, 1, 12),
+        "sdxl_clip_l_skip": S(False, "Clip skip SDXL: apply Clip skip to SDXL's CLIP-L encoder (else both SDXL "
+                              "encoders always use their penultimate layer)", "Stable Diffusion", bool),
         "emphasis": S("Original", "Emphasis mode: (word:1.2) weights, rescaled to the original mean or not",
                       "Stable Diffusion", choices=("Original", "No norm")),
         "comma_padding_backtrack": S(20, "Prompt word wrap length limit (tokens moved to the next chunk after a "

@@ -10,8 +10,10 @@ A1111's rules (reference/a1111-contract.md section 5) over diffusers' text encod
   the unweighted mean; with every weight 1 nothing is touched, so a short plain prompt gives exactly
   diffusers' `encode_prompt`;
 - clip skip: SD1/SD2 take the hidden state `clip_skip` layers from the end through the final layer norm;
-  SDXL takes diffusers' penultimate (or earlier) hidden state of both encoders plus the pooled output of
-  the second (from the first chunk);
+  SDXL, as in A1111, ignores it: both encoders give their penultimate hidden state (diffusers' default),
+  concatenated, plus the pooled output of the second (from the first chunk); only with the
+  `sdxl_clip_l_skip` setting does CLIP-L take the hidden state `clip_skip` from the end. An empty SDXL
+  negative prompt is all zeros (A1111, and diffusers' `force_zeros_for_empty_prompt`);
 - prompt editing / alternation and `AND` are a `ScheduledConditioning`; `ConditioningSwitch` feeds the
   right tensors to the UNet at each sampler step and combines AND's sub-prompts in CFG as
   uncond + sum(w_i * cfg * (cond_i - uncond)).
@@ -42,6 +44,9 @@ class EmbeddingLike(Protocol):
     name: str
 
     def vectors_for(self, dim: int) -> Any: ...  # [n, dim] tensor, or None when it has none of that width
+
+    @property
+    def dims(self) -> set[int]: ...  # the widths it has vectors for
 
     @property
     def count(self) -> int: ...
@@ -135,7 +140,9 @@ class Chunker:
                 if len(chunk.tokens) == CHUNK_LENGTH or len(chunk.tokens) + count > CHUNK_LENGTH:
                     next_chunk()  # an embedding is never split across chunks
                 chunk.fixes.append((len(chunk.tokens), piece))
-                chunk.tokens.extend([self.id_end] * count)  # placeholders: their vectors are replaced
+                # Placeholders whose vectors are replaced. Id 0, as A1111: SDXL's pooled output is read where
+                # the highest id (<|endoftext|>) first stands, so they must never be that id.
+                chunk.tokens.extend([0] * count)
                 chunk.multipliers.extend([weight] * count)
         if chunk.tokens or not chunks:
             next_chunk(is_last=True)
@@ -195,28 +202,28 @@ class TextConditioner:
     """Encodes prompt texts for one checkpoint's text encoder(s) the A1111 way."""
 
     def __init__(self, components: dict, family: str, clip_skip: int = 1, emphasis: str = EMPHASIS_ORIGINAL,
-                 embeddings: dict[str, EmbeddingLike] | None = None, comma_backtrack: int = COMMA_BACKTRACK):
+                 embeddings: dict[str, EmbeddingLike] | None = None, comma_backtrack: int = COMMA_BACKTRACK,
+                 sdxl_clip_l_skip: bool = False):
         if emphasis not in EMPHASIS_MODES:
             raise ValueError(f"unknown emphasis mode {emphasis!r}; use one of {', '.join(EMPHASIS_MODES)}")
         self.family = family
         self.sdxl = family == "sdxl"
         self.clip_skip = max(1, int(clip_skip or 1))
+        self.sdxl_clip_l_skip = bool(sdxl_clip_l_skip)
         self.emphasis = emphasis
         self.encoders: list[_Encoder] = []
-        pairs = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")]
+        pairs = [(tok, enc) for tok, enc in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+                 if components.get(enc) is not None]
+        # An embedding is used when it has vectors for exactly these encoders (as A1111: SDXL skips SD1
+        # embeddings, SD1 skips SDXL ones).
+        dims = {components[enc].config.hidden_size for _, enc in pairs}
+        usable = {name: e for name, e in (embeddings or {}).items() if e.dims == dims}
         for tok_key, enc_key in pairs:
-            if components.get(enc_key) is None:
-                continue
-            usable = self._usable_embeddings(embeddings, components[enc_key].config.hidden_size)
             self.encoders.append(_Encoder(components[enc_key], Chunker(components[tok_key], usable, comma_backtrack),
                                           pooled=enc_key == "text_encoder_2"))
         if not self.encoders:
             raise ValueError("this checkpoint has no text encoder")
         self._cache: dict[str, Conditioning] = {}
-
-    @staticmethod
-    def _usable_embeddings(embeddings, dim):
-        return {name: e for name, e in (embeddings or {}).items() if e.vectors_for(dim) is not None}
 
     @property
     def used_embeddings(self) -> dict[str, EmbeddingLike]:
@@ -242,7 +249,8 @@ class TextConditioner:
                 ids_t = torch.tensor([ids], device=module.device)
                 if self.sdxl:
                     out = module(ids_t, output_hidden_states=True)
-                    hidden = out.hidden_states[-(self.clip_skip + 1)]
+                    skip_l = self.sdxl_clip_l_skip and not enc.pooled
+                    hidden = out.hidden_states[-self.clip_skip if skip_l else -2]
                     pooled = out[0] if enc.pooled else None
                 elif self.clip_skip == 1:
                     out = module(ids_t)
@@ -292,6 +300,13 @@ class TextConditioner:
         self._cache[text] = cond
         return cond
 
+    def zeros(self) -> Conditioning:
+        """SDXL's conditioning of an empty negative prompt: one chunk of zeros, and a zero pooled output."""
+        import torch
+        empty = self.encode("")
+        return Conditioning(torch.zeros_like(empty.embeds),
+                            torch.zeros_like(empty.pooled) if empty.pooled is not None else None)
+
     def padded(self, cond: Conditioning, chunk_count: int) -> Conditioning:
         """`cond` with encoded empty chunks appended up to chunk_count (A1111 pads cond/uncond alike)."""
         import torch
@@ -335,6 +350,8 @@ def build_conditioning(conditioner: TextConditioner, prompt: str, negative: str,
     texts = [negative] + [text for text, _ in parts]
     schedules = prompt_parser.get_learned_conditioning_prompt_schedules(texts, steps, hires_steps, use_old_scheduling)
     encoded = [[(end, conditioner.encode(text)) for end, text in schedule] for schedule in schedules]
+    if conditioner.sdxl and all(text == "" for _, text in schedules[0]):
+        encoded[0] = [(end, conditioner.zeros()) for end, _ in schedules[0]]
     most = max(c.chunk_count for schedule in encoded for _, c in schedule)
     encoded = [[(end, conditioner.padded(c, most)) for end, c in schedule] for schedule in encoded]
     return ScheduledConditioning(uncond=encoded[0],

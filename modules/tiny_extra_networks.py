@@ -4,7 +4,9 @@
   projection of the tiny UNet and text encoder, rank 4, seeded non-zero weights large enough that its
   effect on an image is plain to see;
 - DIR/embeddings/tiny-emb.safetensors: a 2-vector embedding (`emb_params`) for the tiny text encoder (width 32);
-- DIR/embeddings/tiny-emb-pt.pt: a 1-vector embedding in A1111's own `.pt` layout (`string_to_param`).
+- DIR/embeddings/tiny-emb-pt.pt: a 1-vector embedding in A1111's own `.pt` layout (`string_to_param`);
+- DIR/embeddings/tiny-emb-xl.safetensors: a 2-vector SDXL embedding (`clip_l` width 32, `clip_g` width 48)
+  for the tiny SDXL checkpoint.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ EMBEDDINGS_SUBDIR = "embeddings"
 TINY_LORA = "tiny-lora"
 TINY_EMBEDDING = "tiny-emb"
 TINY_EMBEDDING_PT = "tiny-emb-pt"
+TINY_EMBEDDING_XL = "tiny-emb-xl"
 LORA_RANK = 4
 LORA_SEED = 10
 EMBEDDING_SEED = 11
@@ -52,6 +55,7 @@ def make_tiny_extra_networks(dir: str | Path, components: dict | None = None) ->
         TINY_LORA: root / LORA_SUBDIR / f"{TINY_LORA}.safetensors",
         TINY_EMBEDDING: root / EMBEDDINGS_SUBDIR / f"{TINY_EMBEDDING}.safetensors",
         TINY_EMBEDDING_PT: root / EMBEDDINGS_SUBDIR / f"{TINY_EMBEDDING_PT}.pt",
+        TINY_EMBEDDING_XL: root / EMBEDDINGS_SUBDIR / f"{TINY_EMBEDDING_XL}.safetensors",
     }
     if not tiny_models._is_current(paths[TINY_LORA]):
         components = components or tiny_models.build_tiny_sd15(tiny_models.TINY_SEED)
@@ -62,6 +66,11 @@ def make_tiny_extra_networks(dir: str | Path, components: dict | None = None) ->
     emb = torch.randn(2, dim, generator=g)
     if not tiny_models._is_current(paths[TINY_EMBEDDING]):
         tiny_models._write_safetensors(paths[TINY_EMBEDDING], {"emb_params": emb}, {})
+    if not tiny_models._is_current(paths[TINY_EMBEDDING_XL]):
+        g_xl = torch.Generator("cpu").manual_seed(EMBEDDING_SEED + 1)
+        xl = {"clip_l": torch.randn(2, tiny_models.TINY_SDXL_TEXT_ENCODER["hidden_size"], generator=g_xl),
+              "clip_g": torch.randn(2, tiny_models.TINY_SDXL_TEXT_ENCODER_2["hidden_size"], generator=g_xl)}
+        tiny_models._write_safetensors(paths[TINY_EMBEDDING_XL], xl, {})
     if not paths[TINY_EMBEDDING_PT].exists():
         data = {"string_to_token": {"*": 265}, "string_to_param": {"*": torch.randn(1, dim, generator=g)},
                 "name": TINY_EMBEDDING_PT, "step": 100, "sd_checkpoint": None, "sd_checkpoint_name": None}

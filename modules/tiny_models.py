@@ -6,6 +6,8 @@
   config has these shapes;
 - Stable-diffusion/tiny-sd15-diffusers/: the same weights as a diffusers folder (with tokenizer);
 - Stable-diffusion/tiny-sd15-inpainting.safetensors: the same recipe with a 9-channel UNet;
+- Stable-diffusion/tiny-sdxl.safetensors and tiny-sdxl-diffusers/: a tiny SDXL (two text encoders, a
+  pooled output and size conditioning) as an SDXL-layout single file and as a diffusers folder;
 - with full_size: Stable-diffusion/sd15-random.safetensors, SD 1.5's real shapes, random, fp16, and no
   embedded configs, so loading it goes through the shipped sd_configs/sd1 folder.
 
@@ -40,11 +42,14 @@ CHECKPOINT_SUBDIR = "Stable-diffusion"
 TINY_SD15 = "tiny-sd15"
 TINY_SD15_DIFFUSERS = "tiny-sd15-diffusers"
 TINY_SD15_INPAINTING = "tiny-sd15-inpainting"
+TINY_SDXL = "tiny-sdxl"
+TINY_SDXL_DIFFUSERS = "tiny-sdxl-diffusers"
 SD15_RANDOM = "sd15-random"
 
 TINY_SEED = 0
 TINY_INPAINTING_SEED = 1
 FULL_SIZE_SEED = 2
+TINY_SDXL_SEED = 3
 
 TINY_UNET = dict(
     sample_size=8,  # 8 latent pixels -> 64x64 images by default
@@ -87,6 +92,31 @@ TINY_TEXT_ENCODER = dict(
     pad_token_id=1,
 )
 
+# SDXL: CLIP-L-like (hidden 32) and OpenCLIP-G-like (hidden 48, projected to 32) encoders whose hidden
+# states are concatenated (80 = the UNet's cross-attention width), as SDXL's 768 + 1280 = 2048. The two
+# widths differ on purpose: diffusers tells the encoders of a single file apart by that width.
+TINY_SDXL_TEXT_ENCODER = dict(TINY_TEXT_ENCODER)
+TINY_SDXL_TEXT_ENCODER_2 = dict(TINY_TEXT_ENCODER, hidden_size=48, intermediate_size=53, hidden_act="gelu",
+                                projection_dim=32)
+TINY_SDXL_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    transformer_layers_per_block=(1, 2),
+    cross_attention_dim=32 + 48,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 32,  # six size/crop numbers x 8 + the pooled output
+    norm_num_groups=32,
+)
+TINY_SDXL_VAE = dict(TINY_VAE, scaling_factor=0.13025)
+
 
 def _seeded(seed: int):
     import torch
@@ -94,11 +124,13 @@ def _seeded(seed: int):
     torch.manual_seed(seed)
 
 
-def _scheduler():
-    from diffusers import PNDMScheduler
+def _scheduler(family: str = "sd1"):
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler
 
-    # SD 1.5's own scheduler config (PNDM, scaled_linear 0.00085..0.012, steps_offset 1, ...).
-    return PNDMScheduler.from_pretrained(SD_CONFIGS_DIR / "sd1", subfolder="scheduler", local_files_only=True)
+    # The real model's own scheduler config: SD 1.5's PNDM (scaled_linear 0.00085..0.012, steps_offset 1,
+    # ...), SDXL's Euler.
+    cls = EulerDiscreteScheduler if family == "sdxl" else PNDMScheduler
+    return cls.from_pretrained(SD_CONFIGS_DIR / family, subfolder="scheduler", local_files_only=True)
 
 
 def build_tiny_sd15(seed: int = TINY_SEED, in_channels: int = 4) -> dict[str, Any]:
@@ -125,27 +157,61 @@ def build_tiny_sd15(seed: int = TINY_SEED, in_channels: int = 4) -> dict[str, An
     }
 
 
+def build_tiny_sdxl(seed: int = TINY_SDXL_SEED) -> dict[str, Any]:
+    """Tiny SDXL components (unet, vae, text_encoder(_2), tokenizer(_2), scheduler) from a seed, float32."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from modules.clip_tokenizer import clip_tokenizer
+
+    _seeded(seed)
+    unet = UNet2DConditionModel(**TINY_SDXL_UNET)
+    _seeded(seed + 1000)
+    vae = AutoencoderKL(**TINY_SDXL_VAE)
+    _seeded(seed + 2000)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_SDXL_TEXT_ENCODER))
+    _seeded(seed + 3000)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SDXL_TEXT_ENCODER_2))
+    for model in (unet, vae, text_encoder, text_encoder_2):
+        model.eval()
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        # SDXL pads its CLIP-L prompt with <|endoftext|> and its OpenCLIP one with "!" (id 0).
+        "tokenizer": clip_tokenizer(),
+        "tokenizer_2": clip_tokenizer("!"),
+        "scheduler": _scheduler("sdxl"),
+    }
+
+
 def diffusers_configs(components: dict[str, Any]) -> dict[str, dict]:
     """The per-component configs as plain JSON objects, for the `diffusers_configs` metadata."""
-    return {
+    configs = {
         "unet": json.loads(components["unet"].to_json_string()),
         "vae": json.loads(components["vae"].to_json_string()),
         "text_encoder": components["text_encoder"].config.to_dict(),
         "scheduler": json.loads(components["scheduler"].to_json_string()),
     }
+    if "text_encoder_2" in components:
+        configs["text_encoder_2"] = components["text_encoder_2"].config.to_dict()
+    return configs
 
 
 def ldm_state_dict(components: dict[str, Any]) -> dict:
-    """The components as one SD1-layout (A1111 single-file) state dict."""
+    """The components as one A1111 single-file state dict (SD1 layout, or SDXL's with text_encoder_2)."""
     from modules.ldm_convert import diffusers_to_ldm
 
     unet, vae = components["unet"], components["vae"]
+    te2 = components.get("text_encoder_2")
     state = diffusers_to_ldm(
         unet.state_dict(),
         vae.state_dict(),
         components["text_encoder"].state_dict(),
         unet_config=dict(unet.config),
         vae_config=dict(vae.config),
+        text_encoder_2_state_dict=te2.state_dict() if te2 is not None else None,
     )
     return {k: v.detach().contiguous() for k, v in state.items()}
 
@@ -204,7 +270,7 @@ def _write_safetensors(path: Path, state: dict, metadata: dict[str, str]) -> Non
 
 
 def write_tiny_single_file(path: Path, components: dict[str, Any]) -> None:
-    """An SD1-layout single file of the components, carrying their configs in its metadata."""
+    """A single file of the components (SD1 or SDXL layout), carrying their configs in its metadata."""
     _write_safetensors(
         path,
         ldm_state_dict(components),
@@ -219,11 +285,14 @@ def _folder_is_current(folder: Path) -> bool:
 
 def write_diffusers_folder(folder: Path, components: dict[str, Any]) -> None:
     """The components as a diffusers folder (save_pretrained, safetensors), swapped in atomically."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(
-        **components, safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False
-    )
+    if "text_encoder_2" in components:
+        pipe = StableDiffusionXLPipeline(**components, image_encoder=None, feature_extractor=None,
+                                         add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                       image_encoder=None, requires_safety_checker=False)
     with atomic_folder(folder) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / VERSION_MARKER_FILE).write_text(TINY_MODELS_VERSION + "\n", encoding="utf-8")
@@ -269,6 +338,8 @@ def make_tiny_models(dir: str | os.PathLike, full_size: bool = False) -> dict[st
         TINY_SD15: root / f"{TINY_SD15}.safetensors",
         TINY_SD15_DIFFUSERS: root / TINY_SD15_DIFFUSERS,
         TINY_SD15_INPAINTING: root / f"{TINY_SD15_INPAINTING}.safetensors",
+        TINY_SDXL: root / f"{TINY_SDXL}.safetensors",
+        TINY_SDXL_DIFFUSERS: root / TINY_SDXL_DIFFUSERS,
     }
     if full_size:
         paths[SD15_RANDOM] = root / f"{SD15_RANDOM}.safetensors"
@@ -281,6 +352,12 @@ def make_tiny_models(dir: str | os.PathLike, full_size: bool = False) -> dict[st
             write_diffusers_folder(paths[TINY_SD15_DIFFUSERS], components)
     if not _is_current(paths[TINY_SD15_INPAINTING]):
         write_tiny_single_file(paths[TINY_SD15_INPAINTING], build_tiny_sd15(TINY_INPAINTING_SEED, in_channels=9))
+    if not (_is_current(paths[TINY_SDXL]) and _folder_is_current(paths[TINY_SDXL_DIFFUSERS])):
+        components = build_tiny_sdxl()
+        if not _is_current(paths[TINY_SDXL]):
+            write_tiny_single_file(paths[TINY_SDXL], components)
+        if not _folder_is_current(paths[TINY_SDXL_DIFFUSERS]):
+            write_diffusers_folder(paths[TINY_SDXL_DIFFUSERS], components)
     if full_size and not _is_current(paths[SD15_RANDOM]):
         write_full_size_sd15(paths[SD15_RANDOM])
     from modules.captioning.tiny import make_tiny_captioners  # BLIP2/tiny-blip2, BLIP2/tiny-blip2-itm, BLIP/tiny-blip

@@ -156,3 +156,35 @@ def test_metadata_configs_describe_the_written_models(tiny_file, tiny):
     assert configs["vae"]["block_out_channels"] == [16, 32, 32, 32]
     assert configs["text_encoder"]["hidden_size"] == 32
     assert configs["scheduler"]["_class_name"] == "PNDMScheduler"
+
+
+@pytest.fixture(scope="module")
+def tiny_xl():
+    from modules.tiny_models import build_tiny_sdxl
+    return build_tiny_sdxl()
+
+
+def test_sdxl_layout_round_trips_through_plain_diffusers(tiny_xl, tmp_path):
+    """The SDXL writer's file (CLIP-L as conditioner.embedders.0, OpenCLIP-G as .1, label_emb) loads back
+    through diffusers' own single-file code into exactly the original tensors."""
+    from diffusers import StableDiffusionXLPipeline
+    path = tmp_path / "tiny-xl.safetensors"
+    write_tiny_single_file(path, tiny_xl)
+    from safetensors.torch import load_file
+    state = load_file(str(path))
+    assert "model.diffusion_model.label_emb.0.0.weight" in state
+    assert state["conditioner.embedders.1.model.text_projection"].shape == (48, 32)  # [hidden, projection]
+    assert state["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * 48, 48)
+    pipe = StableDiffusionXLPipeline.from_single_file(
+        str(path), config=str(checkpoint_config_dir(path)), tokenizer=tiny_xl["tokenizer"],
+        tokenizer_2=tiny_xl["tokenizer_2"], add_watermarker=False, local_files_only=True)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert_same_tensors(tiny_xl[name], getattr(pipe, name))
+
+
+def test_open_clip_writer_rejects_unknown_and_incomplete_keys():
+    from modules.ldm_convert import open_clip_to_ldm
+    with pytest.raises(ValueError, match="mystery"):
+        open_clip_to_ldm({"text_model.mystery.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="q/k/v"):
+        open_clip_to_ldm({"text_model.encoder.layers.0.self_attn.q_proj.weight": torch.zeros(2, 2)})

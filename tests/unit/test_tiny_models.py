@@ -36,12 +36,15 @@ def registry(models_dir, tmp_path_factory):
 
 def test_layout_and_registry(models_dir, registry):
     root, paths = models_dir
-    assert set(paths) == {"tiny-sd15", "tiny-sd15-diffusers", "tiny-sd15-inpainting"}
+    assert set(paths) == {"tiny-sd15", "tiny-sd15-diffusers", "tiny-sd15-inpainting", "tiny-sdxl",
+                          "tiny-sdxl-diffusers"}
     assert all(p.parent == root / "Stable-diffusion" and p.exists() for p in paths.values())
     assert [i.name for i in registry.list()] == [
         "tiny-sd15-diffusers",
         "tiny-sd15-inpainting.safetensors",
         "tiny-sd15.safetensors",
+        "tiny-sdxl-diffusers",
+        "tiny-sdxl.safetensors",
     ]
     assert registry.find("tiny-sd15-diffusers").is_diffusers_folder
     assert (paths["tiny-sd15-diffusers"] / "tokenizer").is_dir()
@@ -53,6 +56,8 @@ def test_detected_architectures(models_dir):
     assert detect_architecture(paths["tiny-sd15"]) == ModelArch("sd1", False, "epsilon")
     assert detect_architecture(paths["tiny-sd15-inpainting"]) == ModelArch("sd1", True, "epsilon")
     assert detect_architecture(paths["tiny-sd15-diffusers"]) == ModelArch("sd1", False, "epsilon")
+    assert detect_architecture(paths["tiny-sdxl"]) == ModelArch("sdxl", False, "epsilon")
+    assert detect_architecture(paths["tiny-sdxl-diffusers"]) == ModelArch("sdxl", False, "epsilon")
 
 
 def test_single_file_and_folder_load_identically(registry):
