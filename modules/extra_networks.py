@@ -3,6 +3,8 @@
 - `LoraRegistry`: `.safetensors` (and `.pt` via safe loading) files in the LoRA folders; AutoV3 hashes.
 - `load_lora(path)` -> `LoraWeights`: kohya (`lora_unet_*`, `lora_te*_*`, `.alpha`) and PEFT/diffusers
   (`unet.*.lora_A/lora_B`, `*.lora.down/up`) layouts normalised to one form; the model manager caches it.
+  kohya UNet names may be diffusers' (`down_blocks_0_attentions_0_proj_in`) or LDM's (`input_blocks_1_1_proj_in`,
+  as every SDXL kohya LoRA writes them): both find the layer.
 - `applied_loras(bundle, ...)`: adds the weighted deltas into the checkpoint's own weights for one request
   and writes the saved originals back afterwards, so nothing leaks into the next request and a request
   without LoRAs runs the untouched weights (bit for bit). Merging, rather than PEFT's extra layers, keeps
@@ -246,22 +248,52 @@ def load_lora(path: str | os.PathLike, name: str | None = None) -> LoraWeights:
     return weights
 
 
+def ldm_unet_module_names(unet_config, module_names) -> dict[str, str]:
+    """diffusers UNet module name -> its flat name in the original LDM layout, as kohya's SDXL LoRAs (and some SD1
+    ones) name the UNet's layers ("down_blocks.0.attentions.0.proj_in" -> "input_blocks_1_1_proj_in"); modules
+    with no LDM equivalent are left out."""
+    from modules.ldm_convert import unet_key_to_ldm
+    names = {}
+    for name in module_names:
+        try:
+            ldm = unet_key_to_ldm(f"{name}.weight", unet_config)
+        except KeyError:  # a layer LDM does not have (or that ldm_convert does not know yet)
+            continue
+        names[name] = ldm.removesuffix(".weight").replace(".", "_")
+    return names
+
+
+_INDEXED_MODELS = (("unet", "unet"), ("te1", "text_encoder"), ("te2", "text_encoder_2"))
+
+
 def _module_index(bundle) -> dict[str, dict[str, Any]]:
-    """part -> normalised module name -> module with a weight, for the bundle's UNet and text encoders."""
+    """part -> normalised module name -> module with a weight, for the bundle's UNet and text encoders.
+
+    UNet layers are known by their diffusers names and by their LDM names (kohya's SDXL naming). The index is
+    kept with the bundle (its modules stay the same objects while it is loaded), so a request pays nothing for it."""
+    models = [bundle.components.get(key) for _, key in _INDEXED_MODELS]
+    cached = bundle.__dict__.get("lora_module_index")
+    if cached is not None and all(a is b for a, b in zip(cached[0], models)):
+        return cached[1]
     import torch
     index: dict[str, dict[str, Any]] = {}
-    for part, key in (("unet", "unet"), ("te1", "text_encoder"), ("te2", "text_encoder_2")):
-        model = bundle.components.get(key)
+    for (part, _), model in zip(_INDEXED_MODELS, models):
         if model is None:
             continue
+        layers = {name: module for name, module in model.named_modules()
+                  if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))}
         names: dict[str, Any] = {}
-        for name, module in model.named_modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-                flat = name.replace(".", "_")
-                names[flat] = module
-                if part != "unet" and not flat.startswith("text_model_"):
-                    names["text_model_" + flat] = module  # kohya names CLIP's layers under text_model
+        for name, module in layers.items():
+            flat = name.replace(".", "_")
+            names[flat] = module
+            if part != "unet" and not flat.startswith("text_model_"):
+                names["text_model_" + flat] = module  # kohya names CLIP's layers under text_model
+        config = getattr(model, "config", None)
+        if part == "unet" and config is not None and "down_block_types" in config:
+            for name, ldm in ldm_unet_module_names(config, layers).items():
+                names.setdefault(ldm, layers[name])
         index[part] = names
+    bundle.__dict__["lora_module_index"] = (models, index)
     return index
 
 
@@ -388,7 +420,8 @@ class Embedding:
 
     @property
     def shape(self) -> int:
-        return next(iter(self._vectors))
+        """The vector width as A1111 reports it (an SDXL embedding: CLIP-L's plus CLIP-G's, 2048)."""
+        return sum(self._vectors)
 
     @property
     def dims(self) -> set[int]:
@@ -479,10 +512,12 @@ class EmbeddingDatabase:
             return dict(self._errors)
 
     def split_for(self, dims: set[int]) -> tuple[dict[str, Embedding], dict[str, Embedding]]:
-        """(loaded, skipped) for a model whose text encoders have these widths."""
+        """(loaded, skipped) for a model whose text encoders have these widths: an embedding is loaded when
+        it has vectors for exactly those encoders (as A1111, an SD1 embedding is skipped by SDXL and an
+        SDXL one, with CLIP-L and CLIP-G vectors, by SD1)."""
         loaded, skipped = {}, {}
         for name, emb in self.all().items():
-            (loaded if emb.dims & dims else skipped)[name] = emb
+            (loaded if emb.dims == set(dims) else skipped)[name] = emb
         return loaded, skipped
 
 

@@ -158,7 +158,8 @@ def text_conditioner(ctx: GenerationContext, bundle, settings: dict, clip_skip: 
         bundle.components, bundle.arch.family, clip_skip,
         emphasis=settings.get("emphasis", prompts.EMPHASIS_ORIGINAL),
         embeddings=ctx.networks.embeddings.all() if ctx.networks is not None else None,
-        comma_backtrack=int(settings.get("comma_padding_backtrack", prompts.COMMA_BACKTRACK)))
+        comma_backtrack=int(settings.get("comma_padding_backtrack", prompts.COMMA_BACKTRACK)),
+        sdxl_clip_l_skip=bool(settings.get("sdxl_clip_l_skip", False)))
 
 
 def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = None,
@@ -189,30 +190,38 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
     steps_per_iter = req.steps + (min(int(hr_steps * hr_denoise), hr_steps) if hires else 0)
 
     # LoRA tags come out of the text before encoding; bad ones are reported, and the image is made anyway.
+    # The hires pass runs with the LoRAs of the hires prompt (the first pass's prompt when it is empty).
     warnings: list[str] = []
-    resolved = ctx.networks.resolve(prompt) if ctx.networks is not None else \
-        extra_networks.ResolvedNetworks(prompt=prompt_parser.parse_extra_networks(prompt)[0])
+    resolved = _resolve_networks(ctx, prompt)
     warnings.extend(resolved.warnings)
-    hr_prompt_text = prompt_parser.parse_extra_networks(req.hr_prompt)[0] if req.hr_prompt else resolved.prompt
-    if req.hr_prompt and hires and prompt_parser.parse_extra_networks(req.hr_prompt)[1]:
-        warnings.append("LoRA tags of the hires prompt are not applied separately: the first pass's LoRAs are used")
+    hr_resolved = _resolve_networks(ctx, req.hr_prompt) if hires and req.hr_prompt else resolved
+    _add_new(warnings, hr_resolved.warnings)
 
     images, infotexts, all_paths = [], [], []
     today = datetime.date.today()
     with sd_pipelines.use_checkpoint(ctx.manager, info, dtype=ctx.dtype, vae_dtype=ctx.vae_dtype,
                                      attention=ctx.attention) as bundle, \
-            _networks_applied(ctx, bundle, resolved, warnings) as applied:
+            _leased_passes(ctx, resolved, hr_resolved, warnings) as (applied, hr_applied), \
+            _MergedLoras(bundle, warnings) as merged:
         family = bundle.arch.family
+        merged.use(applied)
         conditioner = text_conditioner(ctx, bundle, settings, clip_skip)
         old_scheduling = bool(settings.get("use_old_scheduling", False))
         conditioning = prompts.build_conditioning(conditioner, resolved.prompt, negative, req.steps,
                                                   use_old_scheduling=old_scheduling)
         hr_conditioning = None
         if hires:
+            # encoded with the hires pass's LoRAs merged (a fresh encoder: the first one caches per text)
+            hr_conditioner = text_conditioner(ctx, bundle, settings, clip_skip) if merged.use(hr_applied) else \
+                conditioner
             hr_conditioning = prompts.build_conditioning(
-                conditioner, hr_prompt_text, req.hr_negative_prompt or negative, req.steps, hr_steps, old_scheduling)
-        network_params = _network_params(applied, prompts.embeddings_in(
-            [resolved.prompt, negative, hr_prompt_text, req.hr_negative_prompt or ""], conditioner.used_embeddings))
+                hr_conditioner, hr_resolved.prompt, req.hr_negative_prompt or negative, req.steps, hr_steps,
+                old_scheduling)
+        first_names = {a.info.name for a in applied}
+        both_passes = applied + [a for a in hr_applied if a.info.name not in first_names]
+        network_params = _network_params(both_passes, prompts.embeddings_in(
+            [resolved.prompt, negative, hr_resolved.prompt, req.hr_negative_prompt or ""],
+            conditioner.used_embeddings))
         inpainting_model = bundle.arch.inpainting
         vae_scale = 2 ** (len(bundle.components["vae"].config.block_out_channels) - 1)
         latent_channels = bundle.components["unet"].config.out_channels
@@ -222,6 +231,7 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
         for it in range(req.n_iter):
             if job is not None:
                 job.begin_iteration(it, req.n_iter)
+            merged.use(applied)  # the first pass's LoRAs again after the previous iteration's hires pass
             lo, hi = it * req.batch_size, (it + 1) * req.batch_size
             it_seeds, it_subseeds = seeds[lo:hi], subseeds[lo:hi]
             shape = (latent_channels, req.height // vae_scale, req.width // vae_scale)
@@ -243,6 +253,7 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
                                     generators=generators, eta=req.eta, tracker=tracker,
                                     latents=noise, **extra)
                 if hires:
+                    merged.use(hr_applied)
                     latents = _hires_pass(ctx, bundle, req, latents, pipe, it_seeds, hr_conditioning,
                                           hr_w, hr_h, hr_steps, hr_denoise, ensd, tracker)
             except (JobInterrupted, JobSkipped) as e:
@@ -335,15 +346,82 @@ def _hires_pass(ctx, bundle, req, latents, first_pipe, seeds, conditioning, hr_w
                      eta=req.eta, tracker=tracker, image=image, strength=hr_denoise)
 
 
+def _resolve_networks(ctx, prompt: str) -> extra_networks.ResolvedNetworks:
+    """The prompt's extra network tags, resolved (only stripped when the server has no extra networks)."""
+    if ctx.networks is not None:
+        return ctx.networks.resolve(prompt)
+    return extra_networks.ResolvedNetworks(prompt=prompt_parser.parse_extra_networks(prompt)[0])
+
+
+def _add_new(warnings: list[str], new: list[str]) -> None:
+    warnings.extend(w for w in dict.fromkeys(new) if w not in warnings)
+
+
+@contextlib.contextmanager
+def _leased_networks(ctx, resolved, warnings):
+    """Lease the resolved LoRAs from the manager for the with-block; yields them (as `AppliedLora`s).
+    A warning both prompts of a request give is reported once."""
+    if ctx.networks is None or not resolved.loras:
+        yield []
+        return
+    said: list[str] = []
+    with ctx.networks.leased(ctx.manager, resolved, said) as applied:
+        _add_new(warnings, said)
+        yield applied
+
+
+@contextlib.contextmanager
+def _leased_passes(ctx, resolved, hr_resolved, warnings):
+    """The LoRAs of the first pass and of the hires pass, each leased once; yields (first, hires)."""
+    with _leased_networks(ctx, resolved, warnings) as applied:
+        if hr_resolved is resolved:
+            yield applied, applied
+            return
+        with _leased_networks(ctx, hr_resolved, warnings) as hr_applied:
+            yield applied, hr_applied
+
+
+class _MergedLoras:
+    """The LoRAs merged into the leased checkpoint's weights: `use(loras)` switches to another set (removing the
+    current one exactly) only when its (name, te, unet) set differs, so a request whose passes share their LoRAs
+    merges once. Whatever is merged is removed when the with-block ends."""
+
+    def __init__(self, bundle, warnings: list[str]):
+        self.bundle, self.warnings = bundle, warnings
+        self._key: frozenset | None = None
+        self._stack: contextlib.ExitStack | None = None
+
+    def use(self, loras: list) -> bool:
+        """Merge `loras` in place of the current set; False (and nothing done) when that set is merged already."""
+        key = frozenset((a.info.name, a.te_multiplier, a.unet_multiplier) for a in loras)
+        if self._stack is not None and key == self._key:
+            return False
+        self.close()
+        stack = contextlib.ExitStack()
+        said: list[str] = []
+        stack.enter_context(extra_networks.applied_loras(self.bundle, loras, said))
+        _add_new(self.warnings, said)
+        self._stack, self._key = stack, key
+        return True
+
+    def close(self) -> None:
+        stack, self._stack, self._key = self._stack, None, None
+        if stack is not None:
+            stack.close()
+
+    def __enter__(self) -> "_MergedLoras":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 @contextlib.contextmanager
 def _networks_applied(ctx, bundle, resolved, warnings):
     """Lease the request's LoRAs from the manager and merge them into the leased checkpoint until the
     request ends; yields the applied LoRAs (for the infotext)."""
-    if ctx.networks is None or not resolved.loras:
-        yield []
-        return
-    with ctx.networks.leased(ctx.manager, resolved, warnings) as applied, \
-            extra_networks.applied_loras(bundle, applied, warnings):
+    with _leased_networks(ctx, resolved, warnings) as applied, _MergedLoras(bundle, warnings) as merged:
+        merged.use(applied)
         yield applied
 
 

@@ -1,4 +1,4 @@
-"""Writing SD1-family diffusers weights back into the original (LDM / A1111 single-file) key layout.
+"""Writing diffusers weights back into the original (LDM / A1111 single-file) key layout: SD1 and SDXL.
 
 diffusers ships only the LDM -> diffusers direction. This is the inverse for UNet2DConditionModel,
 AutoencoderKL and CLIPTextModel state dicts, driven by the models' configs so that it works for any
@@ -172,18 +172,28 @@ def _vae_key(key: str, num_blocks: int) -> tuple[str, bool]:
     raise KeyError(key)
 
 
-def unet_to_ldm(unet_state_dict: Mapping[str, "Tensor"], unet_config: Mapping) -> dict[str, "Tensor"]:
-    """diffusers UNet2DConditionModel weights -> `model.diffusion_model.*` keys."""
-    down_types = list(unet_config["down_block_types"])
-    up_types = list(unet_config["up_block_types"])
-    down_layers = _layers_per_block(unet_config, len(down_types))
+def _unet_layout(unet_config: Mapping) -> tuple[list[int], list[int], list[bool]]:
+    """(layers per down block, layers per up block, whether each up block has attention)."""
+    down_layers = _layers_per_block(unet_config, len(unet_config["down_block_types"]))
     # diffusers up blocks hold one layer more than the mirrored down block.
     up_layers = [n + 1 for n in reversed(down_layers)]
-    up_has_attention = ["CrossAttn" in t for t in up_types]
+    return down_layers, up_layers, ["CrossAttn" in t for t in unet_config["up_block_types"]]
+
+
+def unet_key_to_ldm(key: str, unet_config: Mapping) -> str:
+    """The LDM name (without `model.diffusion_model.`) of one diffusers UNet parameter key, e.g.
+    `down_blocks.1.attentions.0.proj_in.weight` -> `input_blocks.4.1.proj_in.weight` for SD's layout.
+    KeyError when the key has no LDM equivalent."""
+    return _unet_key(key, *_unet_layout(unet_config))
+
+
+def unet_to_ldm(unet_state_dict: Mapping[str, "Tensor"], unet_config: Mapping) -> dict[str, "Tensor"]:
+    """diffusers UNet2DConditionModel weights -> `model.diffusion_model.*` keys."""
+    layout = _unet_layout(unet_config)
     out = {}
     for key, tensor in unet_state_dict.items():
         try:
-            out[UNET_PREFIX + _unet_key(key, down_layers, up_layers, up_has_attention)] = tensor
+            out[UNET_PREFIX + _unet_key(key, *layout)] = tensor
         except KeyError:
             raise ValueError(f"UNet key {key!r} has no LDM equivalent in the SD1 layout") from None
     return out

@@ -3,6 +3,8 @@
 - DIR/Lora/tiny-lora.safetensors: kohya layout (`lora_unet_*`, `lora_te_*`, `.alpha`) over every attention
   projection of the tiny UNet and text encoder, rank 4, seeded non-zero weights large enough that its
   effect on an image is plain to see;
+- DIR/Lora/tiny-xl-lora.safetensors: the same for the tiny SDXL, in kohya's SDXL layout (`lora_te1_*`,
+  `lora_te2_*`, UNet modules by their LDM names);
 - DIR/embeddings/tiny-emb.safetensors: a 2-vector embedding (`emb_params`) for the tiny text encoder (width 32);
 - DIR/embeddings/tiny-emb-pt.pt: a 1-vector embedding in A1111's own `.pt` layout (`string_to_param`);
 - DIR/embeddings/tiny-emb-xl.safetensors: a 2-vector SDXL embedding (`clip_l` width 32, `clip_g` width 48)
@@ -18,6 +20,7 @@ TINY_LORA = "tiny-lora"
 TINY_EMBEDDING = "tiny-emb"
 TINY_EMBEDDING_PT = "tiny-emb-pt"
 TINY_EMBEDDING_XL = "tiny-emb-xl"
+TINY_XL_LORA = "tiny-xl-lora"  # not "tiny-lora-xl": searching "tiny-lora" should find one card
 LORA_RANK = 4
 LORA_SEED = 10
 EMBEDDING_SEED = 11
@@ -28,16 +31,29 @@ _TE_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 
 
 def kohya_lora_state(components: dict, rank: int = LORA_RANK, seed: int = LORA_SEED, scale: float = 0.5) -> dict:
-    """kohya-format LoRA tensors for the Linear layers of `components` that the targets name."""
+    """kohya-format LoRA tensors for the Linear layers of `components` that the targets name. With a
+    second text encoder (SDXL) the names are kohya's SDXL ones: `lora_te1_`/`lora_te2_`, and the UNet's
+    modules by their original LDM names (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`)."""
     import torch
+
+    from modules.ldm_convert import unet_key_to_ldm
     g = torch.Generator("cpu").manual_seed(seed)
     state: dict = {}
-    for prefix, model, targets in (("lora_unet_", components["unet"], _UNET_TARGETS),
-                                   ("lora_te_text_model_", components["text_encoder"], _TE_TARGETS)):
+    sdxl = "text_encoder_2" in components
+    unet_config = dict(components["unet"].config)
+    parts = [("lora_unet_", components["unet"], _UNET_TARGETS)]
+    if sdxl:
+        parts += [("lora_te1_text_model_", components["text_encoder"], _TE_TARGETS),
+                  ("lora_te2_text_model_", components["text_encoder_2"], _TE_TARGETS)]
+    else:
+        parts += [("lora_te_text_model_", components["text_encoder"], _TE_TARGETS)]
+    for prefix, model, targets in parts:
         for name, module in model.named_modules():
             if not isinstance(module, torch.nn.Linear) or not name.endswith(targets):
                 continue
-            key = prefix + name.replace(".", "_")
+            if sdxl and prefix == "lora_unet_":
+                name = unet_key_to_ldm(name + ".weight", unet_config).removesuffix(".weight")
+            key = prefix + name.removeprefix("text_model.").replace(".", "_")
             state[f"{key}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=g) * scale
             state[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=g) * scale
             state[f"{key}.alpha"] = torch.tensor(float(rank))
@@ -53,6 +69,7 @@ def make_tiny_extra_networks(dir: str | Path, components: dict | None = None) ->
     root = Path(dir)
     paths = {
         TINY_LORA: root / LORA_SUBDIR / f"{TINY_LORA}.safetensors",
+        TINY_XL_LORA: root / LORA_SUBDIR / f"{TINY_XL_LORA}.safetensors",
         TINY_EMBEDDING: root / EMBEDDINGS_SUBDIR / f"{TINY_EMBEDDING}.safetensors",
         TINY_EMBEDDING_PT: root / EMBEDDINGS_SUBDIR / f"{TINY_EMBEDDING_PT}.pt",
         TINY_EMBEDDING_XL: root / EMBEDDINGS_SUBDIR / f"{TINY_EMBEDDING_XL}.safetensors",
@@ -61,6 +78,10 @@ def make_tiny_extra_networks(dir: str | Path, components: dict | None = None) ->
         components = components or tiny_models.build_tiny_sd15(tiny_models.TINY_SEED)
         tiny_models._write_safetensors(paths[TINY_LORA], kohya_lora_state(components),
                                        {"ss_network_module": "networks.lora", "ss_network_dim": str(LORA_RANK)})
+    if not tiny_models._is_current(paths[TINY_XL_LORA]):
+        tiny_models._write_safetensors(paths[TINY_XL_LORA], kohya_lora_state(tiny_models.build_tiny_sdxl()),
+                                       {"ss_network_module": "networks.lora", "ss_network_dim": str(LORA_RANK),
+                                        "ss_base_model_version": "sdxl_base_v1-0"})
     dim = tiny_models.TINY_TEXT_ENCODER["hidden_size"]
     g = torch.Generator("cpu").manual_seed(EMBEDDING_SEED)
     emb = torch.randn(2, dim, generator=g)

@@ -5,6 +5,7 @@ import hashlib
 import json
 import shutil
 import struct
+import types
 
 import numpy as np
 import pytest
@@ -34,6 +35,15 @@ def folders(tiny_models, tmp_path_factory):
         new_role = "lora_A" if role.startswith("down") else "lora_B"
         peft[f"{part}.{module}.{new_role}.weight"] = value.contiguous()  # alpha == rank: scale 1
     save_file(peft, str(lora / "tiny-lora-peft.safetensors"))
+    # the same LoRA with its UNet layers named in the LDM layout, as kohya writes SDXL (and some SD1) LoRAs
+    ldm_names = unet_ldm_names()
+    ldm = {}
+    for key, value in load_file(str(lora / "tiny-lora.safetensors")).items():
+        if key.startswith("lora_unet_"):
+            stem, dot, role = key.partition(".")
+            key = "lora_unet_" + ldm_names[stem[len("lora_unet_"):]] + dot + role
+        ldm[key] = value
+    save_file(ldm, str(lora / "tiny-lora-ldm.safetensors"))
     (lora / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     return root
 
@@ -42,6 +52,16 @@ def unet_modules(tiny_models):
     from modules.tiny_models import build_tiny_sd15
     unet = build_tiny_sd15()["unet"]
     return [(n.replace(".", "_"), n) for n, _ in unet.named_modules()]
+
+
+def unet_ldm_names():
+    """flat diffusers UNet module name -> flat LDM name, by ldm_convert's own state-dict conversion."""
+    from modules.ldm_convert import UNET_PREFIX, unet_to_ldm
+    from modules.tiny_models import build_tiny_sd15
+    unet = build_tiny_sd15()["unet"]
+    converted = unet_to_ldm({k: k for k in unet.state_dict()}, unet.config)  # LDM key -> diffusers key
+    flat = lambda key: key.removesuffix(".weight").replace(".", "_")  # noqa: E731
+    return {flat(d): flat(k.removeprefix(UNET_PREFIX)) for k, d in converted.items() if d.endswith(".weight")}
 
 
 def te_module(flat):
@@ -74,11 +94,38 @@ def context(tiny_models, folders, tmp_path_factory):
                                         styles=StyleDatabase(out / "styles.csv"), outputs_root=out, networks=nets)
 
 
-def run(context, prompt, negative_prompt="blurry"):
-    req = generation.validate(generation.Txt2ImgRequest(prompt=prompt, negative_prompt=negative_prompt, steps=4,
-                                                        width=64, height=64, seed=11, save_images=False))
-    res = generation.run_txt2img(context, req, None, {"sd_model_checkpoint": "tiny-sd15.safetensors"})
+def run(context, prompt, negative_prompt="blurry", **fields):
+    req = generation.validate(generation.Txt2ImgRequest(**{
+        "prompt": prompt, "negative_prompt": negative_prompt, "steps": 4, "width": 64, "height": 64, "seed": 11,
+        "save_images": False, **fields}))
+    res = generation.run_txt2img(context, req, None, {"sd_model_checkpoint": "tiny-sd15.safetensors",
+                                                      "return_grid": False})
     return np.asarray(res.images[0]).astype(int), res
+
+
+HIRES = dict(enable_hr=True, hr_scale=1.5, hr_second_pass_steps=4, denoising_strength=0.6)
+
+
+def hires(context, prompt, hr_prompt="", **fields):
+    return run(context, prompt, hr_prompt=hr_prompt, **{**HIRES, **fields})
+
+
+@pytest.fixture(scope="module")
+def hires_base(context):
+    return hires(context, "a cat")[0]
+
+
+@pytest.fixture
+def first_passes(monkeypatch):
+    """The latents each hires pass starts from (the first pass's result), in order."""
+    seen = []
+    hires_pass = generation._hires_pass
+
+    def spy(ctx, bundle, req, latents, *rest):
+        seen.append(latents.clone())
+        return hires_pass(ctx, bundle, req, latents, *rest)
+    monkeypatch.setattr(generation, "_hires_pass", spy)
+    return seen
 
 
 def test_a_lora_changes_the_image_for_that_request_only(context, base):
@@ -159,3 +206,129 @@ def test_prompt_editing_and_and_in_txt2img(context, base):
     np.testing.assert_array_equal(run(context, "a cat AND a dog :0")[0], base)
     mixed = run(context, "a cat :0.5 AND (a dog:1.4) :0.5")[0]
     assert np.abs(mixed - base).mean() > 0.5 and 0 < mixed.mean() < 255
+
+
+def ldm_index(components, pairs):
+    """The LoRA module index of these components, checking that each (LDM name, diffusers name) pair is one
+    UNet layer and that every UNet layer has both names."""
+    bundle = types.SimpleNamespace(components=components)
+    index = extra_networks._module_index(bundle)
+    unet = index["unet"]
+    for ldm, diffusers in pairs:
+        assert unet[ldm] is unet[diffusers], (ldm, diffusers)
+    names_per_layer = {}
+    for name, module in unet.items():
+        names_per_layer.setdefault(id(module), []).append(name)
+    assert {len(names) for names in names_per_layer.values()} == {2}
+    assert extra_networks._module_index(bundle) is index  # kept with the bundle
+    return index
+
+
+def test_ldm_named_unet_layers_are_the_same_layers():
+    from modules.tiny_models import build_tiny_sd15
+    index = ldm_index(build_tiny_sd15(), [
+        ("input_blocks_1_1_proj_in", "down_blocks_0_attentions_0_proj_in"),
+        ("input_blocks_2_1_transformer_blocks_0_attn2_to_k", "down_blocks_0_attentions_1_transformer_blocks_0_attn2_to_k"),
+        ("input_blocks_1_0_in_layers_2", "down_blocks_0_resnets_0_conv1"),
+        ("input_blocks_3_0_op", "down_blocks_0_downsamplers_0_conv"),
+        ("input_blocks_4_0_skip_connection", "down_blocks_1_resnets_0_conv_shortcut"),
+        ("middle_block_1_proj_out", "mid_block_attentions_0_proj_out"),
+        ("middle_block_2_out_layers_3", "mid_block_resnets_1_conv2"),
+        ("output_blocks_2_1_conv", "up_blocks_0_upsamplers_0_conv"),
+        ("output_blocks_3_1_proj_out", "up_blocks_1_attentions_0_proj_out"),
+        ("output_blocks_5_0_emb_layers_1", "up_blocks_1_resnets_2_time_emb_proj"),
+        ("time_embed_0", "time_embedding_linear_1"),
+        ("time_embed_2", "time_embedding_linear_2"),
+        ("input_blocks_0_0", "conv_in"),
+        ("out_2", "conv_out"),
+    ])
+    assert not any(name.startswith(("input_blocks", "middle_block", "output_blocks")) for name in index["te1"])
+
+
+def test_sdxl_unet_layers_have_kohya_sdxl_names():
+    from modules.tiny_models import build_tiny_sdxl
+    ldm_index(build_tiny_sdxl(), [
+        ("input_blocks_4_1_transformer_blocks_1_attn2_to_k", "down_blocks_1_attentions_0_transformer_blocks_1_attn2_to_k"),
+        ("middle_block_1_proj_in", "mid_block_attentions_0_proj_in"),
+        ("output_blocks_0_1_proj_out", "up_blocks_0_attentions_0_proj_out"),
+        ("output_blocks_2_2_conv", "up_blocks_0_upsamplers_0_conv"),  # after the block's attention
+        ("label_emb_0_0", "add_embedding_linear_1"),
+        ("label_emb_0_2", "add_embedding_linear_2"),
+    ])
+
+
+def test_ldm_named_kohya_lora_gives_the_same_image(context, base, folders):
+    keys = load_file(str(folders / "Lora" / "tiny-lora-ldm.safetensors")).keys()
+    assert any(k.startswith("lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.") for k in keys)
+    assert not any(k.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block")) for k in keys)
+    kohya, _ = run(context, "a cat <lora:tiny-lora:0.8>")
+    ldm, res = run(context, "a cat <lora:tiny-lora-ldm:0.8>")
+    np.testing.assert_array_equal(ldm, kohya)
+    assert np.abs(ldm - base).mean() > 5
+    assert res.info["warnings"] == []
+
+
+def test_hires_prompt_loras_apply_to_the_hires_pass(context, hires_base, monkeypatch):
+    # the same tags in both prompts: exactly the request whose hires prompt is left empty
+    same, _ = hires(context, "a cat <lora:tiny-lora:1>", "a cat <lora:tiny-lora:1>")
+    empty, _ = hires(context, "a cat <lora:tiny-lora:1>")
+    np.testing.assert_array_equal(same, empty)
+    # a LoRA in the hires prompt only changes the hires pass: its UNet part ...
+    hr_only, res = hires(context, "a cat", "a cat <lora:tiny-lora:1>")
+    assert np.abs(hr_only - hires_base).mean() > 1 and np.abs(hr_only - empty).mean() > 1
+    unet_only, _ = hires(context, "a cat", "a cat <lora:tiny-lora:0:1>")
+    assert np.abs(unet_only - hires_base).mean() > 1
+    # ... and its text encoder part, which encodes the hires prompt but not the first pass's
+    encoded = []
+    build = generation.prompts.build_conditioning
+    monkeypatch.setattr(generation.prompts, "build_conditioning",
+                        lambda *a, **kw: encoded.append(build(*a, **kw)) or encoded[-1])
+    hires(context, "a cat", "a cat")
+    hires(context, "a cat", "a cat <lora:tiny-lora:1:0>")
+    (plain_first, plain_hr), (first, hr) = [[c.conds[0][1][0][1].embeds for c in encoded[i:i + 2]] for i in (0, 2)]
+    torch.testing.assert_close(first, plain_first, rtol=0, atol=0)
+    torch.testing.assert_close(plain_hr, plain_first, rtol=0, atol=0)
+    assert (hr - plain_hr).abs().max() > 1
+    monkeypatch.undo()
+    zero, _ = hires(context, "a cat", "a cat <lora:tiny-lora:0>")
+    np.testing.assert_array_equal(zero, hires_base)
+    assert res.info["warnings"] == []
+    assert "tiny-lora: " in res.info["extra_generation_params"]["Lora hashes"]
+    assert res.info["extra_generation_params"]["Hires prompt"] == "a cat <lora:tiny-lora:1>"
+
+
+def test_a_first_pass_lora_is_left_out_of_a_hires_prompt_without_it(context, base, hires_base, first_passes):
+    first_only, res = hires(context, "a cat <lora:tiny-lora:1>", "a cat")
+    both, _ = hires(context, "a cat <lora:tiny-lora:1>")
+    assert np.abs(first_only - both).mean() > 1 and np.abs(first_only - hires_base).mean() > 1
+    torch.testing.assert_close(first_passes[0], first_passes[1], rtol=0, atol=0)  # the same first pass
+    assert "tiny-lora: " in res.info["extra_generation_params"]["Lora hashes"]
+    # nothing of either pass's LoRAs stays in the checkpoint
+    np.testing.assert_array_equal(hires(context, "a cat")[0], hires_base)
+    np.testing.assert_array_equal(run(context, "a cat")[0], base)
+
+
+def test_hires_loras_in_the_infotext_and_warnings_once(context):
+    _, res = hires(context, "a cat <lora:tiny-lora:0.5> <lora:nope:1>", "a dog <lora:tiny-lora-peft:0.5> <lora:nope:1>")
+    hashes = res.info["extra_generation_params"]["Lora hashes"]
+    assert hashes.startswith("tiny-lora: ") and ", tiny-lora-peft: " in hashes
+    assert f'Lora hashes: "{hashes}"' in res.infotexts[0]
+    assert len(res.info["warnings"]) == 1 and "no LoRA named 'nope'" in res.info["warnings"][0]
+    _, res = hires(context, "a cat", "a dog <lora:broken:1>")
+    assert len(res.info["warnings"]) == 1 and "cannot read broken.safetensors" in res.info["warnings"][0]
+    assert "Lora hashes" not in res.info["extra_generation_params"]
+
+
+def test_each_iteration_starts_with_the_first_pass_loras(context, first_passes):
+    first, second = "a cat <lora:tiny-lora:1>", "a cat <lora:tiny-lora-peft:0.5>"
+    _, res = hires(context, first, second, n_iter=2)
+    assert len(res.images) == 2
+    for i, image in enumerate(res.images):
+        alone, _ = hires(context, first, second, seed=11 + i)
+        np.testing.assert_array_equal(np.asarray(image).astype(int), alone)
+        hires(context, first, seed=11 + i)  # no hires prompt: the first pass's LoRAs throughout
+    # each iteration's first pass is that of a request whose hires pass keeps the first pass's LoRAs
+    n_iter_passes, alone_passes, plain_passes = first_passes[:2], first_passes[2::2], first_passes[3::2]
+    for a, b, c in zip(n_iter_passes, alone_passes, plain_passes):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)

@@ -236,3 +236,63 @@ def test_sdxl_through_the_api_with_its_embedding(api):
     finally:
         assert api.post(api.base + "/options", json={"sd_model_checkpoint": before}).status_code == 200
     assert "tiny-emb" in api.get(api.base + "/embeddings").json()["loaded"]
+
+
+def test_kohya_sdxl_lora_merges_as_diffusers_loads_it(tiny_models, single_file):
+    """The tiny kohya SDXL LoRA (lora_te1_/lora_te2_, LDM-named UNet layers) touches every layer it names,
+    with the weights diffusers' own kohya loader gives after fuse_lora, and is fully removed afterwards."""
+    from modules import extra_networks
+    path = tiny_models / "Lora" / "tiny-xl-lora.safetensors"
+    weights = extra_networks.load_lora(path)
+    assert set(weights.modules) == {"unet", "te1", "te2"} and not weights.unknown_keys
+    bundle = sd_pipelines.CheckpointBundle(single_file)
+    info = extra_networks.LoraInfo(name="tiny-xl-lora", path=path, alias="tiny-xl-lora")
+    models = {"unet": bundle.components["unet"], "text_encoder": bundle.components["text_encoder"],
+              "text_encoder_2": bundle.components["text_encoder_2"]}
+    before = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in models.items()}
+    warnings: list[str] = []
+    with extra_networks.applied_loras(bundle, [extra_networks.AppliedLora(info, 1.0, 1.0, weights)], warnings):
+        merged = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in models.items()}
+    assert warnings == []
+    for name, m in models.items():  # removed exactly
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, before[name][k]), (name, k)
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_models / "Stable-diffusion" / "tiny-sdxl-diffusers",
+                                                     local_files_only=True, add_watermarker=False)
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora(lora_scale=1.0)
+    pipe.unload_lora_weights()
+    changed = 0
+    for name in models:
+        plain = getattr(pipe, name).state_dict()
+        for k, ours in merged[name].items():
+            if not torch.equal(ours, before[name][k]):
+                changed += 1
+            torch.testing.assert_close(ours, plain[k], rtol=1e-5, atol=1e-6, msg=f"{name}.{k}")
+    # every LoRA module changed its layer's weight (q, k, v, out of each attention)
+    assert changed == sum(len(part) for part in weights.modules.values())
+
+
+def test_sdxl_lora_tag_in_txt2img(context, tiny_models):
+    """`<lora:tiny-xl-lora:W>` on the SDXL checkpoint: applied without warnings, hashed in the infotext,
+    weight 0 is exactly the image without it, and nothing is left behind for the next request."""
+    import dataclasses
+
+    from modules import extra_networks
+    nets = extra_networks.ExtraNetworks([tiny_models / "Lora"], [tiny_models / "embeddings"])
+    ctx = dataclasses.replace(context, networks=nets)
+
+    def run(prompt):
+        req = generation.validate(generation.Txt2ImgRequest(prompt=prompt, steps=4, width=64, height=64, seed=9,
+                                                            save_images=False))
+        res = generation.run_txt2img(ctx, req, None, {"sd_model_checkpoint": "tiny-sdxl", "return_grid": False})
+        return np.asarray(res.images[0]), res
+
+    plain, _ = run("a cat")
+    with_lora, res = run("a cat <lora:tiny-xl-lora:1>")
+    assert res.info["warnings"] == [] and 'Lora hashes: "tiny-xl-lora: ' in res.infotexts[0]
+    assert np.abs(with_lora.astype(float) - plain).mean() > 1
+    zero, _ = run("a cat <lora:tiny-xl-lora:0>")
+    np.testing.assert_array_equal(zero, plain)
+    np.testing.assert_array_equal(run("a cat")[0], plain)
