@@ -194,7 +194,10 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
     warnings: list[str] = []
     resolved = _resolve_networks(ctx, prompt)
     warnings.extend(resolved.warnings)
-    hr_resolved = _resolve_networks(ctx, req.hr_prompt) if hires and req.hr_prompt else resolved
+    # As in A1111 the styles apply to the hires prompts too; an empty one is the first pass's (styled) prompt.
+    hr_prompt, hr_negative = ctx.styles.apply(req.hr_prompt or req.prompt,
+                                              req.hr_negative_prompt or req.negative_prompt, req.styles)
+    hr_resolved = _resolve_networks(ctx, hr_prompt) if hires and req.hr_prompt else resolved
     _add_new(warnings, hr_resolved.warnings)
 
     images, infotexts, all_paths = [], [], []
@@ -215,12 +218,12 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
             hr_conditioner = text_conditioner(ctx, bundle, settings, clip_skip) if merged.use(hr_applied) else \
                 conditioner
             hr_conditioning = prompts.build_conditioning(
-                hr_conditioner, hr_resolved.prompt, req.hr_negative_prompt or negative, req.steps, hr_steps,
+                hr_conditioner, hr_resolved.prompt, hr_negative, req.steps, hr_steps,
                 old_scheduling)
         first_names = {a.info.name for a in applied}
         both_passes = applied + [a for a in hr_applied if a.info.name not in first_names]
         network_params = _network_params(both_passes, prompts.embeddings_in(
-            [resolved.prompt, negative, hr_resolved.prompt, req.hr_negative_prompt or ""],
+            [resolved.prompt, negative, hr_resolved.prompt, hr_negative],
             conditioner.used_embeddings))
         inpainting_model = bundle.arch.inpainting
         vae_scale = 2 ** (len(bundle.components["vae"].config.block_out_channels) - 1)

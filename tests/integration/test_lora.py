@@ -332,3 +332,17 @@ def test_each_iteration_starts_with_the_first_pass_loras(context, first_passes):
     for a, b, c in zip(n_iter_passes, alone_passes, plain_passes):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+def test_styles_apply_to_the_hires_prompts_too(context):
+    """A1111 applies the selected styles to the hires prompt and hires negative prompt as well."""
+    from modules.styles import PromptStyle
+    context.styles.save(PromptStyle("hr-style", "{prompt}, oil painting <lora:tiny-lora:1>", "lowres"))
+    styled, res = hires(context, "a cat", hr_prompt="a dog", hr_negative_prompt="ugly", styles=["hr-style"])
+    assert res.info["warnings"] == []
+    by_hand, _ = hires(context, "a cat, oil painting <lora:tiny-lora:1>", negative_prompt="blurry, lowres",
+                       hr_prompt="a dog, oil painting <lora:tiny-lora:1>", hr_negative_prompt="ugly, lowres")
+    np.testing.assert_array_equal(styled, by_hand)
+    unstyled_hr, _ = hires(context, "a cat, oil painting <lora:tiny-lora:1>", negative_prompt="blurry, lowres",
+                           hr_prompt="a dog", hr_negative_prompt="ugly")
+    assert not np.array_equal(styled, unstyled_hr)
