@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import re
 
 import pytest
 from playwright.sync_api import Page, expect
@@ -162,4 +163,30 @@ def test_style_editor_saves_applies_generates_and_deletes(page, tiny_models, tmp
         assert srv.alive(), srv.log()
     finally:
         page.close()  # the open tab's streaming connection would hold up the server's graceful shutdown
+        srv.stop()
+
+
+def test_sdxl_checkpoint_with_its_lora_and_embedding_from_the_ui(page, tiny_models, tmp_path):
+    """A user picks the SDXL checkpoint in the dropdown, clicks its LoRA card and writes its embedding:
+    the image comes with both hashes in the infotext and no warning. Its own server: the pick is saved."""
+    srv = Server(["--models-dir", str(tiny_models)], tmp_path / "data")
+    try:
+        open_ui(page, srv)
+        page.locator("#setting_sd_model_checkpoint input").click()
+        page.get_by_role("option", name=re.compile(r"^tiny-sdxl\.safetensors")).locator("visible=true").click()
+        expect(page.locator("#setting_sd_model_checkpoint input")).to_have_value(re.compile(r"^tiny-sdxl\.safetensors"))
+        small(page)
+        page.locator("#txt2img_prompt textarea").fill("a tiny-emb-xl cat ")
+        open_panel(page)
+        card(page, "tiny-xl-lora").click()
+        expect(page.locator("#txt2img_prompt textarea")).to_have_value(re.compile(r"<lora:tiny-xl-lora:1>"))
+        page.click("#txt2img_generate")
+        expect(page.locator("#html_info_txt2img .infotext")).to_contain_text("Model: tiny-sdxl", timeout=GEN_TIMEOUT)
+        text = infotext(page)
+        assert 'Lora hashes: "tiny-xl-lora: ' in text and 'TI hashes: "tiny-emb-xl: ' in text
+        expect(page.locator("#txt2img_gallery img").first).to_be_visible()
+        assert "ignored" not in page.locator("#txt2img_error").inner_text()
+        assert srv.alive(), srv.log()
+    finally:
+        page.close()
         srv.stop()
