@@ -276,54 +276,43 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
                 text = infotext_mod.create_infotext(prompt, negative, params)
                 images.append(image)
                 infotexts.append(text)
-                if req.save_images and settings.get("samples_save", True) and not req.do_not_save_samples:
-                    folder = _outdir(ctx, settings, "txt2img-images", today)
-                    all_paths.append(outputs.save_image(
-                        image, folder, seed=it_seeds[j], prompt=prompt,
-                        infotext=text if settings.get("enable_pnginfo", True) else None,
-                        extension=settings.get("samples_format", "png"),
-                        jpeg_quality=settings.get("jpeg_quality", 80)))
+                save_sample(ctx, settings, req, "txt2img-images", today, image, it_seeds[j], prompt, text, all_paths)
             if isinstance(stopped, JobInterrupted):
                 break
 
-    grid_count = 0
-    if len(images) > 1 and settings.get("return_grid", True) or (
-            len(images) > 1 and req.save_images and settings.get("grid_save", True) and not req.do_not_save_grid):
-        grid = outputs.make_grid(images)
-        if req.save_images and settings.get("grid_save", True) and not req.do_not_save_grid:
-            folder = _outdir(ctx, settings, "txt2img-grids", today)
-            all_paths.append(outputs.save_image(
-                grid, folder, seed=seeds[0], prompt=prompt,
-                infotext=infotexts[0] if settings.get("enable_pnginfo", True) else None,
-                extension=settings.get("samples_format", "png")))
-        if settings.get("return_grid", True):
-            images.insert(0, grid)
-            infotexts.insert(0, infotexts[0])
-            grid_count = 1
+    grid_count = add_grid(ctx, settings, req, "txt2img-grids", today, images, infotexts, seeds[0], prompt, all_paths)
 
-    info_dict = {
-        "prompt": prompt, "all_prompts": [prompt] * len(seeds),
-        "negative_prompt": negative, "all_negative_prompts": [negative] * len(seeds),
-        "seed": seed, "all_seeds": seeds, "subseed": subseed, "all_subseeds": subseeds,
+    extra = _extra_params(req, hires, hr_denoise, (hr_w, hr_h))
+    extra.update(network_params)
+    info_dict = result_info(req, info, job, prompt=prompt, negative=negative, seeds=(seed, seeds, subseed, subseeds),
+                            infotexts=infotexts, grid_count=grid_count, clip_skip=clip_skip,
+                            inpainting_model=inpainting_model, warnings=warnings, extra=extra,
+                            denoising_strength=hr_denoise if hires else req.denoising_strength)
+    return GenerationResult(images=images, infotexts=infotexts, info=info_dict, paths=all_paths,
+                            grid_count=grid_count)
+
+
+def result_info(req, info, job, *, prompt, negative, seeds, infotexts, grid_count, clip_skip, inpainting_model,
+                warnings, extra, denoising_strength) -> dict:
+    """The `info` of an A1111 txt2img/img2img answer; `seeds` is (seed, all seeds, subseed, all subseeds)."""
+    seed, all_seeds, subseed, all_subseeds = seeds
+    started = job.started if job and job.started else datetime.datetime.now().timestamp()
+    return {
+        "prompt": prompt, "all_prompts": [prompt] * len(all_seeds),
+        "negative_prompt": negative, "all_negative_prompts": [negative] * len(all_seeds),
+        "seed": seed, "all_seeds": all_seeds, "subseed": subseed, "all_subseeds": all_subseeds,
         "subseed_strength": req.subseed_strength, "width": req.width, "height": req.height,
         "sampler_name": req.sampler_name, "scheduler": req.scheduler, "cfg_scale": req.cfg_scale,
         "steps": req.steps, "batch_size": req.batch_size, "n_iter": req.n_iter, "restore_faces": False,
         "face_restoration_model": None, "sd_model_name": info.model_name, "sd_model_hash": info.shorthash,
         "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": req.seed_resize_from_w, "seed_resize_from_h": req.seed_resize_from_h,
-        "denoising_strength": hr_denoise if hires else req.denoising_strength,
-        "extra_generation_params": _extra_params(req, hires, hr_denoise, (hr_w, hr_h)),
+        "denoising_strength": denoising_strength, "extra_generation_params": extra,
         "index_of_first_image": grid_count, "infotexts": infotexts, "styles": list(req.styles),
-        "job_timestamp": (job.started if job and job.started else datetime.datetime.now().timestamp()),
+        "job_timestamp": datetime.datetime.fromtimestamp(started).strftime("%Y%m%d%H%M%S"),
         "clip_skip": clip_skip, "is_using_inpainting_conditioning": bool(inpainting_model),
-        "version": VERSION,
-        "warnings": warnings,
+        "version": VERSION, "warnings": warnings,
     }
-    info_dict["extra_generation_params"].update(network_params)
-    if isinstance(info_dict["job_timestamp"], float):
-        info_dict["job_timestamp"] = datetime.datetime.fromtimestamp(info_dict["job_timestamp"]).strftime("%Y%m%d%H%M%S")
-    return GenerationResult(images=images, infotexts=infotexts, info=info_dict, paths=all_paths,
-                            grid_count=grid_count)
 
 
 def _hires_pass(ctx, bundle, req, latents, first_pipe, seeds, conditioning, hr_w, hr_h, hr_steps,
@@ -490,5 +479,31 @@ def _written_schedule(sampler: str, schedule: str) -> str | None:
     return None if schedule == "Uniform" else schedule
 
 
-def _outdir(ctx: GenerationContext, settings: dict, kind: str, today) -> Path:
-    return outputs.dated_folder(ctx.outputs_root, kind, today)
+def save_sample(ctx: GenerationContext, settings: dict, req, folder_name: str, today, image, seed: int, prompt: str,
+                infotext: str, paths: list) -> None:
+    """Save one image as A1111 does (when the request and the settings say so), adding its path to `paths`."""
+    if req.save_images and settings.get("samples_save", True) and not req.do_not_save_samples:
+        paths.append(outputs.save_image(
+            image, outputs.dated_folder(ctx.outputs_root, folder_name, today), seed=seed, prompt=prompt,
+            infotext=infotext if settings.get("enable_pnginfo", True) else None,
+            extension=settings.get("samples_format", "png"), jpeg_quality=settings.get("jpeg_quality", 80)))
+
+
+def add_grid(ctx: GenerationContext, settings: dict, req, folder_name: str, today, images: list, infotexts: list,
+             seed: int, prompt: str, paths: list) -> int:
+    """A1111's grid of a multi-image result: saved when asked, and put first in `images` (with the first
+    image's infotext) when `return_grid` is on. Returns how many grids lead the images (0 or 1)."""
+    save = req.save_images and settings.get("grid_save", True) and not req.do_not_save_grid
+    if len(images) < 2 or not (save or settings.get("return_grid", True)):
+        return 0
+    grid = outputs.make_grid(images)
+    if save:
+        paths.append(outputs.save_image(
+            grid, outputs.dated_folder(ctx.outputs_root, folder_name, today), seed=seed, prompt=prompt,
+            infotext=infotexts[0] if settings.get("enable_pnginfo", True) else None,
+            extension=settings.get("samples_format", "png"), jpeg_quality=settings.get("jpeg_quality", 80)))
+    if not settings.get("return_grid", True):
+        return 0
+    images.insert(0, grid)
+    infotexts.insert(0, infotexts[0])
+    return 1

@@ -21,10 +21,11 @@ import torch
 from PIL import Image
 
 from modules import extra_networks, img2img_images as pix, img2img_scripts, infotext as infotext_mod
-from modules import outputs, prompt_parser, prompts, samplers, sd_pipelines
+from modules import prompt_parser, prompts, samplers, sd_pipelines
 from modules.generation import (GenerationContext, GenerationResult, _network_params, _networks_applied,
                                 _StepTracker, base_infotext_params, decode_latents, sample_latents,
-                                text_conditioner, make_noise, resolve_seeds)
+                                text_conditioner, make_noise, resolve_seeds, result_info,
+                                add_grid, save_sample)
 from modules.generation_params import GenerationError
 from modules.img2img_params import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, Img2ImgRequest, validate_img2img
 from modules.jobs import Job, JobInterrupted, JobSkipped
@@ -203,48 +204,18 @@ def run_img2img(ctx: GenerationContext, req: Img2ImgRequest, job: Job | None = N
                 text = infotext_mod.create_infotext(prompt, negative, params)
                 images.append(image)
                 infotexts.append(text)
-                if req.save_images and settings.get("samples_save", True) and not req.do_not_save_samples:
-                    folder = outputs.dated_folder(ctx.outputs_root, "img2img-images", today)
-                    all_paths.append(outputs.save_image(
-                        image, folder, seed=it_seeds[j], prompt=prompt,
-                        infotext=text if settings.get("enable_pnginfo", True) else None,
-                        extension=settings.get("samples_format", "png"),
-                        jpeg_quality=settings.get("jpeg_quality", 80)))
+                save_sample(ctx, settings, req, "img2img-images", today, image, it_seeds[j], prompt, text, all_paths)
             if isinstance(stopped, JobInterrupted):
                 break
 
-    grid_count = 0
-    want_grid_save = req.save_images and settings.get("grid_save", True) and not req.do_not_save_grid
-    if len(images) > 1 and (settings.get("return_grid", True) or want_grid_save):
-        grid = outputs.make_grid(images)
-        if want_grid_save:
-            all_paths.append(outputs.save_image(
-                grid, outputs.dated_folder(ctx.outputs_root, "img2img-grids", today), seed=seeds[0], prompt=prompt,
-                infotext=infotexts[0] if settings.get("enable_pnginfo", True) else None,
-                extension=settings.get("samples_format", "png")))
-        if settings.get("return_grid", True):
-            images.insert(0, grid)
-            infotexts.insert(0, infotexts[0])
-            grid_count = 1
+    grid_count = add_grid(ctx, settings, req, "img2img-grids", today, images, infotexts, seeds[0], prompt, all_paths)
 
     extra = dict(_mask_params(req) if req.mask is not None else {}, **network_params)
-    info_dict = {
-        "prompt": prompt, "all_prompts": [prompt] * len(seeds),
-        "negative_prompt": negative, "all_negative_prompts": [negative] * len(seeds),
-        "seed": seed, "all_seeds": seeds, "subseed": subseed, "all_subseeds": subseeds,
-        "subseed_strength": req.subseed_strength, "width": req.width, "height": req.height,
-        "sampler_name": req.sampler_name, "scheduler": req.scheduler, "cfg_scale": req.cfg_scale,
-        "steps": req.steps, "batch_size": req.batch_size, "n_iter": req.n_iter, "restore_faces": False,
-        "face_restoration_model": None, "sd_model_name": info.model_name, "sd_model_hash": info.shorthash,
-        "sd_vae_name": None, "sd_vae_hash": None,
-        "seed_resize_from_w": req.seed_resize_from_w, "seed_resize_from_h": req.seed_resize_from_h,
-        "denoising_strength": req.denoising_strength, "extra_generation_params": extra,
-        "index_of_first_image": grid_count, "infotexts": infotexts, "styles": list(req.styles),
-        "job_timestamp": datetime.datetime.fromtimestamp(job.started if job and job.started else
-                                                         datetime.datetime.now().timestamp()).strftime("%Y%m%d%H%M%S"),
-        "clip_skip": clip_skip, "is_using_inpainting_conditioning": bool(inpainting_model),
-        "version": VERSION, "warnings": warnings, "script_name": req.script_name or None,
-    }
+    info_dict = result_info(req, info, job, prompt=prompt, negative=negative, seeds=(seed, seeds, subseed, subseeds),
+                            infotexts=infotexts, grid_count=grid_count, clip_skip=clip_skip,
+                            inpainting_model=inpainting_model, warnings=warnings, extra=extra,
+                            denoising_strength=req.denoising_strength)
+    info_dict["script_name"] = req.script_name or None
     return GenerationResult(images=images, infotexts=infotexts, info=info_dict, paths=all_paths,
                             grid_count=grid_count)
 

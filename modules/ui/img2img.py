@@ -460,24 +460,11 @@ def create_tab(webui, tabs: gr.Tabs) -> Img2ImgTab:
         if problems and not shown:
             raise gr.Error("; ".join(problems))
 
-    outputs_ = [job_state, progress, preview, gallery, infotexts_state, info_html, seed_state, error_html]
-    generate.click(run, inputs=inputs, outputs=outputs_, concurrency_limit=None)
-    prompt.submit(run, inputs=inputs, outputs=outputs_, concurrency_limit=None)
-
-    def stop(job_id, how):
-        job = webui.queue.get(job_id) if job_id else None
-        if job is not None:
-            job.interrupt() if how == "interrupt" else job.skip()
-
-    interrupt.click(lambda j: stop(j, "interrupt"), inputs=[job_state], queue=False)
-    skip.click(lambda j: stop(j, "skip"), inputs=[job_state], queue=False)
-
-    def show_info(texts, evt: gr.SelectData):
-        if texts and 0 <= evt.index < len(texts):
-            return ui_mod._infotext_html(texts[evt.index])
-        return gr.update()
-
-    gallery.select(show_info, inputs=[infotexts_state], outputs=[info_html], queue=False)
+    ui_mod.wire_job_controls(webui, run, inputs, [job_state, progress, preview, gallery, infotexts_state,
+                                                  info_html, seed_state, error_html],
+                             generate=generate, prompt=prompt, interrupt=interrupt, skip=skip,
+                             job_state=job_state, gallery=gallery, infotexts_state=infotexts_state,
+                             info_html=info_html)
 
     def on_interrogate(m, *images, request: gr.Request = None):
         from modules import captioning

@@ -296,9 +296,28 @@ def _txt2img_tab(webui, generation):
             error_html: extra_networks_ui.warnings_html(result.info.get("warnings")),  # ignored prompt tags
         }
 
-    outputs_ = [job_state, progress, preview, gallery, infotexts_state, info_html, seed_state, error_html]
-    generate.click(run, inputs=inputs, outputs=outputs_, concurrency_limit=None)
-    prompt.submit(run, inputs=inputs, outputs=outputs_, concurrency_limit=None)
+    wire_job_controls(webui, run, inputs, [job_state, progress, preview, gallery, infotexts_state, info_html,
+                                           seed_state, error_html],
+                      generate=generate, prompt=prompt, interrupt=interrupt, skip=skip, job_state=job_state,
+                      gallery=gallery, infotexts_state=infotexts_state, info_html=info_html)
+
+    components = dict(prompt=prompt, negative_prompt=negative, steps=steps, sampler_name=sampler,
+                      scheduler=scheduler, cfg_scale=cfg, seed=seed, width=width, height=height,
+                      subseed=subseed, subseed_strength=subseed_strength, enable_hr=enable_hr,
+                      hr_scale=hr_scale, hr_upscaler=hr_upscaler, hr_second_pass_steps=hr_steps,
+                      denoising_strength=hr_denoise, batch_size=batch_size)
+    send_fields = [(name, None) for name in components]
+    return {"components": components, "send_fields": send_fields, "styles": style_controls,
+            "send_img2img": send_img2img, "gallery": gallery, "infotexts": infotexts_state,
+            "selected": img2img_ui.gallery_selection(gallery)}
+
+
+def wire_job_controls(webui, run, inputs, outputs, *, generate, prompt, interrupt, skip, job_state, gallery,
+                      infotexts_state, info_html) -> None:
+    """The controls every generation tab shares: Generate (and Enter in the prompt) runs `run`, Interrupt and
+    Skip act on the tab's running job, and a click on a gallery image shows that image's infotext."""
+    generate.click(run, inputs=inputs, outputs=outputs, concurrency_limit=None)
+    prompt.submit(run, inputs=inputs, outputs=outputs, concurrency_limit=None)
 
     def stop(job_id, how):
         job = webui.queue.get(job_id) if job_id else None
@@ -314,16 +333,6 @@ def _txt2img_tab(webui, generation):
         return gr.update()
 
     gallery.select(show_info, inputs=[infotexts_state], outputs=[info_html], queue=False)
-
-    components = dict(prompt=prompt, negative_prompt=negative, steps=steps, sampler_name=sampler,
-                      scheduler=scheduler, cfg_scale=cfg, seed=seed, width=width, height=height,
-                      subseed=subseed, subseed_strength=subseed_strength, enable_hr=enable_hr,
-                      hr_scale=hr_scale, hr_upscaler=hr_upscaler, hr_second_pass_steps=hr_steps,
-                      denoising_strength=hr_denoise, batch_size=batch_size)
-    send_fields = [(name, None) for name in components]
-    return {"components": components, "send_fields": send_fields, "styles": style_controls,
-            "send_img2img": send_img2img, "gallery": gallery, "infotexts": infotexts_state,
-            "selected": img2img_ui.gallery_selection(gallery)}
 
 
 def _pnginfo_tab():
