@@ -261,15 +261,9 @@ def create_tab(webui, tabs: gr.Tabs) -> Img2ImgTab:
                                     elem_id="img2img_denoising_strength")
                 noise_mult = gr.Slider(0, 1.5, value=1.0, step=0.01, label="Initial noise multiplier",
                                        elem_id="img2img_initial_noise_multiplier")
-                with gr.Row():
-                    seed = gr.Number(label="Seed", value=-1, precision=0, elem_id="img2img_seed", scale=4)
-                    random_seed = gr.Button("🎲️", elem_id="img2img_random_seed", scale=0, min_width=40)
-                    reuse_seed = gr.Button("♻️", elem_id="img2img_reuse_seed", scale=0, min_width=40)
-                    extra = gr.Checkbox(label="Extra", value=False, elem_id="img2img_subseed_show", scale=1)
-                with gr.Row(visible=False) as extra_row:
-                    subseed = gr.Number(label="Variation seed", value=-1, precision=0, elem_id="img2img_subseed")
-                    subseed_strength = gr.Slider(0, 1, value=0, step=0.01, label="Variation strength",
-                                                 elem_id="img2img_subseed_strength")
+                seeds = ui_mod.seed_controls("img2img")
+                seed, extra, subseed, subseed_strength = (seeds.seed, seeds.extra, seeds.subseed,
+                                                          seeds.subseed_strength)
                 script = gr.Dropdown(list(SCRIPTS), value="None", label="Script", elem_id="img2img_script")
                 with gr.Group(visible=False) as poor_group:
                     pm_pixels = gr.Slider(8, 256, value=128, step=8, label="Pixels to expand",
@@ -305,9 +299,7 @@ def create_tab(webui, tabs: gr.Tabs) -> Img2ImgTab:
 
     script.change(lambda s: (gr.update(visible=s == img2img_scripts.POOR_MANS), gr.update(visible=s == img2img_scripts.MK2)),
                   inputs=[script], outputs=[poor_group, mk2_group], queue=False, show_progress="hidden")
-    extra.change(lambda v: gr.update(visible=v), inputs=[extra], outputs=[extra_row], queue=False)
-    random_seed.click(lambda: -1, outputs=[seed], queue=False)
-    reuse_seed.click(lambda s: s, inputs=[seed_state], outputs=[seed], queue=False)
+    seeds.wire(seed_state)
 
     def copy_to(tab_id, m):
         def copy(image):

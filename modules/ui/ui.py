@@ -4,6 +4,8 @@ from __future__ import annotations
 import html
 import logging
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import gradio as gr
 
@@ -214,15 +216,8 @@ def _txt2img_tab(webui, generation):
                     batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id="txt2img_batch_count")
                     batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id="txt2img_batch_size")
             cfg = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id="txt2img_cfg_scale")
-            with gr.Row():
-                seed = gr.Number(label="Seed", value=-1, precision=0, elem_id="txt2img_seed", scale=4)
-                random_seed = gr.Button("🎲️", elem_id="txt2img_random_seed", scale=0, min_width=40)
-                reuse_seed = gr.Button("♻️", elem_id="txt2img_reuse_seed", scale=0, min_width=40)
-                extra = gr.Checkbox(label="Extra", value=False, elem_id="txt2img_subseed_show", scale=1)
-            with gr.Row(visible=False) as extra_row:
-                subseed = gr.Number(label="Variation seed", value=-1, precision=0, elem_id="txt2img_subseed")
-                subseed_strength = gr.Slider(0, 1, value=0, step=0.01, label="Variation strength",
-                                             elem_id="txt2img_subseed_strength")
+            seeds = seed_controls("txt2img")
+            seed, extra, subseed, subseed_strength = seeds.seed, seeds.extra, seeds.subseed, seeds.subseed_strength
         with gr.Column():
             progress = gr.HTML("", elem_id="txt2img_progress")
             preview = gr.Image(label="Live preview", type="pil", format="png", interactive=False, visible=False,
@@ -241,9 +236,7 @@ def _txt2img_tab(webui, generation):
                   queue=False)
     negative.change(_token_counter_html, inputs=[negative], outputs=[negative_tokens], show_progress="hidden",
                     queue=False)
-    extra.change(lambda v: gr.update(visible=v), inputs=[extra], outputs=[extra_row], queue=False)
-    random_seed.click(lambda: -1, outputs=[seed], queue=False)
-    reuse_seed.click(lambda s: s, inputs=[seed_state], outputs=[seed], queue=False)
+    seeds.wire(seed_state)
 
     inputs = [prompt, negative, styles, sampler, scheduler, steps, enable_hr, hr_upscaler, hr_steps, hr_denoise,
               hr_scale, hr_resize_x, hr_resize_y, width, height, batch_count, batch_size, cfg, seed, extra, subseed,
@@ -310,6 +303,37 @@ def _txt2img_tab(webui, generation):
     return {"components": components, "send_fields": send_fields, "styles": style_controls,
             "send_img2img": send_img2img, "gallery": gallery, "infotexts": infotexts_state,
             "selected": img2img_ui.gallery_selection(gallery)}
+
+
+@dataclass
+class SeedControls:
+    """Seed (🎲 random, ♻️ reuse the last) and, behind "Extra", the variation seed and its strength."""
+    seed: Any
+    random_seed: Any
+    reuse_seed: Any
+    extra: Any
+    extra_row: Any
+    subseed: Any
+    subseed_strength: Any
+
+    def wire(self, last_seed_state) -> None:
+        self.extra.change(lambda v: gr.update(visible=v), inputs=[self.extra], outputs=[self.extra_row], queue=False)
+        self.random_seed.click(lambda: -1, outputs=[self.seed], queue=False)
+        self.reuse_seed.click(lambda s: s, inputs=[last_seed_state], outputs=[self.seed], queue=False)
+
+
+def seed_controls(tab: str) -> SeedControls:
+    """The seed rows of a generation tab, with A1111's element ids (`txt2img_seed`, `img2img_subseed`, ...)."""
+    with gr.Row():
+        seed = gr.Number(label="Seed", value=-1, precision=0, elem_id=f"{tab}_seed", scale=4)
+        random_seed = gr.Button("🎲️", elem_id=f"{tab}_random_seed", scale=0, min_width=40)
+        reuse_seed = gr.Button("♻️", elem_id=f"{tab}_reuse_seed", scale=0, min_width=40)
+        extra = gr.Checkbox(label="Extra", value=False, elem_id=f"{tab}_subseed_show", scale=1)
+    with gr.Row(visible=False) as extra_row:
+        subseed = gr.Number(label="Variation seed", value=-1, precision=0, elem_id=f"{tab}_subseed")
+        subseed_strength = gr.Slider(0, 1, value=0, step=0.01, label="Variation strength",
+                                     elem_id=f"{tab}_subseed_strength")
+    return SeedControls(seed, random_seed, reuse_seed, extra, extra_row, subseed, subseed_strength)
 
 
 def wire_job_controls(webui, run, inputs, outputs, *, generate, prompt, interrupt, skip, job_state, gallery,

@@ -104,6 +104,30 @@ def test_generate_shows_the_image_and_its_infotext_and_saves_it(page, server):
     assert not page.errors
 
 
+@pytest.mark.parametrize("tab", ["txt2img", "img2img"])
+def test_seed_buttons_and_the_variation_row(page, server, tab):
+    """🎲 sets -1; ♻️ brings back the seed of the last image (txt2img); "Extra" shows the variation seed row."""
+    open_ui(page, server)
+    if tab == "img2img":
+        page.get_by_role("tab", name="img2img", exact=True).first.click()
+    seed = page.locator(f"#{tab}_seed input")
+    variation = page.locator(f"#{tab}_subseed")
+    expect(variation).to_be_hidden()
+    page.locator(f"#{tab}_subseed_show input").check()
+    expect(variation).to_be_visible()
+    seed.fill("1234")
+    page.click(f"#{tab}_random_seed")
+    expect(seed).to_have_value("-1")
+    if tab == "txt2img":
+        small(page, steps=2)
+        page.locator("#txt2img_prompt textarea").fill("a kite")
+        page.click("#txt2img_generate")
+        expect(page.locator("#txt2img_gallery img").first).to_be_visible(timeout=GEN_TIMEOUT)
+        used = field(infotext(page), "Seed")
+        page.click("#txt2img_reuse_seed")
+        expect(seed).to_have_value(used)
+
+
 def test_ctrl_enter_in_the_prompt_generates(page, server):
     open_ui(page, server)
     small(page, steps=2)
