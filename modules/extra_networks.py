@@ -3,6 +3,9 @@
 - `LoraRegistry`: `.safetensors` (and `.pt` via safe loading) files in the LoRA folders; AutoV3 hashes.
 - `load_lora(path)` -> `LoraWeights`: kohya (`lora_unet_*`, `lora_te*_*`, `.alpha`) and PEFT/diffusers
   (`unet.*.lora_A/lora_B`, `*.lora.down/up`) layouts normalised to one form; the model manager caches it.
+  LyCORIS files under kohya names load too, as A1111 reads them: LoCon (LoRA on convolutions), LoHa
+  (`hada_w1_a`..., optionally CP-decomposed with `hada_t1/t2`), LoKr (`lokr_w1`/`lokr_w2` or their `_a`/`_b`
+  factors, `lokr_t2`) and full weight differences (`diff`).
   kohya UNet names may be diffusers' (`down_blocks_0_attentions_0_proj_in`) or LDM's (`input_blocks_1_1_proj_in`,
   as every SDXL kohya LoRA writes them): both find the layer.
 - `applied_loras(bundle, ...)`: adds the weighted deltas into the checkpoint's own weights for one request
@@ -162,6 +165,118 @@ class LoraModule:
 
 
 @dataclass
+class LycoModule:
+    """A LyCORIS layer (LoHa, LoKr or a full `diff`) that has no plain up @ down form: its delta is built
+    whole, with A1111's (and LyCORIS') formulas and scale alpha / rank (1 without alpha or rank)."""
+    kind: str  # "loha" | "lokr" | "full" | "locon_cp" (a LoRA with a CP-decomposed `lora_mid`)
+    tensors: dict[str, Any]
+    alpha: float | None
+
+    @property
+    def rank(self) -> int | None:
+        t = self.tensors
+        if self.kind == "loha":
+            return t["hada_w1_b"].shape[0]
+        if self.kind == "locon_cp":
+            return t["down"].shape[0]
+        if self.kind == "lokr":
+            for key in ("lokr_w1_b", "lokr_w2_b"):
+                if key in t:
+                    return t[key].shape[0]
+        return None
+
+    def scale(self) -> float:
+        rank = self.rank
+        return self.alpha / rank if self.alpha is not None and rank else 1.0
+
+    def _factor(self, prefix: str, tucker: str | None, cp_out: bool):
+        """w = a @ b (or a CP/Tucker rebuild with `tucker`), or the stored full matrix `prefix`."""
+        import torch
+        t = self.tensors
+        if prefix in t:
+            return t[prefix]
+        a, b = t[prefix + "_a"], t[prefix + "_b"]
+        if tucker and tucker in t:
+            # [r, r, k, k] core with [r, out] and [r, in] factors -> [out, in, k, k]
+            return torch.einsum("i j k l, j r, i p -> p r k l", t[tucker], b, a)
+        if cp_out:
+            shape = [a.shape[0], b.shape[1], *b.shape[2:]]
+            return (a.reshape(a.shape[0], -1) @ b.reshape(b.shape[0], -1)).reshape(shape)
+        return a.reshape(a.shape[0], -1) @ b.reshape(b.shape[0], -1)
+
+    def delta(self, weight_shape) -> Any:
+        import torch
+        t = self.tensors
+        if self.kind == "full":
+            delta = t["diff"]
+        elif self.kind == "locon_cp":
+            delta = torch.einsum("n m k l, i n, m j -> i j k l", t["mid"], t["up"].flatten(1), t["down"].flatten(1))
+        elif self.kind == "loha":
+            delta = self._factor("hada_w1", "hada_t1", True) * self._factor("hada_w2", "hada_t2", True)
+        else:
+            w1 = self._factor("lokr_w1", None, False)
+            w2 = self._factor("lokr_w2", "lokr_t2", True)
+            if w2.ndim == 4:
+                w1 = w1.reshape(*w1.shape, 1, 1)
+            delta = torch.kron(w1, w2)
+        return (delta * self.scale()).reshape(weight_shape)
+
+    def out_features_and_numel(self) -> tuple[int, int]:
+        """(rows, elements) of the delta, without building it."""
+        t = self.tensors
+
+        def shape(prefix, tucker):
+            if prefix in t:
+                return list(t[prefix].shape)
+            a, b = t[prefix + "_a"], t[prefix + "_b"]
+            if tucker and tucker in t:
+                return [a.shape[1], b.shape[1], *t[tucker].shape[2:]]
+            return [a.shape[0], *b.shape[1:]]
+
+        def numel(dims):
+            n = 1
+            for d in dims:
+                n *= d
+            return n
+        if self.kind == "full":
+            return t["diff"].shape[0], t["diff"].numel()
+        if self.kind == "locon_cp":
+            return t["up"].shape[0], numel([t["up"].shape[0], t["down"].shape[1], *t["mid"].shape[2:]])
+        if self.kind == "loha":
+            dims = shape("hada_w1", "hada_t1")
+            return dims[0], numel(dims)
+        w1, w2 = shape("lokr_w1", None), shape("lokr_w2", "lokr_t2")
+        return w1[0] * w2[0], numel(w1) * numel(w2)
+
+    def fits(self, weight_shape) -> bool:
+        total = 1
+        for d in weight_shape:
+            total *= d
+        return self.out_features_and_numel() == (weight_shape[0], total)
+
+    def tensors_list(self) -> list:
+        return list(self.tensors.values())
+
+
+_LYCO_ROLES = {  # tensor name -> kind of LyCORIS module
+    "hada_w1_a": "loha", "hada_w1_b": "loha", "hada_w2_a": "loha", "hada_w2_b": "loha", "hada_t1": "loha",
+    "hada_t2": "loha",
+    "lokr_w1": "lokr", "lokr_w1_a": "lokr", "lokr_w1_b": "lokr", "lokr_w2": "lokr", "lokr_w2_a": "lokr",
+    "lokr_w2_b": "lokr", "lokr_t2": "lokr",
+    "diff": "full",
+}
+_LYCO_REQUIRED = {"loha": ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},),
+                  "lokr": ({"lokr_w1"}, {"lokr_w1_a", "lokr_w1_b"}),  # and one of the w2 forms below
+                  "full": ({"diff"},)}
+
+
+def _lyco_complete(kind: str, roles: set[str]) -> bool:
+    if not any(req <= roles for req in _LYCO_REQUIRED[kind]):
+        return False
+    return kind != "lokr" or "lokr_w2" in roles or {"lokr_w2_a", "lokr_w2_b"} <= roles
+
+
+@dataclass
 class LoraWeights:
     """A LoRA file in one normalised form: part -> module name (dots as "_") -> LoraModule."""
     name: str
@@ -171,13 +286,16 @@ class LoraWeights:
     def to(self, device) -> "LoraWeights":
         for part in self.modules.values():
             for m in part.values():
-                m.down, m.up = m.down.to(device), m.up.to(device)
+                if isinstance(m, LycoModule):
+                    m.tensors = {k: v.to(device) for k, v in m.tensors.items()}
+                else:
+                    m.down, m.up = m.down.to(device), m.up.to(device)
         return self
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for part in self.modules.values() for m in part.values()
-                   for t in (m.down, m.up))
+                   for t in (m.tensors_list() if isinstance(m, LycoModule) else (m.down, m.up)))
 
 
 _KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te1"))
@@ -187,8 +305,9 @@ _SUFFIXES = (  # (suffix, role)
     (".lora_A.weight", "down"), (".lora_B.weight", "up"),
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),
     (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
+    (".lora_mid.weight", "mid"),
     (".alpha", "alpha"),
-)
+) + tuple((f".{name}", name) for name in _LYCO_ROLES)
 
 
 def _split_key(key: str) -> tuple[str, str, str] | None:
@@ -237,14 +356,26 @@ def load_lora(path: str | os.PathLike, name: str | None = None) -> LoraWeights:
         part, module, role = split
         raw.setdefault((part, module), {})[role] = value
     for (part, module), roles in raw.items():
-        if "down" not in roles or "up" not in roles:
+        alpha = roles.get("alpha")
+        alpha = float(alpha) if alpha is not None else None
+        kinds = {_LYCO_ROLES[r] for r in roles if r in _LYCO_ROLES}
+        if len(kinds) == 1 and _lyco_complete(next(iter(kinds)), set(roles)):
+            kind = next(iter(kinds))
+            weights.modules.setdefault(part, {})[module] = LycoModule(
+                kind, {r: v.float() for r, v in roles.items() if r in _LYCO_ROLES}, alpha)
+            continue
+        if "mid" in roles and not kinds and {"down", "up"} <= set(roles):
+            weights.modules.setdefault(part, {})[module] = LycoModule(
+                "locon_cp", {r: roles[r].float() for r in ("down", "up", "mid")}, alpha)
+            continue
+        if "down" not in roles or "up" not in roles or kinds or "mid" in roles:
             weights.unknown_keys.extend(f"{part}:{module}.{r}" for r in roles)
             continue
-        alpha = roles.get("alpha")
         weights.modules.setdefault(part, {})[module] = LoraModule(
-            down=roles["down"].float(), up=roles["up"].float(), alpha=float(alpha) if alpha is not None else None)
+            down=roles["down"].float(), up=roles["up"].float(), alpha=alpha)
     if not weights.modules:
-        raise LoraFileError(f"{path.name} has no LoRA weights of a known layout (kohya or PEFT/diffusers)")
+        raise LoraFileError(f"{path.name} has no LoRA weights of a known layout (kohya, PEFT/diffusers, "
+                            "LyCORIS LoCon/LoHa/LoKr/full)")
     return weights
 
 
@@ -303,11 +434,15 @@ def _scale(m: LoraModule) -> float:
 
 def _is_matmul(m: LoraModule) -> bool:
     """A LoRA whose delta is a plain up @ down (linear layers and 1x1 convolutions)."""
+    if isinstance(m, LycoModule):
+        return False
     return not (m.down.ndim == 4 and tuple(m.down.shape[2:]) != (1, 1))
 
 
 def _fits(m: LoraModule, weight_shape) -> bool:
     """Whether the LoRA's delta has the layer's shape (else the layer is skipped with a warning)."""
+    if isinstance(m, LycoModule):
+        return m.fits(weight_shape)
     out_features = m.up.shape[0]
     in_numel = m.down[0].numel()
     total = 1
@@ -317,6 +452,8 @@ def _fits(m: LoraModule, weight_shape) -> bool:
 
 
 def _delta(m: LoraModule, weight_shape) -> Any:
+    if isinstance(m, LycoModule):
+        return m.delta(weight_shape)
     down, up = m.down, m.up
     scale = _scale(m)
     if down.ndim == 4 and down.shape[2:] != (1, 1):
