@@ -496,7 +496,7 @@ def applied_loras(bundle, loras: list[AppliedLora], warnings: list[str] | None =
                 if not _fits(m, weight.shape):
                     missed += 1
                     continue
-                deltas.setdefault(id(module), (module, []))[1].append((m, mult))
+                deltas.setdefault(id(module), (module, []))[1].append((lora.info.name, m, mult))
         if missed and warnings is not None:
             warnings.append(f"LoRA {lora.info.name}: {missed} of its layers do not match this checkpoint and were skipped")
     # The originals of every weight a LoRA has touched are kept with the bundle (in CPU RAM) after their first
@@ -506,7 +506,9 @@ def applied_loras(bundle, loras: list[AppliedLora], warnings: list[str] | None =
     merged: list[Any] = []
     try:
         with torch.no_grad():
-            for module, parts in deltas.values():
+            for module, named_parts in deltas.values():
+                # in name order, so that <lora:a> <lora:b> and <lora:b> <lora:a> give the same bits
+                parts = [(m, mult) for _, m, mult in sorted(named_parts, key=lambda p: p[0])]
                 weight = module.weight
                 original = originals.get(id(module))
                 if original is None or original.shape != weight.shape:
@@ -514,8 +516,8 @@ def applied_loras(bundle, loras: list[AppliedLora], warnings: list[str] | None =
                 merged.append((weight, original))
                 source = original.to(weight.device, non_blocking=True)
                 if weight.dtype == torch.float32 and all(_is_matmul(m) for m, _ in parts):
-                    # weight = original + sum(scale * up @ down), written in place: one LoRA needs no full-size
-                    # temporary; several are summed first, so the result does not depend on merge order
+                    # weight = original + sum(scale * up @ down), written in place with no full-size temporary:
+                    # several LoRAs are one matmul over their factors side by side ([out, r1+r2+..] @ [r1+r2+.., in])
                     flat = weight.view(weight.shape[0], -1)
                     factors = [(m.up.flatten(1).to(weight.device).float(), m.down.flatten(1).to(weight.device).float(),
                                 _scale(m) * mult) for m, mult in parts]
@@ -523,10 +525,9 @@ def applied_loras(bundle, loras: list[AppliedLora], warnings: list[str] | None =
                         up, down, alpha = factors[0]
                         torch.addmm(source.view(flat.shape), up, down, alpha=alpha, out=flat)
                     else:
-                        total = torch.zeros_like(flat)
-                        for up, down, alpha in factors:
-                            total.addmm_(up, down, alpha=alpha)
-                        torch.add(source.view(flat.shape), total, out=flat)
+                        up = torch.cat([u * alpha for u, _, alpha in factors], dim=1)
+                        down = torch.cat([d for _, d, _ in factors], dim=0)
+                        torch.addmm(source.view(flat.shape), up, down, out=flat)
                 else:
                     delta = sum(_delta(m, weight.shape).to(weight.device) * mult for m, mult in parts)
                     weight.copy_((source.float() + delta).to(weight.dtype))
