@@ -728,6 +728,9 @@ class ExtraNetworks:
                 except LoraFileError as exc:
                     warnings.append(f"<lora:{info.name}> ignored: {exc}")
                     continue
+                if weights.unknown_keys:
+                    warnings.append(f"<lora:{info.name}>: {len(weights.unknown_keys)} of its tensors are of a kind "
+                                    f"this studio does not read (e.g. {weights.unknown_keys[0]}) and were left out")
                 applied.append(AppliedLora(info, te, unet, weights))
             yield applied
 

@@ -149,3 +149,25 @@ def test_lyco_tag_in_txt2img(checkpoint, tiny_models, tmp_path):
     assert np.abs(with_lyco - plain).mean() > 1
     np.testing.assert_array_equal(run("a cat <lora:tiny-loha:0>")[0], plain)
     np.testing.assert_array_equal(run("a cat")[0], plain)
+
+
+def test_unreadable_kinds_in_a_lora_file_are_named_in_a_warning(checkpoint, tiny_models, tmp_path):
+    """DoRA's dora_scale (not read here) next to plain LoRA weights: the LoRA part is applied, and the answer
+    says that some tensors were left out."""
+    from safetensors.torch import load_file
+    state = load_file(str(tiny_models / "Lora" / "tiny-lora.safetensors"))
+    first = next(k for k in state if k.endswith(".lora_down.weight")).removesuffix(".lora_down.weight")
+    state[f"{first}.dora_scale"] = torch.ones(1, 4)
+    lora_dir = tmp_path / "Lora"
+    lora_dir.mkdir()
+    save_file(state, str(lora_dir / "mixed.safetensors"))
+    registry = sd_models.CheckpointRegistry([tiny_models / "Stable-diffusion"], [], None)
+    registry.refresh()
+    ctx = generation.GenerationContext(registry=registry, manager=ModelManager("cpu", 0, 8 * 2**30),
+                                       styles=StyleDatabase(tmp_path / "styles.csv"), outputs_root=tmp_path,
+                                       networks=extra_networks.ExtraNetworks([lora_dir], []))
+    req = generation.validate(generation.Txt2ImgRequest(prompt="a cat <lora:mixed:1>", steps=2, width=64,
+                                                        height=64, seed=4, save_images=False))
+    res = generation.run_txt2img(ctx, req, None, {"sd_model_checkpoint": "tiny-sd15", "return_grid": False})
+    assert 'Lora hashes: "mixed: ' in res.infotexts[0]
+    assert any("<lora:mixed>: 1 of its tensors" in w and "dora_scale" in w for w in res.info["warnings"])
