@@ -208,6 +208,12 @@ def _txt2img_tab(webui, generation):
                     hr_scale = gr.Slider(1, 4, value=2, step=0.05, label="Upscale by", elem_id="txt2img_hr_scale")
                     hr_resize_x = gr.Slider(0, 2048, value=0, step=8, label="Resize width to", elem_id="txt2img_hr_resize_x")
                     hr_resize_y = gr.Slider(0, 2048, value=0, step=8, label="Resize height to", elem_id="txt2img_hr_resize_y")
+                with gr.Row():
+                    # empty: the first pass's prompts; their <lora:...> tags set the hires pass's LoRAs
+                    hr_prompt = gr.Textbox(label="Hires prompt", lines=2, elem_id="hires_prompt",
+                                           placeholder="Prompt for hires fix pass. Leave empty to use the same prompt as in first pass.")
+                    hr_negative = gr.Textbox(label="Hires negative prompt", lines=2, elem_id="hires_neg_prompt",
+                                             placeholder="Negative prompt for hires fix pass. Leave empty to use the same negative prompt as in first pass.")
             with gr.Row():
                 with gr.Column(scale=4):
                     width = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="txt2img_width")
@@ -240,13 +246,15 @@ def _txt2img_tab(webui, generation):
 
     inputs = [prompt, negative, styles, sampler, scheduler, steps, enable_hr, hr_upscaler, hr_steps, hr_denoise,
               hr_scale, hr_resize_x, hr_resize_y, width, height, batch_count, batch_size, cfg, seed, extra, subseed,
-              subseed_strength]
+              subseed_strength, hr_prompt, hr_negative]
 
     def run(request: gr.Request, *values):
-        (p, n, st, smp, sch, stp, ehr, hru, hrs, hrd, hrsc, hrx, hry, w, h, bc, bs, c, sd, ex, ss, sss) = values
+        (p, n, st, smp, sch, stp, ehr, hru, hrs, hrd, hrsc, hrx, hry, w, h, bc, bs, c, sd, ex, ss, sss, hrp,
+         hrn) = values
         req = generation.Txt2ImgRequest(
             prompt=p or "", negative_prompt=n or "", styles=list(st or []), sampler_name=smp, scheduler=sch,
             steps=int(stp), enable_hr=bool(ehr), hr_upscaler=hru, hr_second_pass_steps=int(hrs),
+            hr_prompt=hrp or "", hr_negative_prompt=hrn or "",
             denoising_strength=float(hrd), hr_scale=float(hrsc), hr_resize_x=int(hrx), hr_resize_y=int(hry),
             width=int(w), height=int(h), n_iter=int(bc), batch_size=int(bs), cfg_scale=float(c),
             seed=int(sd if sd is not None else -1), subseed=int(ss if (ex and ss is not None) else -1),
@@ -298,7 +306,8 @@ def _txt2img_tab(webui, generation):
                       scheduler=scheduler, cfg_scale=cfg, seed=seed, width=width, height=height,
                       subseed=subseed, subseed_strength=subseed_strength, enable_hr=enable_hr,
                       hr_scale=hr_scale, hr_upscaler=hr_upscaler, hr_second_pass_steps=hr_steps,
-                      denoising_strength=hr_denoise, batch_size=batch_size)
+                      denoising_strength=hr_denoise, batch_size=batch_size, hr_prompt=hr_prompt,
+                      hr_negative_prompt=hr_negative)
     send_fields = [(name, None) for name in components]
     return {"components": components, "send_fields": send_fields, "styles": style_controls,
             "send_img2img": send_img2img, "gallery": gallery, "infotexts": infotexts_state,

@@ -190,3 +190,23 @@ def test_sdxl_checkpoint_with_its_lora_and_embedding_from_the_ui(page, tiny_mode
     finally:
         page.close()
         srv.stop()
+
+
+def test_hires_prompt_with_its_own_lora_from_the_ui(page, server):
+    """The hires fix section has A1111's Hires prompt box; a LoRA tag written there applies to the hires pass
+    (its hash in the infotext) and the prompt is kept in the infotext."""
+    open_ui(page, server)
+    small(page, steps=2)
+    page.locator("#txt2img_prompt textarea").fill("a cat")
+    page.locator("#txt2img_hr").get_by_text("Hires. fix").first.click()
+    page.locator("#txt2img_enable_hr input").check()
+    page.locator("#txt2img_hr_scale input[type=number]").fill("1.5")
+    page.locator("#txt2img_hr_scale input[type=number]").press("Enter")
+    page.locator("#hires_prompt textarea").fill("a cat, sharp <lora:tiny-lora:0.7>")
+    page.click("#txt2img_generate")
+    expect(page.locator("#html_info_txt2img .infotext")).to_contain_text("Hires prompt", timeout=GEN_TIMEOUT)
+    text = infotext(page)
+    assert 'Hires prompt: "a cat, sharp <lora:tiny-lora:0.7>"' in text or \
+        "Hires prompt: a cat, sharp <lora:tiny-lora:0.7>" in text, text
+    assert 'Lora hashes: "tiny-lora: ' in text
+    assert "Hires upscale: 1.5" in text and "Size: 64x64" in text  # A1111: Size is the first pass's
