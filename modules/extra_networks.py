@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import struct
@@ -677,6 +678,41 @@ def _parse_multiplier(text: str) -> float | None:
     return value if value == value and abs(value) != float("inf") else None
 
 
+_widths_cache: dict[tuple[str, int], frozenset[int]] = {}
+
+
+def text_encoder_widths(info) -> set[int]:
+    """The widths of a checkpoint's text encoders, read from its file header or configs (nothing loaded);
+    cached per file version, since the UI's token counter asks on every keystroke."""
+    if info is None:
+        return set()
+    path = Path(info.filename)
+    try:
+        key = (str(path), (path / "model_index.json" if path.is_dir() else path).stat().st_mtime_ns)
+    except OSError:
+        return set()
+    cached = _widths_cache.get(key)
+    if cached is not None:
+        return set(cached)
+    widths: set[int] = set()
+    if path.is_dir():
+        for sub in ("text_encoder", "text_encoder_2"):
+            try:
+                widths.add(int(json.loads((path / sub / "config.json").read_text()).get("hidden_size")))
+            except (ValueError, TypeError, OSError):
+                pass
+    elif path.suffix == ".safetensors":
+        from modules.sd_models import read_safetensors_shapes
+        try:
+            shapes = read_safetensors_shapes(path)
+        except Exception:
+            return widths
+        widths.update(shape[1] for key, shape in shapes.items()
+                      if key.endswith("token_embedding.weight") and len(shape) == 2)
+    _widths_cache[key] = frozenset(widths)
+    return widths
+
+
 class ExtraNetworks:
     """The LoRA registry and the embedding database of one server."""
 
@@ -684,6 +720,11 @@ class ExtraNetworks:
         self.loras = LoraRegistry(lora_dirs)
         self.embeddings = EmbeddingDatabase(embedding_dirs)
         self.loras.refresh()
+
+    def embeddings_for(self, checkpoint) -> tuple[dict[str, Embedding], dict[str, Embedding]]:
+        """(loaded, skipped) embeddings for a checkpoint (all loaded when its widths cannot be read)."""
+        widths = text_encoder_widths(checkpoint)
+        return self.embeddings.split_for(widths) if widths else (self.embeddings.all(), {})
 
     def resolve(self, prompt: str) -> ResolvedNetworks:
         text, tags = prompt_parser.parse_extra_networks(prompt)

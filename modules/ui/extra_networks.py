@@ -7,12 +7,16 @@ import html
 import gradio as gr
 
 
-def token_counter_html(text: str) -> str:
-    """"N/75" as A1111 shows it: the limit grows by 75 per chunk (BREAK, long prompts); tags do not count."""
+def token_counter_html(text: str, webui=None) -> str:
+    """"N/75" as A1111 shows it: the limit grows by 75 per chunk (BREAK, long prompts); tags do not count,
+    and an embedding of the current checkpoint counts as its number of vectors."""
     if not text:
         return '<div class="token-counter">0/75</div>'  # no tokenizer (and no transformers import) needed
     from modules import clip_tokenizer, prompts
-    tokens, limit = prompts.token_counts(text, clip_tokenizer.clip_tokenizer())
+    embeddings = None
+    if webui is not None and getattr(webui, "extra_networks", None) is not None:
+        embeddings = webui.extra_networks.embeddings_for(webui.current_checkpoint())[0]
+    tokens, limit = prompts.token_counts(text, clip_tokenizer.clip_tokenizer(), embeddings)
     cls = "token-counter over" if tokens > 75 else "token-counter"
     return f'<div class="{cls}" title="{limit // 75} chunk(s) of 75 tokens">{tokens}/{limit}</div>'
 

@@ -48,9 +48,9 @@ def theme():
 
 
 
-def _token_counter_html(text: str) -> str:
-    from modules.ui.extra_networks import token_counter_html  # per chunk: BREAK, long prompts, tags
-    return token_counter_html(text)
+def _token_counter_html(text: str, webui=None) -> str:
+    from modules.ui.extra_networks import token_counter_html  # per chunk: BREAK, long prompts, tags, embeddings
+    return token_counter_html(text, webui)
 
 
 def _progress_html(job) -> str:
@@ -238,10 +238,11 @@ def _txt2img_tab(webui, generation):
     infotexts_state = gr.State([])
     seed_state = gr.State(-1)
 
-    prompt.change(_token_counter_html, inputs=[prompt], outputs=[prompt_tokens], show_progress="hidden",
-                  queue=False)
-    negative.change(_token_counter_html, inputs=[negative], outputs=[negative_tokens], show_progress="hidden",
-                    queue=False)
+    def counter(text):
+        return _token_counter_html(text, webui)
+
+    prompt.change(counter, inputs=[prompt], outputs=[prompt_tokens], show_progress="hidden", queue=False)
+    negative.change(counter, inputs=[negative], outputs=[negative_tokens], show_progress="hidden", queue=False)
     seeds.wire(seed_state)
 
     inputs = [prompt, negative, styles, sampler, scheduler, steps, enable_hr, hr_upscaler, hr_steps, hr_denoise,

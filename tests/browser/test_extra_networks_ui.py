@@ -210,3 +210,14 @@ def test_hires_prompt_with_its_own_lora_from_the_ui(page, server):
         "Hires prompt: a cat, sharp <lora:tiny-lora:0.7>" in text, text
     assert 'Lora hashes: "tiny-lora: ' in text
     assert "Hires upscale: 1.5" in text and "Size: 64x64" in text  # A1111: Size is the first pass's
+
+
+def test_token_counter_counts_an_embedding_as_its_vectors(page, server):
+    """As A1111: tiny-emb (2 vectors, usable by the current SD1 checkpoint) counts 2; the SDXL-only
+    tiny-emb-xl is not loaded for it, so its name counts as the words it is."""
+    open_ui(page, server)
+    box = page.locator("#txt2img_prompt textarea")
+    box.fill("tiny-emb")
+    expect(page.locator("#txt2img_token_counter")).to_contain_text("2/75")  # its words alone would be 4
+    box.fill("tiny-emb-xl")
+    expect(page.locator("#txt2img_token_counter")).to_contain_text("6/75")  # the tokens of its words
