@@ -225,14 +225,7 @@ class LycoModule:
     def out_features_and_numel(self) -> tuple[int, int]:
         """(rows, elements) of the delta, without building it."""
         t = self.tensors
-
-        def shape(prefix, tucker):
-            if prefix in t:
-                return list(t[prefix].shape)
-            a, b = t[prefix + "_a"], t[prefix + "_b"]
-            if tucker and tucker in t:
-                return [a.shape[1], b.shape[1], *t[tucker].shape[2:]]
-            return [a.shape[0], *b.shape[1:]]
+        shape = self._shape
 
         def numel(dims):
             n = 1
@@ -249,11 +242,46 @@ class LycoModule:
         w1, w2 = shape("lokr_w1", None), shape("lokr_w2", "lokr_t2")
         return w1[0] * w2[0], numel(w1) * numel(w2)
 
+    def consistent(self) -> bool:
+        """Whether the factors' shapes chain (a malformed file must be skipped, not fail in a matmul)."""
+        t = self.tensors
+
+        def pair(prefix, tucker):
+            if prefix in t:
+                return t[prefix].ndim in (2, 4)
+            a, b = t[prefix + "_a"], t[prefix + "_b"]
+            if a.ndim != 2 or b.ndim not in (2, 4):
+                return False
+            if tucker and tucker in t:
+                core = t[tucker]
+                return core.ndim == 4 and core.shape[0] == a.shape[0] and core.shape[1] == b.shape[0]
+            return a.shape[1] == b.shape[0]
+
+        if self.kind == "full":
+            return True
+        if self.kind == "locon_cp":
+            up, mid, down = t["up"], t["mid"], t["down"]
+            return (mid.ndim == 4 and up.flatten(1).shape[1] == mid.shape[0]
+                    and down.flatten(1).shape[0] == mid.shape[1])
+        if self.kind == "loha":
+            return (pair("hada_w1", "hada_t1") and pair("hada_w2", "hada_t2")
+                    and self._shape("hada_w1", "hada_t1") == self._shape("hada_w2", "hada_t2"))
+        return pair("lokr_w1", None) and pair("lokr_w2", "lokr_t2")
+
+    def _shape(self, prefix, tucker) -> list[int]:
+        t = self.tensors
+        if prefix in t:
+            return list(t[prefix].shape)
+        a, b = t[prefix + "_a"], t[prefix + "_b"]
+        if tucker and tucker in t:
+            return [a.shape[1], b.shape[1], *t[tucker].shape[2:]]
+        return [a.shape[0], *b.shape[1:]]
+
     def fits(self, weight_shape) -> bool:
         total = 1
         for d in weight_shape:
             total *= d
-        return self.out_features_and_numel() == (weight_shape[0], total)
+        return self.consistent() and self.out_features_and_numel() == (weight_shape[0], total)
 
     def tensors_list(self) -> list:
         return list(self.tensors.values())

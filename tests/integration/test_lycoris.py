@@ -171,3 +171,24 @@ def test_unreadable_kinds_in_a_lora_file_are_named_in_a_warning(checkpoint, tiny
     res = generation.run_txt2img(ctx, req, None, {"sd_model_checkpoint": "tiny-sd15", "return_grid": False})
     assert 'Lora hashes: "mixed: ' in res.infotexts[0]
     assert any("<lora:mixed>: 1 of its tensors" in w and "dora_scale" in w for w in res.info["warnings"])
+
+
+def test_malformed_lyco_layers_are_skipped_with_a_warning(checkpoint, tmp_path):
+    """Factors that do not chain (rank 4 against rank 3) or a LoHa whose halves differ: those layers are
+    skipped and said to be, the rest applies, and nothing raises inside the request."""
+    unet = checkpoint.components["unet"]
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    good = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
+    out_f, in_f = dict(unet.named_modules())[name].weight.shape
+    key, good_key = "lora_unet_" + name.replace(".", "_"), "lora_unet_" + good.replace(".", "_")
+    g = torch.Generator().manual_seed(5)
+    path = tmp_path / "bad.safetensors"
+    save_file({f"{key}.hada_w1_a": torch.randn(out_f, 4, generator=g), f"{key}.hada_w1_b": torch.randn(3, in_f),
+               f"{key}.hada_w2_a": torch.randn(out_f, 4), f"{key}.hada_w2_b": torch.randn(4, in_f),
+               f"{good_key}.hada_w1_a": torch.randn(out_f, 2), f"{good_key}.hada_w1_b": torch.randn(2, in_f),
+               f"{good_key}.hada_w2_a": torch.randn(out_f, 2), f"{good_key}.hada_w2_b": torch.randn(2, in_f)},
+              str(path))
+    weights, ours, before, warnings = merge_ours(checkpoint, path)
+    assert warnings == ["LoRA bad: 1 of its layers do not match this checkpoint and were skipped"]
+    assert torch.equal(ours[name + ".weight"], before[name + ".weight"])
+    assert not torch.equal(ours[good + ".weight"], before[good + ".weight"])
