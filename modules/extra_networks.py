@@ -181,7 +181,7 @@ class LycoModule:
         if self.kind == "locon_cp":
             return t["down"].shape[0]
         if self.kind == "lokr":
-            for key in ("lokr_w1_b", "lokr_w2_b"):
+            for key in ("lokr_w2_b", "lokr_w1_b"):  # A1111's order
                 if key in t:
                     return t[key].shape[0]
         return None
@@ -219,7 +219,7 @@ class LycoModule:
             w2 = self._factor("lokr_w2", "lokr_t2", True)
             if w2.ndim == 4:
                 w1 = w1.reshape(*w1.shape, 1, 1)
-            delta = torch.kron(w1, w2)
+            delta = torch.kron(w1.contiguous(), w2.contiguous())  # a Tucker rebuild is a non-contiguous view
         return (delta * self.scale()).reshape(weight_shape)
 
     def out_features_and_numel(self) -> tuple[int, int]:
@@ -246,27 +246,26 @@ class LycoModule:
         """Whether the factors' shapes chain (a malformed file must be skipped, not fail in a matmul)."""
         t = self.tensors
 
-        def pair(prefix, tucker):
+        def pair(prefix, tucker, full_ndims=(2, 4)):
             if prefix in t:
-                return t[prefix].ndim in (2, 4)
+                return t[prefix].ndim in full_ndims
             a, b = t[prefix + "_a"], t[prefix + "_b"]
-            if a.ndim != 2 or b.ndim not in (2, 4):
-                return False
-            if tucker and tucker in t:
+            if tucker and tucker in t:  # [r, out] and [r, in] around a [r, r, k, k] core
                 core = t[tucker]
-                return core.ndim == 4 and core.shape[0] == a.shape[0] and core.shape[1] == b.shape[0]
-            return a.shape[1] == b.shape[0]
+                return (a.ndim == 2 and b.ndim == 2 and core.ndim == 4 and core.shape[0] == a.shape[0]
+                        and core.shape[1] == b.shape[0])
+            return a.ndim == 2 and b.ndim in (2, 4) and a.shape[1] == b.shape[0]
 
         if self.kind == "full":
             return True
         if self.kind == "locon_cp":
             up, mid, down = t["up"], t["mid"], t["down"]
-            return (mid.ndim == 4 and up.flatten(1).shape[1] == mid.shape[0]
-                    and down.flatten(1).shape[0] == mid.shape[1])
+            return (up.ndim in (2, 4) and down.ndim in (2, 4) and mid.ndim == 4
+                    and up.flatten(1).shape[1] == mid.shape[0] and down.flatten(1).shape[0] == mid.shape[1])
         if self.kind == "loha":
             return (pair("hada_w1", "hada_t1") and pair("hada_w2", "hada_t2")
                     and self._shape("hada_w1", "hada_t1") == self._shape("hada_w2", "hada_t2"))
-        return pair("lokr_w1", None) and pair("lokr_w2", "lokr_t2")
+        return pair("lokr_w1", None, full_ndims=(2,)) and pair("lokr_w2", "lokr_t2")
 
     def _shape(self, prefix, tucker) -> list[int]:
         t = self.tensors

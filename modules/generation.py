@@ -141,11 +141,13 @@ def sample_latents(pipe, *, conditioning: prompts.ScheduledConditioning, sdxl: b
 
 
 def _run_pass(pipe, kind: str, *, conditioning: prompts.ScheduledConditioning, sdxl: bool, steps, cfg, width,
-              height, generators, eta, tracker, latents=None, image=None, mask=None, strength=None):
+              height, generators, eta, tracker, latents=None, image=None, mask=None, strength=None,
+              masked_image_latents=None):
     if kind == "txt2img":
         kw = dict(height=height, width=width, latents=latents)
     elif kind == "inpaint":
-        kw = dict(height=height, width=width, latents=latents, image=image, mask_image=mask, strength=strength)
+        kw = dict(height=height, width=width, latents=latents, image=image, mask_image=mask, strength=strength,
+                  masked_image_latents=masked_image_latents)
     else:
         kw = dict(image=image, strength=strength)
     return sample_latents(pipe, conditioning=conditioning, sdxl=sdxl, steps=steps, cfg=cfg, generators=generators,
@@ -187,7 +189,7 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
     hr_w, hr_h = hires_target_size(req) if hires else (req.width, req.height)
     hr_denoise = req.denoising_strength if req.denoising_strength is not None else 0.7
     hr_steps = req.hr_second_pass_steps or req.steps
-    steps_per_iter = req.steps + (min(int(hr_steps * hr_denoise), hr_steps) if hires else 0)
+    steps_per_iter = req.steps + (hr_steps if hires else 0)  # A1111: the hires pass runs exactly hr_steps steps
 
     # LoRA tags come out of the text before encoding; bad ones are reported, and the image is made anyway.
     # The hires pass runs with the LoRAs of the hires prompt (the first pass's prompt when it is empty).
@@ -330,12 +332,37 @@ def _hires_pass(ctx, bundle, req, latents, first_pipe, seeds, conditioning, hr_w
         decoded = decode_latents(first_pipe, latents)
         image = [im.resize((hr_w, hr_h), getattr(Image.Resampling, resample or "LANCZOS")) for im in decoded]
     scheduler = samplers.make_scheduler(req.hr_sampler_name, req.hr_scheduler, bundle.scheduler_config)
-    pipe = sd_pipelines.make_pipeline(bundle, "img2img", scheduler, offload=ctx.offload, offload_device=ctx.offload_device)
+    # An inpainting checkpoint's UNet takes mask + masked-image channels: its hires pass is the inpaint pipeline
+    # with everything masked, as its first pass is (A1111 conditions it the same way).
+    kind = "inpaint" if bundle.arch.inpainting else "img2img"
+    pipe = sd_pipelines.make_pipeline(bundle, kind, scheduler, offload=ctx.offload, offload_device=ctx.offload_device)
     _, generators = make_noise(seeds, seeds, 0.0, (1, 1, 1), ensd)  # fresh per-image generators for pass two
     tracker.offset = req.steps
-    return _run_pass(pipe, "img2img", conditioning=conditioning, sdxl=bundle.arch.family == "sdxl", steps=hr_steps,
+    extra = {}
+    if kind == "inpaint":
+        from PIL import Image
+        extra["mask"] = [Image.new("L", (hr_w, hr_h), 255)] * len(seeds)
+        if isinstance(image, torch.Tensor):
+            # latent upscale: the pipeline cannot mask latents in pixel space, so the masked image (all of it
+            # masked: a blank picture) is encoded here, as the pipeline does it for pixel inputs
+            vae = bundle.components["vae"]
+            blank = torch.zeros(len(seeds), 3, hr_h, hr_w, device=vae.device, dtype=vae.dtype)
+            with torch.no_grad():
+                extra["masked_image_latents"] = vae.encode(blank).latent_dist.mode() * vae.config.scaling_factor
+    total, strength = hires_schedule(hr_steps, hr_denoise)
+    return _run_pass(pipe, kind, conditioning=conditioning, sdxl=bundle.arch.family == "sdxl", steps=total,
                      cfg=req.cfg_scale, width=hr_w, height=hr_h, generators=generators,
-                     eta=req.eta, tracker=tracker, image=image, strength=hr_denoise)
+                     eta=req.eta, tracker=tracker, image=image, strength=strength, **extra)
+
+
+def hires_schedule(hr_steps: int, denoise: float) -> tuple[int, float]:
+    """(num_inference_steps, strength) for diffusers' img2img so that the hires pass runs exactly `hr_steps`
+    steps, as A1111's does: it samples the last hr_steps of a schedule of int(hr_steps / denoise) steps
+    (denoise capped at 0.999), so "Hires steps: 10, Denoising strength: 0.4" means 10 steps of a 25-step
+    schedule, not 4. The strength is nudged half a step up so diffusers' int(total * strength) lands on
+    hr_steps whatever the float rounding."""
+    total = max(hr_steps, int(hr_steps / min(denoise, 0.999)))
+    return total, min(1.0, (hr_steps + 0.5) / total)
 
 
 def _resolve_networks(ctx, prompt: str) -> extra_networks.ResolvedNetworks:

@@ -89,3 +89,53 @@ def test_variation_seed_moves_away_from_the_seed(context):
     big, text = run(0.9)
     assert 0 < np.abs(base - small).mean() < np.abs(base - big).mean()
     assert "Variation seed: 99" in text and "Variation seed strength: 0.9" in text
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_hires_fix_on_an_inpainting_checkpoint(context, upscaler):
+    """The 9-channel UNet's hires pass is the inpaint pipeline with everything masked (as its first pass),
+    for a latent and a pixel upscaler alike; the second pass really changes the upscaled picture."""
+    def run(denoise):
+        req = generation.validate(generation.Txt2ImgRequest(
+            prompt="a cat", steps=3, width=64, height=64, seed=2, save_images=False, enable_hr=True, hr_scale=1.5,
+            hr_upscaler=upscaler, denoising_strength=denoise, hr_second_pass_steps=3))
+        return generation.run_txt2img(context, req, None, {"sd_model_checkpoint": "tiny-sd15-inpainting"})
+    low, high = run(0.3), run(0.9)
+    a, b = np.asarray(low.images[0]).astype(int), np.asarray(high.images[0]).astype(int)
+    assert a.shape == b.shape == (96, 96, 3)
+    assert np.abs(a - b).mean() > 1
+    assert low.info["is_using_inpainting_conditioning"] and "Hires upscale: 1.5" in low.infotexts[0]
+
+
+@pytest.mark.parametrize("hr_steps,denoise", [(5, 0.3), (4, 0.75), (2, 1.0)])
+def test_hires_pass_runs_exactly_the_hires_steps(context, monkeypatch, hr_steps, denoise):
+    """A1111: "Hires steps: N" is N denoising steps at any denoising strength (the last N of a longer
+    schedule), not N x strength; the progress counts them too."""
+    from modules import sd_pipelines
+    calls, handles = [], []
+    make = sd_pipelines.make_pipeline
+
+    def counting(bundle, kind, *a, **kw):
+        pipe = make(bundle, kind, *a, **kw)
+        if not handles:  # every pipeline shares the checkpoint's one UNet: hook it once
+            handles.append(pipe.unet.register_forward_hook(lambda *_: calls.append(1)))
+        return pipe
+    monkeypatch.setattr(generation.sd_pipelines, "make_pipeline", counting)
+    req = generation.validate(generation.Txt2ImgRequest(
+        prompt="a cat", steps=3, width=64, height=64, seed=2, save_images=False, enable_hr=True, hr_scale=1.5,
+        denoising_strength=denoise, hr_second_pass_steps=hr_steps))
+    try:
+        generation.run_txt2img(context, req, None, {})
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(calls) == 3 + hr_steps  # one UNet call per step (CFG runs as one batch)
+
+
+def test_hires_schedule_lands_on_the_hires_steps():
+    for hr_steps in range(1, 151):
+        for denoise in (0.01, 0.05, 0.1, 0.2, 0.3, 0.33, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.75, 0.8, 0.9,
+                        0.95, 0.999, 1.0):
+            total, strength = generation.hires_schedule(hr_steps, denoise)
+            assert total == max(hr_steps, int(hr_steps / min(denoise, 0.999)))  # A1111's schedule length
+            assert min(int(total * strength), total) == hr_steps, (hr_steps, denoise)
