@@ -107,9 +107,16 @@ class _StepTracker:
         if self.switch is not None:
             self.switch.on_step_end(i)
         if self.job is not None:
-            self.job.step(self.offset + i + 1, self.total,
+            # a second-order scheduler calls back once per model call (2 per step, 1 for the last): count steps
+            step = -(-(i + 1) // scheduler_order(pipe.scheduler))
+            self.job.step(self.offset + step, self.total,
                           preview=lambda: sd_pipelines.cheap_preview(latents, self.family))
         return kwargs
+
+
+def scheduler_order(scheduler) -> int:
+    """Model calls per step of a diffusers scheduler (2 for Heun and DPM2, else 1)."""
+    return max(1, int(getattr(scheduler, "order", 1) or 1))
 
 
 def decode_latents(pipe, latents: torch.Tensor, generators=None) -> list:
@@ -212,15 +219,20 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
         merged.use(applied)
         conditioner = text_conditioner(ctx, bundle, settings, clip_skip)
         old_scheduling = bool(settings.get("use_old_scheduling", False))
-        conditioning = prompts.build_conditioning(conditioner, resolved.prompt, negative, req.steps,
+        sampler_info = samplers.make_scheduler(req.sampler_name, req.scheduler, bundle.scheduler_config)
+        # prompt-editing steps count model calls, as A1111's do: a second-order sampler's schedule is twice as long
+        conditioning = prompts.build_conditioning(conditioner, resolved.prompt, negative,
+                                                  req.steps * scheduler_order(sampler_info),
                                                   use_old_scheduling=old_scheduling)
         hr_conditioning = None
         if hires:
             # encoded with the hires pass's LoRAs merged (a fresh encoder: the first one caches per text)
             hr_conditioner = text_conditioner(ctx, bundle, settings, clip_skip) if merged.use(hr_applied) else \
                 conditioner
+            hr_order = scheduler_order(samplers.make_scheduler(req.hr_sampler_name, req.hr_scheduler,
+                                                               bundle.scheduler_config))
             hr_conditioning = prompts.build_conditioning(
-                hr_conditioner, hr_resolved.prompt, hr_negative, req.steps, hr_steps,
+                hr_conditioner, hr_resolved.prompt, hr_negative, req.steps * hr_order, hr_steps * hr_order,
                 old_scheduling)
         first_names = {a.info.name for a in applied}
         both_passes = applied + [a for a in hr_applied if a.info.name not in first_names]
@@ -230,7 +242,6 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
         inpainting_model = bundle.arch.inpainting
         vae_scale = 2 ** (len(bundle.components["vae"].config.block_out_channels) - 1)
         latent_channels = bundle.components["unet"].config.out_channels
-        sampler_info = samplers.make_scheduler(req.sampler_name, req.scheduler, bundle.scheduler_config)
         pipe = sd_pipelines.make_pipeline(bundle, "inpaint" if inpainting_model else "txt2img", sampler_info,
                                           offload=ctx.offload, offload_device=ctx.offload_device)
         for it in range(req.n_iter):
@@ -349,19 +360,25 @@ def _hires_pass(ctx, bundle, req, latents, first_pipe, seeds, conditioning, hr_w
             blank = torch.zeros(len(seeds), 3, hr_h, hr_w, device=vae.device, dtype=vae.dtype)
             with torch.no_grad():
                 extra["masked_image_latents"] = vae.encode(blank).latent_dist.mode() * vae.config.scaling_factor
-    total, strength = hires_schedule(hr_steps, hr_denoise)
+    config = scheduler.config
+    # LCM cannot take more steps than it was distilled for, no scheduler more than its training timesteps
+    limit = min(int(config.get("num_train_timesteps", 1000) or 1000),
+                int(config.get("original_inference_steps", 0) or 0) or 10**9)
+    total, strength = hires_schedule(hr_steps, hr_denoise, limit)
     return _run_pass(pipe, kind, conditioning=conditioning, sdxl=bundle.arch.family == "sdxl", steps=total,
                      cfg=req.cfg_scale, width=hr_w, height=hr_h, generators=generators,
                      eta=req.eta, tracker=tracker, image=image, strength=strength, **extra)
 
 
-def hires_schedule(hr_steps: int, denoise: float) -> tuple[int, float]:
+def hires_schedule(hr_steps: int, denoise: float, limit: int | None = None) -> tuple[int, float]:
     """(num_inference_steps, strength) for diffusers' img2img so that the hires pass runs exactly `hr_steps`
     steps, as A1111's does: it samples the last hr_steps of a schedule of int(hr_steps / denoise) steps
     (denoise capped at 0.999), so "Hires steps: 10, Denoising strength: 0.4" means 10 steps of a 25-step
     schedule, not 4. The strength is nudged half a step up so diffusers' int(total * strength) lands on
-    hr_steps whatever the float rounding."""
+    hr_steps whatever the float rounding. A scheduler's `limit` on the schedule length shortens both."""
     total = max(hr_steps, int(hr_steps / min(denoise, 0.999)))
+    if limit and total > limit:
+        total, hr_steps = limit, min(hr_steps, limit)
     return total, min(1.0, (hr_steps + 0.5) / total)
 
 

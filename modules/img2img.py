@@ -25,7 +25,7 @@ from modules import prompt_parser, prompts, samplers, sd_pipelines
 from modules.generation import (GenerationContext, GenerationResult, _network_params, _networks_applied,
                                 _StepTracker, base_infotext_params, decode_latents, sample_latents,
                                 text_conditioner, make_noise, resolve_seeds, result_info,
-                                add_grid, save_sample)
+                                add_grid, save_sample, scheduler_order)
 from modules.generation_params import GenerationError
 from modules.img2img_params import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, Img2ImgRequest, validate_img2img
 from modules.jobs import Job, JobInterrupted, JobSkipped
@@ -146,7 +146,8 @@ def run_img2img(ctx: GenerationContext, req: Img2ImgRequest, job: Job | None = N
             _networks_applied(ctx, bundle, resolved, warnings) as applied:
         family = bundle.arch.family
         conditioner = text_conditioner(ctx, bundle, settings, clip_skip)
-        conditioning = prompts.build_conditioning(conditioner, resolved.prompt, negative, max(run_steps, 1),
+        order = scheduler_order(samplers.make_scheduler(req.sampler_name, req.scheduler, bundle.scheduler_config))
+        conditioning = prompts.build_conditioning(conditioner, resolved.prompt, negative, max(run_steps, 1) * order,
                                                   use_old_scheduling=bool(settings.get("use_old_scheduling", False)))
         network_params = _network_params(applied, prompts.embeddings_in([resolved.prompt, negative],
                                                                          conditioner.used_embeddings))

@@ -139,3 +139,56 @@ def test_hires_schedule_lands_on_the_hires_steps():
             total, strength = generation.hires_schedule(hr_steps, denoise)
             assert total == max(hr_steps, int(hr_steps / min(denoise, 0.999)))  # A1111's schedule length
             assert min(int(total * strength), total) == hr_steps, (hr_steps, denoise)
+
+
+def test_second_order_samplers_count_steps_and_switch_prompts_as_a1111(context, monkeypatch):
+    """Heun calls the model twice per step (2N-1 calls): the progress still counts 1..N per pass and never
+    goes back, and `[a cat:a dog:0.5]` switches half-way through the calls (A1111 doubles the schedule of
+    second-order samplers), in the first pass and in the hires pass."""
+    from modules import prompts as prompts_mod
+    from modules.jobs import Job
+    reported, used = [], []
+    job = Job(lambda j: None, kind="txt2img")
+    monkeypatch.setattr(job, "step", lambda step, steps, preview=None: reported.append((step, steps)))
+    before = prompts_mod.ConditioningSwitch._before
+
+    def spy(self, module, args, kwargs):
+        cond = self.conditioning.conds_at(self.step)[0][1]
+        used.append(cond)
+        return before(self, module, args, kwargs)
+    monkeypatch.setattr(prompts_mod.ConditioningSwitch, "_before", spy)
+    steps, hr_steps = 4, 4
+
+    def run(prompt):
+        reported.clear()
+        used.clear()
+        req = generation.validate(generation.Txt2ImgRequest(
+            prompt=prompt, sampler_name="Heun", steps=steps, width=64, height=64, seed=2, save_images=False,
+            enable_hr=True, hr_scale=1.5, denoising_strength=0.5, hr_second_pass_steps=hr_steps))
+        generation.run_txt2img(context, req, job, {})
+        assert {total for _, total in reported} == {steps + hr_steps}
+        values = [step for step, _ in reported]
+        assert values == sorted(values) and values[-1] == steps + hr_steps and values[steps * 2 - 2] == steps
+        return list(used)
+
+    def switches(calls):
+        return [i for i in range(1, len(calls)) if calls[i] is not calls[i - 1]]
+
+    # 0.5: A1111's schedule for Heun has 2 x 4 = 8 call-steps; "a cat" lasts while the call index is <= 4
+    # (int(0.5 x 8)), so of the 7 calls the 6th is the first "a dog"; the hires pass needs no switching
+    first = run("[a cat:a dog:0.5]")
+    assert len(first) == 2 * steps - 1 and switches(first) == [int(0.5 * 2 * steps) + 1]
+    # 1.5: the first pass is "a cat" throughout; the hires pass switches by the same rule over its calls
+    second = run("[a cat:a dog:1.5]")
+    assert len(second) == 2 * hr_steps - 1 and switches(second) == [int(0.5 * 2 * hr_steps) + 1]
+
+
+def test_lcm_hires_with_a_long_schedule_is_capped(context):
+    """LCM takes at most its 50 distilled steps: 8 hires steps at strength 0.1 (an 80-step schedule in A1111's
+    rule) run on the 50-step schedule instead of failing."""
+    req = generation.validate(generation.Txt2ImgRequest(
+        prompt="a cat", sampler_name="LCM", steps=2, width=64, height=64, seed=2, save_images=False,
+        enable_hr=True, hr_scale=1.5, denoising_strength=0.1, hr_second_pass_steps=8))
+    res = generation.run_txt2img(context, req, None, {})
+    assert res.images[0].size == (96, 96)
+    assert generation.hires_schedule(8, 0.1, 50) == (50, 8.5 / 50)
