@@ -285,12 +285,7 @@ def create_tab(webui, tabs: gr.Tabs) -> Img2ImgTab:
                     mk2_color = gr.Slider(0, 1, value=0.05, step=0.01, label="Color variation",
                                           elem_id="img2img_mk2_color_variation")
             with gr.Column():
-                progress = gr.HTML("", elem_id="img2img_progress")
-                preview = gr.Image(label="Live preview", type="pil", format="png", interactive=False, visible=False,
-                                   elem_id="img2img_preview", height=256)
-                gallery = gr.Gallery(label="Output", format="png", columns=4, height=512, elem_id="img2img_gallery",
-                                     interactive=False)
-                info_html = gr.HTML("", elem_id="html_info_img2img")
+                progress, preview, gallery, info_html = ui_mod.output_panel("img2img")
                 error_html = gr.HTML("", elem_id="img2img_error")
 
     job_state = gr.State(None)

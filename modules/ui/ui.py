@@ -225,12 +225,7 @@ def _txt2img_tab(webui, generation):
             seeds = seed_controls("txt2img")
             seed, extra, subseed, subseed_strength = seeds.seed, seeds.extra, seeds.subseed, seeds.subseed_strength
         with gr.Column():
-            progress = gr.HTML("", elem_id="txt2img_progress")
-            preview = gr.Image(label="Live preview", type="pil", format="png", interactive=False, visible=False,
-                               elem_id="txt2img_preview", height=256)
-            gallery = gr.Gallery(label="Output", format="png", columns=4, height=512, elem_id="txt2img_gallery",
-                                 interactive=False)
-            info_html = gr.HTML("", elem_id="html_info_txt2img")
+            progress, preview, gallery, info_html = output_panel("txt2img")
             send_img2img = img2img_ui.send_buttons("txt2img")
             error_html = gr.HTML("", elem_id="txt2img_error")
 
@@ -344,6 +339,17 @@ def seed_controls(tab: str) -> SeedControls:
         subseed_strength = gr.Slider(0, 1, value=0, step=0.01, label="Variation strength",
                                      elem_id=f"{tab}_subseed_strength")
     return SeedControls(seed, random_seed, reuse_seed, extra, extra_row, subseed, subseed_strength)
+
+
+def output_panel(tab: str):
+    """(progress, live preview, gallery, infotext) of a generation tab, with A1111's element ids."""
+    progress = gr.HTML("", elem_id=f"{tab}_progress")
+    preview = gr.Image(label="Live preview", type="pil", format="png", interactive=False, visible=False,
+                       elem_id=f"{tab}_preview", height=256)
+    gallery = gr.Gallery(label="Output", format="png", columns=4, height=512, elem_id=f"{tab}_gallery",
+                         interactive=False)
+    info_html = gr.HTML("", elem_id=f"html_info_{tab}")
+    return progress, preview, gallery, info_html
 
 
 def wire_job_controls(webui, run, inputs, outputs, *, generate, prompt, interrupt, skip, job_state, gallery,
