@@ -9,16 +9,13 @@ same settings, alternating so drift hits both. Prints median seconds and their r
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import scratch  # noqa: E402  (sys.path, offline settings, git-ignored output)
 
 
 def write_medium_blip2(folder: Path) -> None:
@@ -64,7 +61,7 @@ def main() -> int:
     from modules.captioning.tiny import make_tiny_captioners
     from modules.model_manager import ModelManager
 
-    tmp = Path(tempfile.mkdtemp(prefix="caption-bench-"))
+    tmp = scratch("caption")
     name = "tiny-blip2"
     if args.size == "medium":
         write_medium_blip2(tmp)

@@ -17,9 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MODELS, scratch  # noqa: E402  (sys.path, offline settings, git-ignored output)
 
 
 def main() -> None:
@@ -28,7 +27,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--models", type=Path, default=REPO / "benchmarks" / ".models")
+    parser.add_argument("--models", type=Path, default=MODELS)
     args = parser.parse_args()
 
     import torch
@@ -41,7 +40,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     if not (args.models / "Stable-diffusion" / f"{tiny_models.SD15_RANDOM}.safetensors").exists():
         tiny_models.make_tiny_models(args.models, full_size=True)
-    out = args.models.parent / "bench-out"
+    out = scratch("lora")
     registry = sd_models.CheckpointRegistry([args.models / "Stable-diffusion"], [],
                                             sd_models.HashCache(out / "cache.json"))
     registry.refresh()

@@ -17,10 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MODELS, REPO, scratch  # noqa: E402  (sys.path, offline settings, git-ignored output)
 
 
 def generation_speed(models: Path, rounds: int, steps: int, size: int) -> None:
@@ -32,7 +30,7 @@ def generation_speed(models: Path, rounds: int, steps: int, size: int) -> None:
     from modules.styles import StyleDatabase
 
     torch.set_num_threads(os.cpu_count() or 1)
-    out = models.parent / "bench-out"
+    out = scratch("txt2img")
     registry = sd_models.CheckpointRegistry([models / "Stable-diffusion"], [], sd_models.HashCache(out / "cache.json"))
     registry.refresh()
     manager = ModelManager("cpu", 0, 16 * 2**30)
@@ -80,7 +78,7 @@ def start_time(models: Path, repeats: int = 3) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        data = models.parent / f"bench-data-{i}"
+        data = scratch(f"start-data-{i}")
         t = time.perf_counter()
         proc = subprocess.Popen([sys.executable, str(REPO / "webui.py"), "--api", "--port", str(port),
                                  "--data-dir", str(data), "--models-dir", str(models)],
@@ -107,7 +105,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--models", type=Path, default=REPO / "benchmarks" / ".models")
+    ap.add_argument("--models", type=Path, default=MODELS)
     ap.add_argument("--skip-generation", action="store_true")
     args = ap.parse_args()
     from modules import tiny_models

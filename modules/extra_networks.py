@@ -35,7 +35,6 @@ log = logging.getLogger("webui.extra_networks")
 
 LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
 EMBEDDING_EXTENSIONS = (".safetensors", ".pt", ".bin")
-PARTS = ("unet", "te1", "te2")
 
 
 # ----------------------------------------------------------------------------------------- hashes

@@ -281,10 +281,9 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
                         break
                     continue
             batch_images = decode_latents(pipe, latents)
-            out_w, out_h = batch_images[0].size
             for j, image in enumerate(batch_images):
-                params = _infotext_params(req, bundle.info, it_seeds[j], it_subseeds[j], out_w, out_h,
-                                          clip_skip, hires, hr_denoise, (hr_w, hr_h))
+                params = _infotext_params(req, bundle.info, it_seeds[j], it_subseeds[j], clip_skip, hires, hr_denoise,
+                                          (hr_w, hr_h))
                 params.update(network_params)
                 text = infotext_mod.create_infotext(prompt, negative, params)
                 images.append(image)
@@ -508,7 +507,7 @@ def base_infotext_params(req, info, seed, subseed, clip_skip, denoising_strength
     }
 
 
-def _infotext_params(req, info, seed, subseed, width, height, clip_skip, hires, hr_denoise, hr_size) -> dict:
+def _infotext_params(req, info, seed, subseed, clip_skip, hires, hr_denoise, hr_size) -> dict:
     params = base_infotext_params(req, info, seed, subseed, clip_skip, hr_denoise if hires else None)
     params.update(_extra_params(req, hires, hr_denoise, hr_size))
     if req.styles:

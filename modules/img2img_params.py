@@ -23,7 +23,6 @@ class Img2ImgRequest(Txt2ImgRequest):
     mask: Any = None
     resize_mode: int = 0
     denoising_strength: float = 0.75
-    image_cfg_scale: float | None = None
     mask_blur_x: int = 4
     mask_blur_y: int = 4
     mask_round: bool = True
@@ -35,7 +34,6 @@ class Img2ImgRequest(Txt2ImgRequest):
     include_init_images: bool = False
     script_name: str | None = None
     script_args: list = field(default_factory=list)
-    mode_name: str = "img2img"  # which UI mode made it (infotext/notice only)
 
 
 def validate_img2img(req: Img2ImgRequest) -> Img2ImgRequest:

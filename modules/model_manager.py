@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol, TypeVar, runtime_checkable
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
@@ -48,14 +48,6 @@ class ModelOutOfMemoryError(RuntimeError):
         super().__init__(message)
         self.key = key
         self.device = device
-
-
-@runtime_checkable
-class MemoryFootprint(Protocol):
-    """Anything that states its own size in bytes (a tensor, a quantised blob, a fake model in tests)."""
-
-    @property
-    def nbytes(self) -> int: ...
 
 
 def _collect_tensors(obj: Any, tensors: dict[int, torch.Tensor], visited: set[int]) -> None:

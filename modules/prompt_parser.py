@@ -287,13 +287,6 @@ def text_at_step(schedule: list[list], step: int) -> str:
     return schedule[-1][1]
 
 
-def schedule_index(schedule: list[list], step: int) -> int:
-    for i, (end, _) in enumerate(schedule):
-        if step <= end:
-            return i
-    return len(schedule) - 1
-
-
 # ---------------------------------------------------------------------------------------- AND
 
 _RE_AND = re.compile(r"\bAND\b")

@@ -401,7 +401,6 @@ class SearchIndex:
             else:
                 rows.append(None)
                 fresh.append(len(rows) - 1)
-        usable = []
         for start in range(0, len(fresh), batch_size):
             if job is not None:
                 job.step(start, len(fresh))

@@ -338,8 +338,7 @@ def create_tab(webui, tabs: gr.Tabs) -> Img2ImgTab:
             mask_blur_x=int(v["mask_blur"]), mask_blur_y=int(v["mask_blur"]),
             inpainting_fill=int(v["fill"] if v["fill"] is not None else 1),
             inpaint_full_res=bool(v["full_res"]), inpaint_full_res_padding=int(v["padding"]),
-            inpainting_mask_invert=int(v["mask_mode"] or 0), script_name=script_name, script_args=script_args,
-            mode_name=MODES[v["mode"]])
+            inpainting_mask_invert=int(v["mask_mode"] or 0), script_name=script_name, script_args=script_args)
 
     names = ["mode", "img2img", "sketch", "inpaint", "inpaint_sketch", "up_image", "up_mask", "b_input", "b_output",
              "b_mask", "prompt", "negative", "sampler", "scheduler", "steps", "size_by", "width", "height", "scale",
