@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from modules import infotext as infotext_mod
@@ -48,6 +49,7 @@ class GenerationResult:
     info: dict
     paths: list[Path]
     grid_count: int = 0
+    samples: list | None = None  # float images (H x W x 3 in [0, 1]) when the run was asked to keep them
 
 
 def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -119,13 +121,18 @@ def scheduler_order(scheduler) -> int:
     return max(1, int(getattr(scheduler, "order", 1) or 1))
 
 
-def decode_latents(pipe, latents: torch.Tensor, generators=None) -> list:
-    """VAE-decode exactly as the diffusers pipelines do, in the VAE's own dtype (so --no-half-vae works)."""
+def decode_latents(pipe, latents: torch.Tensor, samples: list | None = None) -> list:
+    """VAE-decode exactly as the diffusers pipelines do, in the VAE's own dtype (so --no-half-vae works), to PIL
+    images. With a `samples` list, the decoded float images (H x W x 3 in [0, 1], what `output_type="np"`
+    gives) are appended to it too: fidelity checks compare those, before rounding to 8 bits."""
     vae = pipe.vae
     with torch.no_grad():
         scaled = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
-        image = vae.decode(scaled, return_dict=False, generator=generators)[0]
-    return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
+        image = vae.decode(scaled, return_dict=False)[0]
+    arrays = pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True] * image.shape[0])
+    if samples is not None:
+        samples.extend(arrays)
+    return pipe.image_processor.numpy_to_pil(arrays)
 
 
 def sample_latents(pipe, *, conditioning: prompts.ScheduledConditioning, sdxl: bool, steps, cfg, generators, eta,
@@ -172,8 +179,9 @@ def text_conditioner(ctx: GenerationContext, bundle, settings: dict, clip_skip: 
 
 
 def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = None,
-                settings: dict | None = None) -> GenerationResult:
-    """Generate every image of a (validated) request on the current thread (the job worker)."""
+                settings: dict | None = None, *, keep_samples: bool = False) -> GenerationResult:
+    """Generate every image of a (validated) request on the current thread (the job worker). With
+    `keep_samples` the result also holds each image as decoded floats (`samples`, no grid among them)."""
     settings = settings or {}
     checkpoint_name = settings.get("sd_model_checkpoint") or ""
     info = ctx.registry.find(checkpoint_name) if checkpoint_name else None
@@ -196,7 +204,10 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
     hr_w, hr_h = hires_target_size(req) if hires else (req.width, req.height)
     hr_denoise = req.denoising_strength if req.denoising_strength is not None else 0.7
     hr_steps = req.hr_second_pass_steps or req.steps
-    steps_per_iter = req.steps + (hr_steps if hires else 0)  # A1111: the hires pass runs exactly hr_steps steps
+    # denoising strength 0 (A1111's API smoke test sends it): the upscale alone, no second sampling pass
+    upscale_only = hires and hr_denoise == 0
+    # A1111: the hires pass runs exactly hr_steps steps
+    steps_per_iter = req.steps + (hr_steps if hires and not upscale_only else 0)
 
     # LoRA tags come out of the text before encoding; bad ones are reported, and the image is made anyway.
     # The hires pass runs with the LoRAs of the hires prompt (the first pass's prompt when it is empty).
@@ -210,6 +221,7 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
     _add_new(warnings, hr_resolved.warnings)
 
     images, infotexts, all_paths = [], [], []
+    samples = [] if keep_samples else None
     today = datetime.date.today()
     with sd_pipelines.use_checkpoint(ctx.manager, info, dtype=ctx.dtype, vae_dtype=ctx.vae_dtype,
                                      attention=ctx.attention) as bundle, \
@@ -225,7 +237,7 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
                                                   req.steps * scheduler_order(sampler_info),
                                                   use_old_scheduling=old_scheduling)
         hr_conditioning = None
-        if hires:
+        if hires and not upscale_only:
             # encoded with the hires pass's LoRAs merged (a fresh encoder: the first one caches per text)
             hr_conditioner = text_conditioner(ctx, bundle, settings, clip_skip) if merged.use(hr_applied) else \
                 conditioner
@@ -261,14 +273,20 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
                 grey = Image.new("RGB", (req.width, req.height), (127, 127, 127))
                 white = Image.new("L", (req.width, req.height), 255)
                 extra = dict(image=[grey] * len(it_seeds), mask=[white] * len(it_seeds), strength=1.0)
-            stopped = None
+            stopped = pixels = None
             try:
                 latents = _run_pass(pipe, "inpaint" if inpainting_model else "txt2img",
                                     conditioning=conditioning, sdxl=family == "sdxl",
                                     steps=req.steps, cfg=req.cfg_scale, width=req.width, height=req.height,
                                     generators=generators, eta=req.eta, tracker=tracker,
                                     latents=noise, **extra)
-                if hires:
+                if upscale_only:
+                    upscaled = _hires_upscale(bundle, req, latents, pipe, hr_w, hr_h)
+                    if isinstance(upscaled, torch.Tensor):
+                        latents = upscaled
+                    else:
+                        pixels = upscaled
+                elif hires:
                     merged.use(hr_applied)
                     latents = _hires_pass(ctx, bundle, req, latents, pipe, it_seeds, hr_conditioning,
                                           hr_w, hr_h, hr_steps, hr_denoise, ensd, tracker)
@@ -280,7 +298,12 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
                     if isinstance(e, JobInterrupted):
                         break
                     continue
-            batch_images = decode_latents(pipe, latents)
+            if pixels is not None:  # a pixel upscaler's output with no second pass: these are the images
+                batch_images = pixels
+                if samples is not None:
+                    samples.extend(np.asarray(im, np.float32) / 255 for im in pixels)
+            else:
+                batch_images = decode_latents(pipe, latents, samples)
             for j, image in enumerate(batch_images):
                 params = _infotext_params(req, bundle.info, it_seeds[j], it_subseeds[j], clip_skip, hires, hr_denoise,
                                           (hr_w, hr_h))
@@ -301,7 +324,7 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
                             inpainting_model=inpainting_model, warnings=warnings, extra=extra,
                             denoising_strength=hr_denoise if hires else req.denoising_strength)
     return GenerationResult(images=images, infotexts=infotexts, info=info_dict, paths=all_paths,
-                            grid_count=grid_count)
+                            grid_count=grid_count, samples=samples)
 
 
 def result_info(req, info, job, *, prompt, negative, seeds, infotexts, grid_count, clip_skip, inpainting_model,
@@ -327,20 +350,24 @@ def result_info(req, info, job, *, prompt, negative, seeds, infotexts, grid_coun
     }
 
 
-def _hires_pass(ctx, bundle, req, latents, first_pipe, seeds, conditioning, hr_w, hr_h, hr_steps,
-                hr_denoise, ensd, tracker):
-    """A1111's hires fix: upscale the first pass (in latent space or in pixels), then img2img over it."""
+def _hires_upscale(bundle, req, latents, first_pipe, hr_w, hr_h):
+    """The first pass upscaled to the hires size: latents (a latent upscaler) or PIL images (a pixel one)."""
     vae_scale = 2 ** (len(bundle.components["vae"].config.block_out_channels) - 1)
     if req.hr_upscaler in LATENT_UPSCALE_MODES:
         mode, antialias = LATENT_UPSCALE_MODES[req.hr_upscaler]
         kw = {"antialias": antialias} if mode in ("bilinear", "bicubic") else {}
-        image = torch.nn.functional.interpolate(latents.float(), size=(hr_h // vae_scale, hr_w // vae_scale),
-                                                mode=mode, **kw).to(latents.dtype)
-    else:
-        from PIL import Image
-        resample = PIXEL_UPSCALERS[req.hr_upscaler]
-        decoded = decode_latents(first_pipe, latents)
-        image = [im.resize((hr_w, hr_h), getattr(Image.Resampling, resample or "LANCZOS")) for im in decoded]
+        return torch.nn.functional.interpolate(latents.float(), size=(hr_h // vae_scale, hr_w // vae_scale),
+                                               mode=mode, **kw).to(latents.dtype)
+    from PIL import Image
+    resample = PIXEL_UPSCALERS[req.hr_upscaler]
+    decoded = decode_latents(first_pipe, latents)
+    return [im.resize((hr_w, hr_h), getattr(Image.Resampling, resample or "LANCZOS")) for im in decoded]
+
+
+def _hires_pass(ctx, bundle, req, latents, first_pipe, seeds, conditioning, hr_w, hr_h, hr_steps,
+                hr_denoise, ensd, tracker):
+    """A1111's hires fix: upscale the first pass (in latent space or in pixels), then img2img over it."""
+    image = _hires_upscale(bundle, req, latents, first_pipe, hr_w, hr_h)
     scheduler = samplers.make_scheduler(req.hr_sampler_name, req.hr_scheduler, bundle.scheduler_config)
     # An inpainting checkpoint's UNet takes mask + masked-image channels: its hires pass is the inpaint pipeline
     # with everything masked, as its first pass is (A1111 conditions it the same way).
@@ -476,7 +503,9 @@ def _extra_params(req, hires, hr_denoise, hr_size) -> dict:
             extra["Hires resize"] = f"{hr_size[0]}x{hr_size[1]}"
         else:
             extra["Hires upscale"] = req.hr_scale
-        if req.hr_second_pass_steps:
+        if hr_denoise == 0:
+            extra["Hires pass"] = "upscale only"  # denoising strength 0: no second sampling pass
+        elif req.hr_second_pass_steps:
             extra["Hires steps"] = req.hr_second_pass_steps
         extra["Hires upscaler"] = req.hr_upscaler
         if req.hr_sampler_name and req.hr_sampler_name != req.sampler_name:
@@ -534,10 +563,13 @@ def save_sample(ctx: GenerationContext, settings: dict, req, folder_name: str, t
 
 def add_grid(ctx: GenerationContext, settings: dict, req, folder_name: str, today, images: list, infotexts: list,
              seed: int, prompt: str, paths: list) -> int:
-    """A1111's grid of a multi-image result: saved when asked, and put first in `images` (with the first
-    image's infotext) when `return_grid` is on. Returns how many grids lead the images (0 or 1)."""
-    save = req.save_images and settings.get("grid_save", True) and not req.do_not_save_grid
-    if len(images) < 2 or not (save or settings.get("return_grid", True)):
+    """A1111's grid of a multi-image result: none at all with `do_not_save_grid` (which API requests without
+    `save_images` set, as A1111's API does), else saved when the settings say so and put first in `images`
+    (with the first image's infotext) when `return_grid` is on. Returns how many grids lead the images."""
+    if len(images) < 2 or req.do_not_save_grid:
+        return 0
+    save = req.save_images and settings.get("grid_save", True)
+    if not (save or settings.get("return_grid", True)):
         return 0
     grid = outputs.make_grid(images)
     if save:

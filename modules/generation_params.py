@@ -123,8 +123,9 @@ def validate(req: Txt2ImgRequest) -> Txt2ImgRequest:
             problems.append(f"hr_scale must be between 1 and 4, got {req.hr_scale}")
         if not 0 <= req.hr_second_pass_steps <= MAX_STEPS:
             problems.append(f"hr_second_pass_steps must be between 0 and {MAX_STEPS}")
-        if req.denoising_strength is not None and not 0 < req.denoising_strength <= 1:
-            problems.append(f"denoising_strength must be in (0, 1], got {req.denoising_strength}")
+        if req.denoising_strength is not None and not 0 <= req.denoising_strength <= 1:
+            problems.append(f"denoising_strength must be between 0 and 1 (0: upscale only), got "
+                            f"{req.denoising_strength}")
         if req.width > 0 and req.height > 0 and req.hr_resize_x >= 0 and req.hr_resize_y >= 0:
             w, h = hires_target_size(req)  # needs a valid first-pass size (reported above when not)
             if not (MIN_SIZE <= w <= MAX_SIZE and MIN_SIZE <= h <= MAX_SIZE):

@@ -118,8 +118,9 @@ def _noise_substituted(scheduler, noise: torch.Tensor | None):
 
 
 def run_img2img(ctx: GenerationContext, req: Img2ImgRequest, job: Job | None = None,
-                settings: dict | None = None) -> GenerationResult:
-    """Run every image of a validated img2img request on the current thread (the job worker)."""
+                settings: dict | None = None, *, keep_samples: bool = False) -> GenerationResult:
+    """Run every image of a validated img2img request on the current thread (the job worker). With
+    `keep_samples` the result holds the decoded float images too (before any inpainting composite)."""
     settings = settings or {}
     info = _checkpoint(ctx, settings)
     req = img2img_scripts.apply(req)
@@ -140,6 +141,7 @@ def run_img2img(ctx: GenerationContext, req: Img2ImgRequest, job: Job | None = N
         extra_networks.ResolvedNetworks(prompt=prompt_parser.parse_extra_networks(prompt)[0])
     warnings.extend(resolved.warnings)
     images, infotexts, all_paths = [], [], []
+    samples = [] if keep_samples else None
     today = datetime.date.today()
     with sd_pipelines.use_checkpoint(ctx.manager, info, dtype=ctx.dtype, vae_dtype=ctx.vae_dtype,
                                      attention=ctx.attention) as bundle, \
@@ -195,7 +197,7 @@ def run_img2img(ctx: GenerationContext, req: Img2ImgRequest, job: Job | None = N
                         if isinstance(e, JobInterrupted):
                             break
                         continue
-                batch_images = decode_latents(pipe, latents)
+                batch_images = decode_latents(pipe, latents, samples)
             for j, image in enumerate(batch_images):
                 p = batch[j]
                 if p.original is not None:
@@ -218,7 +220,7 @@ def run_img2img(ctx: GenerationContext, req: Img2ImgRequest, job: Job | None = N
                             denoising_strength=req.denoising_strength)
     info_dict["script_name"] = req.script_name or None
     return GenerationResult(images=images, infotexts=infotexts, info=info_dict, paths=all_paths,
-                            grid_count=grid_count)
+                            grid_count=grid_count, samples=samples)
 
 
 def _pass_inputs(pipe, req: Img2ImgRequest, batch: list[Prepared], kind: str, noise: torch.Tensor,

@@ -149,6 +149,9 @@ def build_router(webui, server_control: ServerControl | None = None) -> APIRoute
         kwargs["scheduler"] = fields.get("scheduler") or "Automatic"
         kwargs["hr_upscaler"] = fields.get("hr_upscaler") or "Latent"
         kwargs["save_images"] = bool(body.save_images)
+        # A1111's API: without save_images nothing is saved and no grid is made (so n images answer n images)
+        kwargs["do_not_save_grid"] = bool(body.do_not_save_grid) or not body.save_images
+        kwargs["do_not_save_samples"] = bool(body.do_not_save_samples) or not body.save_images
         kwargs["styles"] = list(fields.get("styles") or [])
         return generation.Txt2ImgRequest(**kwargs)
 

@@ -30,6 +30,8 @@ def to_service_request(body: models.Img2ImgRequest, *, allow_urls: bool):
     names = set(Img2ImgRequest.__dataclass_fields__)
     kwargs = {k: v for k, v in fields.items() if k in names and v is not None}
     kwargs.update(init_images=images, mask=mask, save_images=bool(body.save_images),
+                  do_not_save_grid=bool(body.do_not_save_grid) or not body.save_images,
+                  do_not_save_samples=bool(body.do_not_save_samples) or not body.save_images,
                   styles=list(fields.get("styles") or []),
                   sampler_name=fields.get("sampler_name") or fields.get("sampler_index") or samplers.DEFAULT_API_SAMPLER,
                   scheduler=fields.get("scheduler") or "Automatic", script_args=list(body.script_args or []))

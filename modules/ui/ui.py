@@ -202,7 +202,7 @@ def _txt2img_tab(webui, generation):
                     hr_upscaler = gr.Dropdown(label="Upscaler", choices=list(generation.HIRES_UPSCALERS),
                                               value="Latent", elem_id="txt2img_hr_upscaler")
                     hr_steps = gr.Slider(0, 150, value=0, step=1, label="Hires steps", elem_id="txt2img_hires_steps")
-                    hr_denoise = gr.Slider(0.01, 1, value=0.7, step=0.01, label="Denoising strength",
+                    hr_denoise = gr.Slider(0, 1, value=0.7, step=0.01, label="Denoising strength",
                                            elem_id="txt2img_denoising_strength")
                 with gr.Row():
                     hr_scale = gr.Slider(1, 4, value=2, step=0.05, label="Upscale by", elem_id="txt2img_hr_scale")

@@ -53,11 +53,27 @@ def test_same_seed_same_pixels_and_batches_count_seeds(api):
     _, batch = txt2img(api, prompt="p", seed=10, batch_size=2, n_iter=2)
     info = json.loads(batch["info"])
     assert info["all_seeds"] == [10, 11, 12, 13]
-    assert len(batch["images"]) == 5 and info["index_of_first_image"] == 1  # grid first, then 4 images
-    assert b64_image(batch["images"][0]).size == (128, 128)
+    # A1111's API makes no grid unless save_images is on: 4 images answer 4 images
+    assert len(batch["images"]) == 4 and info["index_of_first_image"] == 0
+    assert {b64_image(im).size for im in batch["images"]} == {(64, 64)}
     # seed 10 in a batch is the seed-10 image (batched float maths may move a pixel by a level or two)
-    diff = np.abs(np.asarray(b64_image(batch["images"][1]), int) - np.asarray(b64_image(a["images"][0]), int))
+    diff = np.abs(np.asarray(b64_image(batch["images"][0]), int) - np.asarray(b64_image(a["images"][0]), int))
     assert diff.max() <= 3 and diff.mean() < 0.05
+
+
+def test_grid_only_when_images_are_saved(api):
+    """As A1111: save_images true makes (and saves) the grid, first in the answer (return_grid); n_iter=2 without
+    it answers exactly 2 images, which is what clients such as webuiapi index into."""
+    _, plain = txt2img(api, prompt="p", seed=20, n_iter=2)
+    assert len(plain["images"]) == 2 and json.loads(plain["info"])["index_of_first_image"] == 0
+    _, saved = txt2img(api, prompt="p", seed=20, n_iter=2, save_images=True)
+    info = json.loads(saved["info"])
+    assert len(saved["images"]) == 3 and info["index_of_first_image"] == 1
+    assert b64_image(saved["images"][0]).size == (128, 64)  # the grid of two 64x64 images, side by side
+    import webuiapi
+    client = webuiapi.WebUIApi(baseurl=api.base)
+    result = client.txt2img(prompt="p", seed=20, n_iter=2, width=64, height=64, steps=2)
+    assert len(result.images) == 2 and result.info["all_seeds"] == [20, 21]
 
 
 def test_sampler_names_and_legacy_names(api):
@@ -101,6 +117,16 @@ def test_hires_fix_doubles_the_size(api):
     assert image.size == (128, 128)
     assert "Hires upscale: 2.0, Hires upscaler: Latent" in image.info["parameters"]
     assert "Denoising strength: 0.5" in image.info["parameters"]
+
+
+def test_a1111_smoke_payload_hires_with_denoising_zero(api):
+    """A1111's own API smoke test: enable_hr with denoising_strength 0 answers 200 (the upscale alone)."""
+    _, body = txt2img(api, prompt="p", seed=5, enable_hr=True, denoising_strength=0, hr_scale=2)
+    text = json.loads(body["info"])["infotexts"][0]
+    assert b64_image(body["images"][0]).size == (128, 128)
+    from modules.infotext import parse_infotext
+    params = parse_infotext(text)
+    assert float(params["Denoising strength"]) == 0 and params["Hires pass"] == "upscale only"
 
 
 def test_png_info_round_trip(api):

@@ -10,6 +10,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
 from modules import generation, sd_models
 from modules.model_manager import ModelManager
 from modules.styles import StyleDatabase
+from tests.images import assert_float_images_close, assert_pixels_close, mean_abs_difference
 
 # A1111's sampler -> diffusers scheduler, written out here independently of modules/samplers.py.
 PLAIN_SCHEDULERS = {
@@ -42,27 +43,28 @@ def plain_pipe(tiny_models):
 
 @pytest.mark.parametrize("sampler", list(PLAIN_SCHEDULERS))
 def test_txt2img_matches_plain_diffusers(context, plain_pipe, sampler):
+    """The decoded float images equal diffusers' `output_type="np"` within FLOAT_ATOL, and the 8-bit images
+    within one level (see tests/images.py for why not bit for bit)."""
     plain_pipe, checkpoint_scheduler_config = plain_pipe
     seed, batch, steps = 1234, 2, 6
     req = generation.validate(generation.Txt2ImgRequest(
         prompt="a photo of a cat, highly detailed", negative_prompt="blurry", sampler_name=sampler,
         steps=steps, cfg_scale=7.0, width=64, height=64, seed=seed, batch_size=batch, save_images=False))
     ours = generation.run_txt2img(context, req, None, {"sd_model_checkpoint": "tiny-sd15.safetensors",
-                                                       "return_grid": False})
-    assert len(ours.images) == batch
+                                                       "return_grid": False}, keep_samples=True)
+    assert len(ours.images) == batch == len(ours.samples)
 
     plain_pipe.scheduler = PLAIN_SCHEDULERS[sampler](checkpoint_scheduler_config)
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
     plain = plain_pipe(["a photo of a cat, highly detailed"] * batch, negative_prompt=["blurry"] * batch,
                        num_inference_steps=steps, guidance_scale=7.0, height=64, width=64, generator=generators,
-                       output_type="pil").images
+                       output_type="np").images
 
-    for a, b in zip(ours.images, plain):
-        a, b = np.asarray(a), np.asarray(b)
-        assert a.shape == (64, 64, 3)
-        assert a.std() > 1  # a real picture, not a flat field, so equality means something
-        np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(np.asarray(ours.images[0]), np.asarray(ours.images[1]))  # seed+1 differs
+    assert np.asarray(ours.samples).shape == (batch, 64, 64, 3)
+    assert_float_images_close(ours.samples, plain)
+    for image, expected in zip(ours.images, plain_pipe.image_processor.numpy_to_pil(plain)):
+        assert_pixels_close(image, expected)
+    assert mean_abs_difference(ours.images[0], ours.images[1]) > 1  # seed+1 differs
 
 
 def test_same_seed_same_image_and_seed_matters(context):
@@ -72,8 +74,8 @@ def test_same_seed_same_image_and_seed_matters(context):
         return np.asarray(generation.run_txt2img(context, req, None, {}).images[0])
 
     a, b, c = run(7), run(7), run(8)
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
+    assert_pixels_close(a, b)
+    assert mean_abs_difference(a, c) > 1
 
 
 def test_variation_seed_moves_away_from_the_seed(context):
@@ -192,3 +194,22 @@ def test_lcm_hires_with_a_long_schedule_is_capped(context):
     res = generation.run_txt2img(context, req, None, {})
     assert res.images[0].size == (96, 96)
     assert generation.hires_schedule(8, 0.1, 50) == (50, 8.5 / 50)
+
+
+def test_hires_with_denoising_strength_zero_is_the_upscale_alone(context):
+    """A1111's API smoke test sends enable_hr with denoising_strength 0: the first pass upscaled, no second pass
+    (a pixel upscaler gives the Lanczos-resized first pass), and the infotext says so."""
+    from PIL import Image
+
+    def run(**kw):
+        req = generation.validate(generation.Txt2ImgRequest(prompt="a cat", steps=3, width=64, height=64, seed=4,
+                                                            save_images=False, **kw))
+        return generation.run_txt2img(context, req, None, {})
+    first = run().images[0]
+    for upscaler in ("Lanczos", "Latent"):
+        res = run(enable_hr=True, hr_scale=2, hr_upscaler=upscaler, denoising_strength=0, hr_second_pass_steps=5)
+        assert res.images[0].size == (128, 128)
+        text = res.infotexts[0]
+        assert "Denoising strength: 0," in text and "Hires pass: upscale only" in text and "Hires steps" not in text
+        if upscaler == "Lanczos":
+            assert_pixels_close(res.images[0], first.resize((128, 128), Image.Resampling.LANCZOS))

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from modules import extra_networks, generation, sd_models
 from modules.model_manager import ModelManager
 from modules.styles import StyleDatabase
+from tests.images import assert_pixels_close
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +132,9 @@ def test_a_lora_changes_the_image_for_that_request_only(context, base):
     with_lora, res = run(context, "a cat <lora:tiny-lora:1>")
     assert np.abs(with_lora - base).mean() > 5  # plainly visible
     after, _ = run(context, "a cat")
-    np.testing.assert_array_equal(after, base)  # exact removal: nothing leaks into the next request
+    assert_pixels_close(after, base)  # exact removal: nothing leaks into the next request
     zero, _ = run(context, "a cat <lora:tiny-lora:0>")
-    np.testing.assert_array_equal(zero, base)
+    assert_pixels_close(zero, base)
     # the tag is stripped before encoding, but the infotext keeps the prompt as written, with the hash
     assert res.infotexts[0].startswith("a cat <lora:tiny-lora:1>\n")
     path = context.networks.loras.find("tiny-lora").path
@@ -209,7 +210,7 @@ def test_two_loras_at_once(context):
 ])
 def test_bad_tags_still_make_the_image_and_say_why(context, base, tag, why):
     image, res = run(context, f"a cat {tag}")
-    np.testing.assert_array_equal(image, base)
+    assert_pixels_close(image, base)
     assert len(res.info["warnings"]) == 1 and why in res.info["warnings"][0] and tag.split(":")[0] in res.info["warnings"][0]
 
 
@@ -224,9 +225,9 @@ def test_an_embedding_in_the_prompt(context, tiny_models):
 
 
 def test_prompt_editing_and_and_in_txt2img(context, base):
-    np.testing.assert_array_equal(run(context, "[a cat|a cat]")[0], base)  # through the switch, same tensors
-    np.testing.assert_array_equal(run(context, "[a cat:a dog:3]")[0], base)  # steps 0..3 of 4: all "a cat"
-    np.testing.assert_array_equal(run(context, "a cat AND a dog :0")[0], base)
+    assert_pixels_close(run(context, "[a cat|a cat]")[0], base)  # through the switch, same tensors
+    assert_pixels_close(run(context, "[a cat:a dog:3]")[0], base)  # steps 0..3 of 4: all "a cat"
+    assert_pixels_close(run(context, "a cat AND a dog :0")[0], base)
     mixed = run(context, "a cat :0.5 AND (a dog:1.4) :0.5")[0]
     assert np.abs(mixed - base).mean() > 0.5 and 0 < mixed.mean() < 255
 
@@ -286,7 +287,7 @@ def test_ldm_named_kohya_lora_gives_the_same_image(context, base, folders):
     assert not any(k.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block")) for k in keys)
     kohya, _ = run(context, "a cat <lora:tiny-lora:0.8>")
     ldm, res = run(context, "a cat <lora:tiny-lora-ldm:0.8>")
-    np.testing.assert_array_equal(ldm, kohya)
+    assert_pixels_close(ldm, kohya)
     assert np.abs(ldm - base).mean() > 5
     assert res.info["warnings"] == []
 
@@ -295,7 +296,7 @@ def test_hires_prompt_loras_apply_to_the_hires_pass(context, hires_base, monkeyp
     # the same tags in both prompts: exactly the request whose hires prompt is left empty
     same, _ = hires(context, "a cat <lora:tiny-lora:1>", "a cat <lora:tiny-lora:1>")
     empty, _ = hires(context, "a cat <lora:tiny-lora:1>")
-    np.testing.assert_array_equal(same, empty)
+    assert_pixels_close(same, empty)
     # a LoRA in the hires prompt only changes the hires pass: its UNet part ...
     hr_only, res = hires(context, "a cat", "a cat <lora:tiny-lora:1>")
     assert np.abs(hr_only - hires_base).mean() > 1 and np.abs(hr_only - empty).mean() > 1
@@ -314,7 +315,7 @@ def test_hires_prompt_loras_apply_to_the_hires_pass(context, hires_base, monkeyp
     assert (hr - plain_hr).abs().max() > 1
     monkeypatch.undo()
     zero, _ = hires(context, "a cat", "a cat <lora:tiny-lora:0>")
-    np.testing.assert_array_equal(zero, hires_base)
+    assert_pixels_close(zero, hires_base)
     assert res.info["warnings"] == []
     assert "tiny-lora: " in res.info["extra_generation_params"]["Lora hashes"]
     assert res.info["extra_generation_params"]["Hires prompt"] == "a cat <lora:tiny-lora:1>"
@@ -327,8 +328,8 @@ def test_a_first_pass_lora_is_left_out_of_a_hires_prompt_without_it(context, bas
     torch.testing.assert_close(first_passes[0], first_passes[1], rtol=0, atol=0)  # the same first pass
     assert "tiny-lora: " in res.info["extra_generation_params"]["Lora hashes"]
     # nothing of either pass's LoRAs stays in the checkpoint
-    np.testing.assert_array_equal(hires(context, "a cat")[0], hires_base)
-    np.testing.assert_array_equal(run(context, "a cat")[0], base)
+    assert_pixels_close(hires(context, "a cat")[0], hires_base)
+    assert_pixels_close(run(context, "a cat")[0], base)
 
 
 def test_hires_loras_in_the_infotext_and_warnings_once(context):
@@ -348,7 +349,7 @@ def test_each_iteration_starts_with_the_first_pass_loras(context, first_passes):
     assert len(res.images) == 2
     for i, image in enumerate(res.images):
         alone, _ = hires(context, first, second, seed=11 + i)
-        np.testing.assert_array_equal(np.asarray(image).astype(int), alone)
+        assert_pixels_close(np.asarray(image).astype(int), alone)
         hires(context, first, seed=11 + i)  # no hires prompt: the first pass's LoRAs throughout
     # each iteration's first pass is that of a request whose hires pass keeps the first pass's LoRAs
     n_iter_passes, alone_passes, plain_passes = first_passes[:2], first_passes[2::2], first_passes[3::2]
@@ -365,7 +366,7 @@ def test_styles_apply_to_the_hires_prompts_too(context):
     assert res.info["warnings"] == []
     by_hand, _ = hires(context, "a cat, oil painting <lora:tiny-lora:1>", negative_prompt="blurry, lowres",
                        hr_prompt="a dog, oil painting <lora:tiny-lora:1>", hr_negative_prompt="ugly, lowres")
-    np.testing.assert_array_equal(styled, by_hand)
+    assert_pixels_close(styled, by_hand)
     unstyled_hr, _ = hires(context, "a cat, oil painting <lora:tiny-lora:1>", negative_prompt="blurry, lowres",
                            hr_prompt="a dog", hr_negative_prompt="ugly")
     assert not np.array_equal(styled, unstyled_hr)
