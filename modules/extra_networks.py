@@ -100,10 +100,11 @@ class LoraInfo:
     def metadata(self) -> dict:
         if self.path.suffix != ".safetensors":
             return {}
+        from modules.sd_models import CheckpointError, read_safetensors_metadata
         try:
-            from modules.sd_models import read_safetensors_metadata
             return dict(read_safetensors_metadata(self.path))
-        except Exception:
+        except CheckpointError as exc:  # unreadable header: the card shows no metadata
+            log.warning("LoRA %s: cannot read its metadata: %s", self.name, exc)
             return {}
 
 
@@ -126,11 +127,11 @@ class LoraRegistry:
                 name = path.relative_to(root).with_suffix("").as_posix()
                 alias = name
                 if path.suffix == ".safetensors":
+                    from modules.sd_models import CheckpointError, read_safetensors_metadata
                     try:
-                        from modules.sd_models import read_safetensors_metadata
                         alias = read_safetensors_metadata(path).get("ss_output_name") or name
-                    except Exception:
-                        alias = name
+                    except CheckpointError as exc:  # listed by its file name; using it reports the error
+                        log.warning("LoRA %s: cannot read its header: %s", name, exc)
                 found.setdefault(name, LoraInfo(name=name, path=path, alias=alias))
         with self._lock:
             self._items = found
@@ -430,7 +431,7 @@ def _module_index(bundle) -> dict[str, dict[str, Any]]:
     UNet layers are known by their diffusers names and by their LDM names (kohya's SDXL naming). The index is
     kept with the bundle (its modules stay the same objects while it is loaded), so a request pays nothing for it."""
     models = [bundle.components.get(key) for _, key in _INDEXED_MODELS]
-    cached = bundle.__dict__.get("lora_module_index")
+    cached = bundle.cache.get("lora_module_index")
     if cached is not None and all(a is b for a, b in zip(cached[0], models)):
         return cached[1]
     import torch
@@ -451,7 +452,7 @@ def _module_index(bundle) -> dict[str, dict[str, Any]]:
             for name, ldm in ldm_unet_module_names(config, layers).items():
                 names.setdefault(ldm, layers[name])
         index[part] = names
-    bundle.__dict__["lora_module_index"] = (models, index)
+    bundle.cache["lora_module_index"] = (models, index)
     return index
 
 
@@ -529,7 +530,7 @@ def applied_loras(bundle, loras: list[AppliedLora], warnings: list[str] | None =
     # The originals of every weight a LoRA has touched are kept with the bundle (in CPU RAM) after their first
     # use: cloning them afresh for each request cost more than the sampling saved (fresh multi-MB allocations
     # page-fault on every request), and restoring from an exact copy keeps removal bit-exact.
-    originals = bundle.__dict__.setdefault("lora_originals", {})
+    originals = bundle.cache.setdefault("lora_originals", {})
     merged: list[Any] = []
     try:
         with torch.no_grad():
@@ -723,15 +724,19 @@ def text_encoder_widths(info) -> set[int]:
     widths: set[int] = set()
     if path.is_dir():
         for sub in ("text_encoder", "text_encoder_2"):
+            config = path / sub / "config.json"
+            if not config.is_file():
+                continue  # SD1/SD2 folders have one text encoder
             try:
-                widths.add(int(json.loads((path / sub / "config.json").read_text()).get("hidden_size")))
-            except (ValueError, TypeError, OSError):
-                pass
+                widths.add(int(json.loads(config.read_text()).get("hidden_size")))
+            except (ValueError, TypeError, OSError) as exc:
+                log.warning("checkpoint %s: cannot read %s/config.json: %s", info.name, sub, exc)
     elif path.suffix == ".safetensors":
-        from modules.sd_models import read_safetensors_shapes
+        from modules.sd_models import CheckpointError, read_safetensors_shapes
         try:
             shapes = read_safetensors_shapes(path)
-        except Exception:
+        except CheckpointError as exc:
+            log.warning("checkpoint %s: cannot read its header for the text encoder widths: %s", info.name, exc)
             return widths
         widths.update(shape[1] for key, shape in shapes.items()
                       if key.endswith("token_embedding.weight") and len(shape) == 2)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from modules import infotext as infotext_mod
-from modules import extra_networks, outputs, prompt_parser, prompts, samplers, sd_pipelines
+from modules import extra_networks, outputs, prompt_parser, prompts, samplers, sd_models, sd_pipelines
 from modules.generation_params import (HIRES_UPSCALERS, LATENT_UPSCALE_MODES, PIXEL_UPSCALERS,
                                        GenerationError, Txt2ImgRequest, hires_target_size, validate)
 from modules.jobs import Job, JobInterrupted, JobSkipped
@@ -40,6 +40,7 @@ class GenerationContext:
     attention: str = "sdpa"  # "sdpa" | "xformers"
     offload_device: str = "cuda"  # where offloaded parts run
     networks: Any = None  # extra_networks.ExtraNetworks: LoRA files and embeddings (None: none of either)
+    vaes: Any = None  # sd_vae.VaeRegistry: the VAE files the `sd_vae` setting picks from (None: only built-in ones)
 
 
 @dataclass
@@ -183,16 +184,6 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
     """Generate every image of a (validated) request on the current thread (the job worker). With
     `keep_samples` the result also holds each image as decoded floats (`samples`, no grid among them)."""
     settings = settings or {}
-    checkpoint_name = settings.get("sd_model_checkpoint") or ""
-    info = ctx.registry.find(checkpoint_name) if checkpoint_name else None
-    if info is None:
-        available = ctx.registry.list()
-        if checkpoint_name or not available:
-            raise GenerationError(
-                f"checkpoint {checkpoint_name!r} not found" if checkpoint_name else
-                "no checkpoint found: put a .safetensors file in models/Stable-diffusion (or start with --demo)")
-        info = available[0]
-
     prompt, negative = ctx.styles.apply(req.prompt, req.negative_prompt, req.styles)
     seeds, subseeds, seed, subseed = resolve_seeds(req)
     clip_skip = int(settings.get("CLIP_stop_at_last_layers", 1))
@@ -201,6 +192,8 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
     if job is not None:
         job.preview_every = preview_every
     hires = req.enable_hr
+    eta_choice = samplers.resolve_eta(req.sampler_name, req.eta, settings)
+    hr_eta_choice = samplers.resolve_eta(req.hr_sampler_name or req.sampler_name, req.eta, settings)
     hr_w, hr_h = hires_target_size(req) if hires else (req.width, req.height)
     hr_denoise = req.denoising_strength if req.denoising_strength is not None else 0.7
     hr_steps = req.hr_second_pass_steps or req.steps
@@ -211,7 +204,8 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
 
     # LoRA tags come out of the text before encoding; bad ones are reported, and the image is made anyway.
     # The hires pass runs with the LoRAs of the hires prompt (the first pass's prompt when it is empty).
-    warnings: list[str] = []
+    warnings: list[str] = [w for w in dict.fromkeys((eta_choice.warning, hr_eta_choice.warning if hires else None))
+                           if w]
     resolved = _resolve_networks(ctx, prompt)
     warnings.extend(resolved.warnings)
     # As in A1111 the styles apply to the hires prompts too; an empty one is the first pass's (styled) prompt.
@@ -223,11 +217,10 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
     images, infotexts, all_paths = [], [], []
     samples = [] if keep_samples else None
     today = datetime.date.today()
-    with sd_pipelines.use_checkpoint(ctx.manager, info, dtype=ctx.dtype, vae_dtype=ctx.vae_dtype,
-                                     attention=ctx.attention) as bundle, \
+    with leased_checkpoint(ctx, settings, warnings) as bundle, \
             _leased_passes(ctx, resolved, hr_resolved, warnings) as (applied, hr_applied), \
             _MergedLoras(bundle, warnings) as merged:
-        family = bundle.arch.family
+        info, family = bundle.info, bundle.arch.family
         merged.use(applied)
         conditioner = text_conditioner(ctx, bundle, settings, clip_skip)
         old_scheduling = bool(settings.get("use_old_scheduling", False))
@@ -264,7 +257,8 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
             it_seeds, it_subseeds = seeds[lo:hi], subseeds[lo:hi]
             shape = (latent_channels, req.height // vae_scale, req.width // vae_scale)
             noise, generators = make_noise(it_seeds, it_subseeds, req.subseed_strength, shape, ensd)
-            pipe.scheduler = samplers.make_scheduler(req.sampler_name, req.scheduler, bundle.scheduler_config)
+            pipe.scheduler = samplers.make_scheduler(req.sampler_name, req.scheduler, bundle.scheduler_config,
+                                                     eta=eta_choice.eta)
             tracker = _StepTracker(job, steps_per_iter, family, preview_every)
             extra = {}
             if inpainting_model:
@@ -278,7 +272,7 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
                 latents = _run_pass(pipe, "inpaint" if inpainting_model else "txt2img",
                                     conditioning=conditioning, sdxl=family == "sdxl",
                                     steps=req.steps, cfg=req.cfg_scale, width=req.width, height=req.height,
-                                    generators=generators, eta=req.eta, tracker=tracker,
+                                    generators=generators, eta=eta_choice.eta, tracker=tracker,
                                     latents=noise, **extra)
                 if upscale_only:
                     upscaled = _hires_upscale(bundle, req, latents, pipe, hr_w, hr_h)
@@ -289,7 +283,7 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
                 elif hires:
                     merged.use(hr_applied)
                     latents = _hires_pass(ctx, bundle, req, latents, pipe, it_seeds, hr_conditioning,
-                                          hr_w, hr_h, hr_steps, hr_denoise, ensd, tracker)
+                                          hr_w, hr_h, hr_steps, hr_denoise, ensd, tracker, hr_eta_choice.eta)
             except (JobInterrupted, JobSkipped) as e:
                 # A1111 keeps what was drawn so far: decode the latest latents as this iteration's images.
                 stopped = e
@@ -308,6 +302,8 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
                 params = _infotext_params(req, bundle.info, it_seeds[j], it_subseeds[j], clip_skip, hires, hr_denoise,
                                           (hr_w, hr_h))
                 params.update(network_params)
+                params.update(sampler_params(req.sampler_name, eta_choice, ensd))
+                params.update(vae_params(bundle))
                 text = infotext_mod.create_infotext(prompt, negative, params)
                 images.append(image)
                 infotexts.append(text)
@@ -322,13 +318,56 @@ def run_txt2img(ctx: GenerationContext, req: Txt2ImgRequest, job: Job | None = N
     info_dict = result_info(req, info, job, prompt=prompt, negative=negative, seeds=(seed, seeds, subseed, subseeds),
                             infotexts=infotexts, grid_count=grid_count, clip_skip=clip_skip,
                             inpainting_model=inpainting_model, warnings=warnings, extra=extra,
-                            denoising_strength=hr_denoise if hires else req.denoising_strength)
+                            denoising_strength=hr_denoise if hires else req.denoising_strength,
+                            vae=vae_params(bundle))
     return GenerationResult(images=images, infotexts=infotexts, info=info_dict, paths=all_paths,
                             grid_count=grid_count, samples=samples)
 
 
+@contextlib.contextmanager
+def leased_checkpoint(ctx: GenerationContext, settings: dict, warnings: list[str]):
+    """The request's checkpoint (with the VAE its `sd_vae` setting picks), leased for the with-block.
+
+    A checkpoint the request names must load, or the request fails with the reason. With none named (the user
+    never chose one), the first checkpoint of the list that loads is used: a file that cannot load is skipped,
+    named in `warnings`, and left out of later defaults until it changes on disk.
+    """
+    name = settings.get("sd_model_checkpoint") or ""
+    if name:
+        candidates = [ctx.registry.resolve(name)]
+    else:
+        candidates = ctx.registry.usable()
+    with contextlib.ExitStack() as stack:
+        for info in candidates:
+            try:
+                bundle = stack.enter_context(sd_pipelines.use_checkpoint(
+                    ctx.manager, info, dtype=ctx.dtype, vae_dtype=ctx.vae_dtype, attention=ctx.attention))
+            except sd_models.CheckpointError as e:
+                if name:
+                    raise
+                ctx.registry.mark_unusable(info, str(e))
+                warnings.append(f"skipped checkpoint {info.name}, which cannot be loaded: {e}")
+                log.warning("default checkpoint %s skipped: %s", info.name, e)
+                continue
+            break
+        else:
+            skipped = ctx.registry.unusable()
+            raise GenerationError("no checkpoint found: put a .safetensors file in models/Stable-diffusion (or start "
+                                  "with --demo)" if not skipped else "no checkpoint can be loaded: " + "; ".join(
+                                      f"{n}: {why}" for n, why in skipped.items()))
+        vae = ctx.vaes.choose(settings.get("sd_vae"), info.filename) if ctx.vaes is not None else None
+        yield stack.enter_context(sd_pipelines.use_vae(ctx.manager, bundle, vae, dtype=ctx.vae_dtype or ctx.dtype,
+                                                       attention=ctx.attention))
+
+
+def vae_params(bundle) -> dict[str, str]:
+    """`VAE hash` and `VAE` of the infotext when a VAE file replaced the checkpoint's own."""
+    vae = bundle.vae_info
+    return {"VAE hash": vae.shorthash, "VAE": vae.name} if vae is not None else {}
+
+
 def result_info(req, info, job, *, prompt, negative, seeds, infotexts, grid_count, clip_skip, inpainting_model,
-                warnings, extra, denoising_strength) -> dict:
+                warnings, extra, denoising_strength, vae: dict) -> dict:
     """The `info` of an A1111 txt2img/img2img answer; `seeds` is (seed, all seeds, subseed, all subseeds)."""
     seed, all_seeds, subseed, all_subseeds = seeds
     started = job.started if job and job.started else datetime.datetime.now().timestamp()
@@ -340,7 +379,7 @@ def result_info(req, info, job, *, prompt, negative, seeds, infotexts, grid_coun
         "sampler_name": req.sampler_name, "scheduler": req.scheduler, "cfg_scale": req.cfg_scale,
         "steps": req.steps, "batch_size": req.batch_size, "n_iter": req.n_iter, "restore_faces": False,
         "face_restoration_model": None, "sd_model_name": info.model_name, "sd_model_hash": info.shorthash,
-        "sd_vae_name": None, "sd_vae_hash": None,
+        "sd_vae_name": vae.get("VAE"), "sd_vae_hash": vae.get("VAE hash"),
         "seed_resize_from_w": req.seed_resize_from_w, "seed_resize_from_h": req.seed_resize_from_h,
         "denoising_strength": denoising_strength, "extra_generation_params": extra,
         "index_of_first_image": grid_count, "infotexts": infotexts, "styles": list(req.styles),
@@ -365,10 +404,10 @@ def _hires_upscale(bundle, req, latents, first_pipe, hr_w, hr_h):
 
 
 def _hires_pass(ctx, bundle, req, latents, first_pipe, seeds, conditioning, hr_w, hr_h, hr_steps,
-                hr_denoise, ensd, tracker):
+                hr_denoise, ensd, tracker, eta):
     """A1111's hires fix: upscale the first pass (in latent space or in pixels), then img2img over it."""
     image = _hires_upscale(bundle, req, latents, first_pipe, hr_w, hr_h)
-    scheduler = samplers.make_scheduler(req.hr_sampler_name, req.hr_scheduler, bundle.scheduler_config)
+    scheduler = samplers.make_scheduler(req.hr_sampler_name, req.hr_scheduler, bundle.scheduler_config, eta=eta)
     # An inpainting checkpoint's UNet takes mask + masked-image channels: its hires pass is the inpaint pipeline
     # with everything masked, as its first pass is (A1111 conditions it the same way).
     kind = "inpaint" if bundle.arch.inpainting else "img2img"
@@ -393,7 +432,7 @@ def _hires_pass(ctx, bundle, req, latents, first_pipe, seeds, conditioning, hr_w
     total, strength = hires_schedule(hr_steps, hr_denoise, limit)
     return _run_pass(pipe, kind, conditioning=conditioning, sdxl=bundle.arch.family == "sdxl", steps=total,
                      cfg=req.cfg_scale, width=hr_w, height=hr_h, generators=generators,
-                     eta=req.eta, tracker=tracker, image=image, strength=strength, **extra)
+                     eta=eta, tracker=tracker, image=image, strength=strength, **extra)
 
 
 def hires_schedule(hr_steps: int, denoise: float, limit: int | None = None) -> tuple[int, float]:
@@ -517,6 +556,15 @@ def _extra_params(req, hires, hr_denoise, hr_size) -> dict:
     return extra
 
 
+def sampler_params(sampler: str, eta_choice: samplers.EtaChoice, ensd: int) -> dict[str, Any]:
+    """The sampler's settings that change its images, as A1111 writes them: Eta DDIM / Eta (when not the
+    default) and ENSD (when set and the sampler draws noise while it runs)."""
+    params: dict[str, Any] = dict(eta_choice.infotext)
+    if ensd and samplers.is_stochastic(sampler):
+        params["ENSD"] = ensd
+    return params
+
+
 def base_infotext_params(req, info, seed, subseed, clip_skip, denoising_strength) -> dict[str, Any]:
     """The infotext keys txt2img and img2img share, in A1111's order (None values are left out when written)."""
     return {
@@ -555,8 +603,9 @@ def save_sample(ctx: GenerationContext, settings: dict, req, folder_name: str, t
                 infotext: str, paths: list) -> None:
     """Save one image as A1111 does (when the request and the settings say so), adding its path to `paths`."""
     if req.save_images and settings.get("samples_save", True) and not req.do_not_save_samples:
+        folder = outputs.samples_folder(ctx.outputs_root, folder_name, today, settings.get("outdir_samples", ""))
         paths.append(outputs.save_image(
-            image, outputs.dated_folder(ctx.outputs_root, folder_name, today), seed=seed, prompt=prompt,
+            image, folder, seed=seed, prompt=prompt,
             infotext=infotext if settings.get("enable_pnginfo", True) else None,
             extension=settings.get("samples_format", "png"), jpeg_quality=settings.get("jpeg_quality", 80)))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 from modules import samplers
 
@@ -27,6 +26,11 @@ HIRES_UPSCALERS = tuple(LATENT_UPSCALE_MODES) + tuple(PIXEL_UPSCALERS)
 
 class GenerationError(ValueError):
     """A request that cannot be run as given (the caller's mistake: shown as a 4xx / a UI notice)."""
+
+
+class UnknownNameError(GenerationError):
+    """A request naming a sampler, schedule type or upscaler that does not exist (A1111 answers 400); the
+    message lists the request's other problems too."""
 
 
 @dataclass
@@ -60,7 +64,6 @@ class Txt2ImgRequest:
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
     denoising_strength: float | None = None
-    override_settings: dict[str, Any] = field(default_factory=dict)
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
     save_images: bool = True
@@ -81,8 +84,10 @@ def hires_target_size(req: Txt2ImgRequest) -> tuple[int, int]:
 
 
 def validate(req: Txt2ImgRequest) -> Txt2ImgRequest:
-    """Range-check a request and resolve its sampler names; raises GenerationError with every problem."""
+    """Range-check a request and resolve its sampler names; raises GenerationError with every problem
+    (UnknownNameError when one of them is a name that does not exist)."""
     problems = []
+    unknown = False
     if not 1 <= req.steps <= MAX_STEPS:
         problems.append(f"steps must be between 1 and {MAX_STEPS}, got {req.steps}")
     for name in ("width", "height"):
@@ -115,10 +120,12 @@ def validate(req: Txt2ImgRequest) -> Txt2ImgRequest:
         samplers.scheduler_overrides(hr_sampler, hr_schedule)
     except samplers.UnknownSamplerError as e:
         problems.append(str(e))
+        unknown = True
         sampler = schedule = hr_sampler = hr_schedule = None
     if req.enable_hr:
         if req.hr_upscaler not in HIRES_UPSCALERS:
             problems.append(f"hr_upscaler must be one of {list(HIRES_UPSCALERS)}, got {req.hr_upscaler!r}")
+            unknown = True
         if not 1 <= req.hr_scale <= 4 and not (req.hr_resize_x or req.hr_resize_y):
             problems.append(f"hr_scale must be between 1 and 4, got {req.hr_scale}")
         if not 0 <= req.hr_second_pass_steps <= MAX_STEPS:
@@ -133,7 +140,7 @@ def validate(req: Txt2ImgRequest) -> Txt2ImgRequest:
         else:
             problems.append("hires fix needs a first-pass width and height, and hr_resize_x/y of 0 or more")
     if problems:
-        raise GenerationError("; ".join(problems))
+        raise (UnknownNameError if unknown else GenerationError)("; ".join(problems))
     return dataclasses.replace(req, sampler_name=sampler, scheduler=schedule,
                                hr_sampler_name=hr_sampler, hr_scheduler=hr_schedule)
 

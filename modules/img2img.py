@@ -23,10 +23,10 @@ from PIL import Image
 from modules import extra_networks, img2img_images as pix, img2img_scripts, infotext as infotext_mod
 from modules import prompt_parser, prompts, samplers, sd_pipelines
 from modules.generation import (GenerationContext, GenerationResult, _network_params, _networks_applied,
-                                _StepTracker, base_infotext_params, decode_latents, sample_latents,
+                                _StepTracker, base_infotext_params, decode_latents, leased_checkpoint, sample_latents, sampler_params,
+                                vae_params,
                                 text_conditioner, make_noise, resolve_seeds, result_info,
                                 add_grid, save_sample, scheduler_order)
-from modules.generation_params import GenerationError
 from modules.img2img_params import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, Img2ImgRequest, validate_img2img
 from modules.jobs import Job, JobInterrupted, JobSkipped
 from modules.version import VERSION
@@ -75,18 +75,6 @@ def prepare_images(req: Img2ImgRequest) -> list[Prepared]:
     return out
 
 
-def _checkpoint(ctx: GenerationContext, settings: dict):
-    name = settings.get("sd_model_checkpoint") or ""
-    info = ctx.registry.find(name) if name else None
-    if info is None:
-        available = ctx.registry.list()
-        if name or not available:
-            raise GenerationError(f"checkpoint {name!r} not found" if name else
-                                  "no checkpoint found: put a .safetensors file in models/Stable-diffusion")
-        info = available[0]
-    return info
-
-
 def _encode(pipe, images: list[Image.Image], width: int, height: int) -> torch.Tensor:
     """VAE latents (scaled) of PIL images at width x height: the distribution's mean, as a tensor."""
     vae = pipe.vae
@@ -122,7 +110,6 @@ def run_img2img(ctx: GenerationContext, req: Img2ImgRequest, job: Job | None = N
     """Run every image of a validated img2img request on the current thread (the job worker). With
     `keep_samples` the result holds the decoded float images too (before any inpainting composite)."""
     settings = settings or {}
-    info = _checkpoint(ctx, settings)
     req = img2img_scripts.apply(req)
     prompt, negative = ctx.styles.apply(req.prompt, req.negative_prompt, req.styles)
     seeds, subseeds, seed, subseed = resolve_seeds(req)
@@ -134,19 +121,19 @@ def run_img2img(ctx: GenerationContext, req: Img2ImgRequest, job: Job | None = N
     if job is not None:
         job.preview_every = preview_every
     run_steps = min(int(req.steps * req.denoising_strength), req.steps)
+    eta_choice = samplers.resolve_eta(req.sampler_name, req.eta, settings)
     prepared = prepare_images(req)
 
-    warnings: list[str] = []
+    warnings: list[str] = [eta_choice.warning] if eta_choice.warning else []
     resolved = ctx.networks.resolve(prompt) if ctx.networks is not None else \
         extra_networks.ResolvedNetworks(prompt=prompt_parser.parse_extra_networks(prompt)[0])
     warnings.extend(resolved.warnings)
     images, infotexts, all_paths = [], [], []
     samples = [] if keep_samples else None
     today = datetime.date.today()
-    with sd_pipelines.use_checkpoint(ctx.manager, info, dtype=ctx.dtype, vae_dtype=ctx.vae_dtype,
-                                     attention=ctx.attention) as bundle, \
+    with leased_checkpoint(ctx, settings, warnings) as bundle, \
             _networks_applied(ctx, bundle, resolved, warnings) as applied:
-        family = bundle.arch.family
+        info, family = bundle.info, bundle.arch.family
         conditioner = text_conditioner(ctx, bundle, settings, clip_skip)
         order = scheduler_order(samplers.make_scheduler(req.sampler_name, req.scheduler, bundle.scheduler_config))
         conditioning = prompts.build_conditioning(conditioner, resolved.prompt, negative, max(run_steps, 1) * order,
@@ -173,7 +160,8 @@ def run_img2img(ctx: GenerationContext, req: Img2ImgRequest, job: Job | None = N
                 latents = None
                 batch_images = [p.work for p in batch]
             else:
-                pipe.scheduler = samplers.make_scheduler(req.sampler_name, req.scheduler, bundle.scheduler_config)
+                pipe.scheduler = samplers.make_scheduler(req.sampler_name, req.scheduler, bundle.scheduler_config,
+                                                         eta=eta_choice.eta)
                 tracker = _StepTracker(job, run_steps, family, preview_every)
                 noise, _ = make_noise(it_seeds, it_subseeds, req.subseed_strength, shape, 0)
                 # fresh generators: the pipeline draws exactly what a plain diffusers call with these seeds does
@@ -189,7 +177,7 @@ def run_img2img(ctx: GenerationContext, req: Img2ImgRequest, job: Job | None = N
                     with _noise_substituted(pipe.scheduler, substitute):
                         latents = sample_latents(pipe, conditioning=conditioning, sdxl=family == "sdxl",
                                                  steps=req.steps, cfg=req.cfg_scale, generators=generators,
-                                                 eta=req.eta, tracker=tracker, strength=req.denoising_strength, **kw)
+                                                 eta=eta_choice.eta, tracker=tracker, strength=req.denoising_strength, **kw)
                 except (JobInterrupted, JobSkipped) as e:
                     stopped = e
                     latents = tracker.latents
@@ -204,6 +192,8 @@ def run_img2img(ctx: GenerationContext, req: Img2ImgRequest, job: Job | None = N
                     image = pix.composite(image, p.original, p.alpha, p.paste_box)
                 params = _infotext_params(req, bundle.info, it_seeds[j], it_subseeds[j], clip_skip, has_mask)
                 params.update(network_params)
+                params.update(sampler_params(req.sampler_name, eta_choice, ensd))
+                params.update(vae_params(bundle))
                 text = infotext_mod.create_infotext(prompt, negative, params)
                 images.append(image)
                 infotexts.append(text)
@@ -217,7 +207,7 @@ def run_img2img(ctx: GenerationContext, req: Img2ImgRequest, job: Job | None = N
     info_dict = result_info(req, info, job, prompt=prompt, negative=negative, seeds=(seed, seeds, subseed, subseeds),
                             infotexts=infotexts, grid_count=grid_count, clip_skip=clip_skip,
                             inpainting_model=inpainting_model, warnings=warnings, extra=extra,
-                            denoising_strength=req.denoising_strength)
+                            denoising_strength=req.denoising_strength, vae=vae_params(bundle))
     info_dict["script_name"] = req.script_name or None
     return GenerationResult(images=images, infotexts=infotexts, info=info_dict, paths=all_paths,
                             grid_count=grid_count, samples=samples)

@@ -73,12 +73,14 @@ def validate_img2img(req: Img2ImgRequest) -> Img2ImgRequest:
             img2img_scripts.parse_args(req.script_name, req.script_args)
         except ValueError as e:
             problems.append(str(e))
+    error_type = GenerationError
     try:
         # the shared checks (size, steps, sampler, seeds); hires fix does not apply to img2img
         base = validate_txt2img(dataclasses.replace(req, enable_hr=False, denoising_strength=None))
     except GenerationError as e:
         problems.append(str(e))
+        error_type = type(e)  # an unknown sampler stays an UnknownNameError
         base = None
     if problems:
-        raise GenerationError("; ".join(problems))
+        raise error_type("; ".join(problems))
     return dataclasses.replace(req, sampler_name=base.sampler_name, scheduler=base.scheduler, enable_hr=False)

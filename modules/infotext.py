@@ -290,6 +290,7 @@ _TEXT_FIELDS = {
 }
 # Infotext keys that A1111 applies as settings for one request (override_settings), not as fields.
 _SETTING_FIELDS = {"Clip skip": "CLIP_stop_at_last_layers", "ENSD": "eta_noise_seed_delta"}
+_FLOAT_SETTING_FIELDS = {"Eta DDIM": "eta_ddim", "Eta": "eta_ancestral"}
 
 
 def infotext_to_txt2img_fields(parsed: Mapping[str, Any]) -> dict[str, Any]:
@@ -298,7 +299,7 @@ def infotext_to_txt2img_fields(parsed: Mapping[str, Any]) -> dict[str, Any]:
     Numbers are converted (a value that does not convert is left out rather than failing the
     paste). Sampler names are passed on as written; the request's sampler resolution maps legacy
     names like "DPM++ 2M Karras". Hires fix is enabled when the infotext has a denoising strength
-    and a hires scale, upscaler or resize, as A1111's paste does. Clip skip and ENSD become
+    and a hires scale, upscaler or resize, as A1111's paste does. Clip skip, ENSD and the etas become
     `override_settings`, the way A1111 applies them. The model is not switched (A1111's default
     "do not change selected model when reading generation parameters").
     """
@@ -335,6 +336,9 @@ def infotext_to_txt2img_fields(parsed: Mapping[str, Any]) -> dict[str, Any]:
     settings: dict[str, Any] = {}
     for key, name in _SETTING_FIELDS.items():
         if key in parsed and (number := _to_int(parsed[key])) is not None:
+            settings[name] = number
+    for key, name in _FLOAT_SETTING_FIELDS.items():
+        if key in parsed and (number := _to_float(parsed[key])) is not None:
             settings[name] = number
     if settings:
         fields["override_settings"] = settings

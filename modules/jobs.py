@@ -108,6 +108,7 @@ class Job:
         self._clock = clock
         self._lock = threading.Lock()
         self._done = threading.Event()
+        self._callbacks: list[Callable[[Job], Any]] = []
 
     def __repr__(self) -> str:
         return f"Job(id={self.id!r}, kind={self.kind!r}, owner={self.owner!r}, status={self.status.value!r})"
@@ -188,6 +189,15 @@ class Job:
         elapsed = max(0.0, self._clock() - started)
         return max(0.0, elapsed / progress - elapsed)
 
+    def add_done_callback(self, fn: Callable[["Job"], Any]) -> None:
+        """Call `fn(job)` once the job has finished (at once, on this thread, when it already has); otherwise on
+        the thread that finishes it. How the API awaits a job without holding a thread while it waits."""
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
     def wait(self, timeout: float | None = None) -> Any:
         """Block until the job finished; return its result or raise its error (JobInterrupted when it
         was interrupted). TimeoutError when it is still queued or running after `timeout` seconds."""
@@ -258,7 +268,14 @@ class Job:
                 self.interrupted = self.interrupted or isinstance(error, JobInterrupted)
 
     def _mark_done(self) -> None:
-        self._done.set()
+        with self._lock:
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:  # a waiter's failure must not break the queue
+                logger.exception("a done-callback of job %s failed", self.id)
 
 
 class JobQueue:

@@ -90,6 +90,13 @@ def model_bytes(obj: Any) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
 
 
+def host_bytes(obj: Any) -> int:
+    """Bytes a model keeps in CPU RAM beside its weights wherever those are (e.g. the originals of LoRA-touched
+    weights a checkpoint keeps for exact restores), as it states them in `host_nbytes`; 0 when it states none."""
+    declared = getattr(obj, "host_nbytes", 0)
+    return declared if isinstance(declared, int) and not isinstance(declared, bool) else 0
+
+
 def _format_bytes(count: int) -> str:
     if count >= 1024**3:
         return f"{count / 1024**3:.2f} GiB"
@@ -106,6 +113,7 @@ class _Entry:
     model: Any
     nbytes: int
     tier: str
+    host_bytes: int = 0  # kept in CPU RAM whatever the tier (counted against the RAM budget)
     pins: int = 0
     last_used: float = 0.0  # the manager's clock: orders LRU eviction
     order: int = 0  # breaks ties of a coarse or fake clock in favour of the later use
@@ -189,7 +197,8 @@ class ModelManager:
 
         with self._changed:
             try:
-                entry = _Entry(key=key, name=name, kind=kind, model=model, nbytes=model_bytes(model), tier=RAM_TIER, pins=1)
+                entry = _Entry(key=key, name=name, kind=kind, model=model, nbytes=model_bytes(model), tier=RAM_TIER,
+                               host_bytes=host_bytes(model), pins=1)
                 del model
                 self._touch(entry)
                 self._load_counts[key] = self._load_counts.get(key, 0) + 1
@@ -220,8 +229,10 @@ class ModelManager:
                 if entry.drop_when_released:
                     self._drop(entry, "unload was requested while it was in use")
                 else:
-                    # The lease may have changed the model (LoRA weights fused or added): re-measure.
+                    # The lease may have changed the model (LoRA weights fused or added, their originals kept in
+                    # RAM): re-measure.
                     entry.nbytes = model_bytes(entry.model)
+                    entry.host_bytes = host_bytes(entry.model)
             self._enforce_budgets()
             self._collect_if_needed()
 
@@ -323,7 +334,12 @@ class ModelManager:
         return self._ram_budget if self.single_tier else self._vram_budget
 
     def _used(self, tier: str) -> int:
-        return sum(entry.nbytes for entry in self._entries.values() if entry.tier == tier)
+        """Bytes held in `tier`. Host-side bytes (`host_bytes`) are RAM wherever their model is: they count in
+        the RAM tier, and in the device tier when the device is the CPU."""
+        used = sum(entry.nbytes for entry in self._entries.values() if entry.tier == tier)
+        if tier == RAM_TIER or self.single_tier:
+            used += sum(entry.host_bytes for entry in self._entries.values())
+        return used
 
     def _least_recently_used(self, tier: str) -> _Entry | None:
         candidates = [entry for entry in self._entries.values() if entry.tier == tier and entry.pins == 0]
@@ -470,7 +486,9 @@ class ModelManager:
 
     def report(self) -> list[dict[str, Any]]:
         """One dict per loaded model, most recently used first: key, name, kind, device ("cuda:0",
-        "cpu"), bytes, loads (from disk), last_used (UNIX time) and pinned (in use right now)."""
+        "cpu"), bytes (its weights, on that device), host_bytes (what it keeps in CPU RAM besides, such as
+        the originals of LoRA-touched weights), loads (from disk), last_used (UNIX time) and pinned (in use
+        right now)."""
         with self._lock:
             entries = sorted(self._entries.values(), key=lambda e: (e.last_used, e.order), reverse=True)
             return [
@@ -480,6 +498,7 @@ class ModelManager:
                     "kind": entry.kind,
                     "device": str(self.device) if entry.tier == DEVICE_TIER else str(CPU),
                     "bytes": entry.nbytes,
+                    "host_bytes": entry.host_bytes,
                     "loads": self._load_counts.get(entry.key, 0),
                     "last_used": entry.last_used_wall,
                     "pinned": entry.pins > 0,

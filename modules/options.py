@@ -98,8 +98,8 @@ def default_specs() -> dict[str, OptionSpec]:
         "enable_pnginfo": S(True, "Save text information about generation parameters as chunks to png files",
                             "Saving images", bool),
         "jpeg_quality": S(80, "Quality for saved jpeg and webp images", "Saving images", int, 1, 100),
-        "outdir_samples": S("", "Output directory for images; if empty, defaults to outputs/",
-                            "Paths for saving", api_writable=False, ui=False),
+        "outdir_samples": S("", "Output directory for images; if empty, the outputs folder's txt2img-images and "
+                            "img2img-images folders", "Paths for saving", api_writable=False),
         # UI / live previews
         "send_seed": S(True, "Send seed when sending prompt or image to other interface", "User interface", bool),
         "send_size": S(True, "Send size when sending prompt or image to another interface", "User interface", bool),

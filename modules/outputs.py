@@ -73,6 +73,14 @@ def dated_folder(root: Path, kind: str, when: date | None = None) -> Path:
     return Path(root) / kind / when.strftime("%Y-%m-%d")
 
 
+def samples_folder(root: Path, kind: str, when: date | None = None, custom: str | os.PathLike = "") -> Path:
+    """Where an image is saved: `dated_folder(root, kind)`, or CUSTOM/YYYY-MM-DD when the user set an output
+    directory for images (A1111's `outdir_samples`, which replaces the per-tab folders)."""
+    if custom:
+        return Path(custom).expanduser() / (when or date.today()).strftime("%Y-%m-%d")
+    return dated_folder(root, kind, when)
+
+
 def next_sequence_number(folder: Path) -> int:
     """1 + the highest leading counter of any file name in `folder` (0 for an empty or missing folder).
 

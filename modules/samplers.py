@@ -414,13 +414,14 @@ def scheduler_overrides(sampler: str, schedule_type: str) -> dict[str, Any]:
     return {**recipe.fixed, **schedule}
 
 
-def make_scheduler(sampler: str, schedule_type: str, base_config: Mapping[str, Any]):
+def make_scheduler(sampler: str, schedule_type: str, base_config: Mapping[str, Any], *, eta: float | None = None):
     """A new diffusers scheduler for (sampler, schedule type), built from the model's scheduler config.
 
     `base_config` is the checkpoint's scheduler config (e.g. `pipe.scheduler.config`); it supplies
     the noise schedule (betas, prediction type, steps offset ...). Every call returns a new object:
     schedulers keep per-run state and are not thread-safe, so requests must never share one.
     Raises UnknownSamplerError for unknown names and for pairs the diffusers class cannot build.
+    `eta` (see `resolve_eta`) picks the eta variant of a scheduler where one is needed.
     """
     canonical, label = resolve(sampler, schedule_type)
     overrides = scheduler_overrides(canonical, label)
@@ -444,7 +445,7 @@ def make_scheduler(sampler: str, schedule_type: str, base_config: Mapping[str, A
     accepted = _init_parameters(cls)
     config = {k: v for k, v in dict(base_config).items() if k in accepted}
     try:
-        return cls.from_config(config, **overrides)
+        return with_eta(cls.from_config(config, **overrides), eta)
     except (ImportError, ValueError, NotImplementedError) as exc:
         raise UnknownSamplerError(
             f"Cannot build sampler {canonical!r} with schedule type {label!r} for this model: {exc}"
@@ -546,3 +547,97 @@ def scipy_free_lms_scheduler_class():
             return EulerDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original)
 
     return ScipyFreeLMSDiscreteScheduler
+
+
+# -- eta --------------------------------------------------------------------------------------------------
+# A1111's "Eta for DDIM" (eta_ddim, default 0) and "Eta for k-diffusion samplers" (eta_ancestral, default 1),
+# overridden by a request's `eta`. diffusers' DDIM takes eta natively; its ancestral Euler has eta 1 built in,
+# so "Euler a" with another eta runs on `eta_euler_ancestral_scheduler_class`. The other ancestral and SDE
+# samplers have no eta in diffusers: they run with eta 1 and the answer says so.
+ETA_DDIM_SAMPLERS = frozenset({"DDIM"})
+ETA_ANCESTRAL_SAMPLERS = frozenset({"Euler a"})
+_STOCHASTIC_OPTIONS = ("uses_ensd", "brownian_noise")
+
+
+@dataclass(frozen=True)
+class EtaChoice:
+    """The eta a request runs with (None: the scheduler has none), its infotext entry, and a warning when
+    the asked eta cannot be applied."""
+    eta: float | None
+    infotext: dict[str, float]
+    warning: str | None = None
+
+
+def is_stochastic(sampler: str) -> bool:
+    """Whether a sampler draws fresh noise while it runs (ancestral and SDE samplers: eta and ENSD matter)."""
+    info = _SAMPLER_BY_NAME[resolve(sampler)[0]]
+    return any(info.options.get(k) for k in _STOCHASTIC_OPTIONS) or info.name in ETA_ANCESTRAL_SAMPLERS
+
+
+def resolve_eta(sampler: str, requested: float | None, settings: Mapping[str, Any]) -> EtaChoice:
+    """A1111's rule: the request's eta, else the setting of the sampler's kind; written to the infotext
+    ("Eta DDIM" / "Eta") only when it differs from that kind's default."""
+    canonical = resolve(sampler)[0]
+    if canonical in ETA_DDIM_SAMPLERS:
+        eta = float(requested if requested is not None else settings.get("eta_ddim", 0.0))
+        return EtaChoice(eta, {"Eta DDIM": eta} if eta != 0 else {})
+    if not is_stochastic(canonical):
+        return EtaChoice(None, {})
+    eta = float(requested if requested is not None else settings.get("eta_ancestral", 1.0))
+    if canonical in ETA_ANCESTRAL_SAMPLERS:
+        return EtaChoice(eta, {"Eta": eta} if eta != 1 else {})
+    if eta != 1:
+        return EtaChoice(None, {}, f"eta {eta:g} is not available for {canonical} (diffusers' scheduler has no eta); "
+                                   f"it ran with eta 1 (eta works with DDIM and Euler a)")
+    return EtaChoice(None, {})
+
+
+def with_eta(scheduler, eta: float | None):
+    """The scheduler that can run `eta`: "Euler a" with an eta other than 1 becomes the eta variant of the same
+    config; anything else is returned as it is (DDIM takes eta as a step argument)."""
+    import diffusers
+    if eta is None or eta == 1 or type(scheduler) is not diffusers.EulerAncestralDiscreteScheduler:
+        return scheduler
+    return eta_euler_ancestral_scheduler_class().from_config(scheduler.config)
+
+
+@functools.cache
+def eta_euler_ancestral_scheduler_class():
+    """diffusers' ancestral Euler with k-diffusion's eta: each step adds eta times the ancestral noise
+    (sigma_up = min(sigma_to, eta * sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2))) and steps
+    the ODE the rest of the way. Eta 1 is the parent class's own step, so it stays diffusers' pixels."""
+    import torch
+    from diffusers import EulerAncestralDiscreteScheduler
+    from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
+    from diffusers.utils.torch_utils import randn_tensor
+
+    class EtaEulerAncestralDiscreteScheduler(EulerAncestralDiscreteScheduler):
+        def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, eta: float = 1.0):
+            if eta == 1:
+                return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+            if self.step_index is None:
+                self._init_step_index(timestep)
+            sigma = self.sigmas[self.step_index]
+            sample = sample.to(torch.float32)
+            if self.config.prediction_type == "epsilon":
+                pred_original = sample - sigma * model_output
+            elif self.config.prediction_type == "v_prediction":
+                pred_original = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
+            else:
+                raise ValueError(f"prediction_type {self.config.prediction_type!r} is not supported by Euler a")
+            sigma_from, sigma_to = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
+            full_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+            sigma_up = torch.minimum(sigma_to, eta * full_up)
+            sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+            derivative = (sample - pred_original) / sigma
+            prev_sample = sample + derivative * (sigma_down - sigma)
+            # drawn at every step, as k-diffusion does, so the noise stream does not depend on eta
+            noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
+                                 generator=generator)
+            prev_sample = (prev_sample + noise * sigma_up).to(model_output.dtype)
+            self._step_index += 1
+            if not return_dict:
+                return prev_sample, pred_original
+            return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original)
+
+    return EtaEulerAncestralDiscreteScheduler

@@ -67,6 +67,10 @@ class UnsupportedCheckpointError(CheckpointError):
     """Readable, but not an SD1 / SD2 / SDXL checkpoint this project can load."""
 
 
+class CheckpointNotFoundError(CheckpointError):
+    """A checkpoint name that matches nothing in the model folders."""
+
+
 class UnsafeCheckpointError(CheckpointError):
     """A pickle that would run code (or reference objects beyond tensors) when loaded."""
 
@@ -550,6 +554,14 @@ _TITLE_RE = re.compile(r"^(?P<name>.+?)\s*\[(?P<hash>[0-9a-fA-F]{8,64})\]$")
 _HEX_RE = re.compile(r"^[0-9a-fA-F]{8,64}$")
 
 
+def _file_stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
 class CheckpointRegistry:
     """The checkpoints in the model folders (plus explicitly named files), and lookup by the texts
     users and API clients send: a title "name [hash]", a name, a model name, a file name with or
@@ -566,6 +578,33 @@ class CheckpointRegistry:
         self.hash_cache = hash_cache
         self._lock = threading.Lock()
         self._items: list[CheckpointInfo] | None = None
+        # files that failed to load, with why: left out of the default choice until they change on disk
+        self._unusable: dict[str, tuple[tuple[int, int] | None, str]] = {}
+
+    def mark_unusable(self, info: CheckpointInfo, reason: str) -> None:
+        """Remember that `info` cannot load (until its file changes), so defaults skip it."""
+        with self._lock:
+            self._unusable[info.filename] = (_file_stamp(info.filename), reason)
+
+    def unusable(self) -> dict[str, str]:
+        """name -> why, for the listed checkpoints that failed to load and have not changed since."""
+        with self._lock:
+            marks = dict(self._unusable)
+        return {info.name: marks[info.filename][1] for info in self.list()
+                if info.filename in marks and marks[info.filename][0] == _file_stamp(info.filename)}
+
+    def resolve(self, text: str) -> CheckpointInfo:
+        """`find`, or CheckpointNotFoundError naming what there is."""
+        info = self.find(text)
+        if info is None:
+            names = ", ".join(c.name for c in self.list()) or "none on disk"
+            raise CheckpointNotFoundError(f"checkpoint {text!r} not found (available: {names})")
+        return info
+
+    def usable(self) -> list[CheckpointInfo]:
+        """The checkpoints in list order, less those known not to load: the candidates for the default."""
+        bad = self.unusable()
+        return [info for info in self.list() if info.name not in bad]
 
     def _info(self, path: Path, name: str, is_folder: bool) -> CheckpointInfo:
         name = name.replace(os.sep, "/")

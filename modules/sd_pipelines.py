@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from typing import Iterator
 
@@ -24,8 +25,20 @@ class CheckpointBundle:
     def __init__(self, loaded: "sd_models.LoadedCheckpoint"):
         self.info = loaded.info
         self.arch = loaded.arch
+        self.config_dir = loaded.config_dir  # the diffusers configs it was built with (a VAE file's shape)
         self.components = dict(loaded.components)
         self.scheduler_config = dict(self.components["scheduler"].config)
+        self.vae_info = None  # the VAE file used instead of the checkpoint's own (see `with_vae`), if any
+        # What is kept with the checkpoint across requests (the LoRA layer index and the originals of the weights
+        # LoRAs touch, in CPU RAM); shared by every view of the bundle.
+        self.cache: dict = {}
+
+    def with_vae(self, vae, vae_info) -> "CheckpointBundle":
+        """A view of this checkpoint whose pipelines use another VAE (every other module is this bundle's)."""
+        view = copy.copy(self)
+        view.components = {**self.components, "vae": vae}
+        view.vae_info = vae_info
+        return view
 
     def modules(self) -> list[torch.nn.Module]:
         return [m for m in self.components.values() if isinstance(m, torch.nn.Module)]
@@ -34,6 +47,11 @@ class CheckpointBundle:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
                    for m in self.modules() for t in list(m.parameters()) + list(m.buffers()))
+
+    @property
+    def host_nbytes(self) -> int:
+        """Bytes kept in CPU RAM beside the weights wherever they are: the originals of LoRA-touched weights."""
+        return sum(t.numel() * t.element_size() for t in self.cache.get("lora_originals", {}).values())
 
     def to(self, device) -> "CheckpointBundle":
         for m in self.modules():
@@ -62,6 +80,27 @@ def use_checkpoint(manager, info, *, dtype: torch.dtype, vae_dtype: torch.dtype 
 
     with manager.use(checkpoint_key(info, dtype), load, kind="checkpoint", name=info.title) as bundle:
         yield bundle
+
+
+@contextlib.contextmanager
+def use_vae(manager, bundle: CheckpointBundle, vae, *, dtype: torch.dtype,
+            attention: str = "sdpa") -> Iterator[CheckpointBundle]:
+    """Lease the VAE file `vae` (a `sd_vae.VaeInfo`; None: the checkpoint's own) for a leased checkpoint; yields
+    the bundle, or a view of it whose pipelines use that VAE."""
+    if vae is None:
+        yield bundle
+        return
+    from modules import sd_vae
+
+    def load_vae():
+        model = sd_vae.load_vae(vae, bundle.config_dir, dtype)
+        if attention == "xformers":
+            model.enable_xformers_memory_efficient_attention()
+        return model
+
+    # keyed by the checkpoint's VAE config too: a single VAE file takes the shape of the checkpoint's VAE
+    with manager.use(f"{vae.key(dtype)}:{bundle.config_dir}", load_vae, kind="vae", name=vae.name) as model:
+        yield bundle.with_vae(model, vae)
 
 
 def _pipeline_class(arch, kind: str):

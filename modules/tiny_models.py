@@ -8,6 +8,7 @@
 - Stable-diffusion/tiny-sd15-inpainting.safetensors: the same recipe with a 9-channel UNet;
 - Stable-diffusion/tiny-sdxl.safetensors and tiny-sdxl-diffusers/: a tiny SDXL (two text encoders, a
   pooled output and size conditioning) as an SDXL-layout single file and as a diffusers folder;
+- VAE/tiny-vae.safetensors: another VAE of the tiny SD1 shape, as VAE files come (LDM keys, no configs);
 - with full_size: Stable-diffusion/sd15-random.safetensors, SD 1.5's real shapes, random, fp16, and no
   embedded configs, so loading it goes through the shipped sd_configs/sd1 folder.
 
@@ -45,11 +46,13 @@ TINY_SD15_INPAINTING = "tiny-sd15-inpainting"
 TINY_SDXL = "tiny-sdxl"
 TINY_SDXL_DIFFUSERS = "tiny-sdxl-diffusers"
 SD15_RANDOM = "sd15-random"
+TINY_VAE_FILE = "tiny-vae"  # VAE/tiny-vae.safetensors: another VAE of the tiny models' shape
 
 TINY_SEED = 0
 TINY_INPAINTING_SEED = 1
 FULL_SIZE_SEED = 2
 TINY_SDXL_SEED = 3
+TINY_VAE_SEED = 4
 
 TINY_UNET = dict(
     sample_size=8,  # 8 latent pixels -> 64x64 images by default
@@ -330,9 +333,23 @@ def write_full_size_sd15(path: Path, seed: int = FULL_SIZE_SEED) -> None:
     _write_safetensors(path, state, {})
 
 
+def write_tiny_vae(path: Path, seed: int = TINY_VAE_SEED) -> None:
+    """A VAE file as people download them (LDM keys `encoder.*`/`decoder.*`, no configs inside): it takes its
+    shape from the checkpoint it is used with, here any tiny SD1 model."""
+    from diffusers import AutoencoderKL
+
+    from modules.ldm_convert import vae_to_ldm
+
+    _seeded(seed)
+    vae = AutoencoderKL(**TINY_VAE)
+    state = vae_to_ldm(vae.state_dict(), dict(vae.config))
+    _write_safetensors(path, {k.removeprefix("first_stage_model."): v.detach().contiguous()
+                              for k, v in state.items()}, {})
+
+
 def make_tiny_models(dir: str | os.PathLike, full_size: bool = False) -> dict[str, Path]:
     """Write the tiny model set under `dir` (see the module docstring); files already written by this
-    recipe version are kept. Returns name -> path for each model."""
+    recipe version are kept. Returns name -> path for each checkpoint."""
     root = Path(dir) / CHECKPOINT_SUBDIR
     paths = {
         TINY_SD15: root / f"{TINY_SD15}.safetensors",
@@ -358,6 +375,9 @@ def make_tiny_models(dir: str | os.PathLike, full_size: bool = False) -> dict[st
             write_tiny_single_file(paths[TINY_SDXL], components)
         if not _folder_is_current(paths[TINY_SDXL_DIFFUSERS]):
             write_diffusers_folder(paths[TINY_SDXL_DIFFUSERS], components)
+    vae_file = Path(dir) / "VAE" / f"{TINY_VAE_FILE}.safetensors"
+    if not _is_current(vae_file):
+        write_tiny_vae(vae_file)
     if full_size and not _is_current(paths[SD15_RANDOM]):
         write_full_size_sd15(paths[SD15_RANDOM])
     from modules.captioning.tiny import make_tiny_captioners  # BLIP2/tiny-blip2, BLIP2/tiny-blip2-itm, BLIP/tiny-blip

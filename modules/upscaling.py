@@ -20,6 +20,10 @@ class ExtrasError(ValueError):
     """An extras request that cannot be run as given."""
 
 
+class UnknownUpscalerError(ExtrasError):
+    """An extras request naming an upscaler that does not exist (with any other problems of the request)."""
+
+
 @dataclass(frozen=True)
 class ExtrasParams:
     resize_mode: int = 0  # 0: scale by upscaling_resize, 1: to upscaling_resize_w x upscaling_resize_h
@@ -55,6 +59,7 @@ def validate(params: ExtrasParams) -> None:
         name = getattr(params, field)
         if name not in UPSCALERS:
             problems.append(f"{field}: unknown upscaler {name!r} (available: {', '.join(UPSCALERS)})")
+    unknown = bool(problems)
     if params.resize_mode not in (0, 1):
         problems.append(f"resize_mode must be 0 (scale by) or 1 (scale to), got {params.resize_mode}")
     elif params.resize_mode == 0 and not 0 < params.upscaling_resize <= MAX_SCALE:
@@ -67,7 +72,7 @@ def validate(params: ExtrasParams) -> None:
     if not 0 <= params.extras_upscaler_2_visibility <= 1:
         problems.append("extras_upscaler_2_visibility must be between 0 and 1")
     if problems:
-        raise ExtrasError("; ".join(problems))
+        raise (UnknownUpscalerError if unknown else ExtrasError)("; ".join(problems))
 
 
 def run(image: Image.Image, params: ExtrasParams) -> Image.Image:

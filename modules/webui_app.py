@@ -1,6 +1,7 @@
 """Wiring: turns parsed flags into the running pieces (folders, settings, registry, manager, queue)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
@@ -8,13 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from modules import paths
-from modules.options import Options
+from modules.options import Options, default_specs
 
 log = logging.getLogger("webui")
-
-
-class CheckpointNotFoundError(ValueError):
-    """A checkpoint name that matches nothing on disk."""
 
 
 @dataclass
@@ -55,15 +52,20 @@ class Webui:
     """The server's state, built once from the flags and handed to the API and UI builders."""
 
     def __init__(self, args):
-        from modules import sd_models
+        from modules import sd_models, sd_vae
         from modules.jobs import JobQueue
         from modules.styles import StyleDatabase
 
         self.args = args
         self.folders = Folders.from_args(args)
         self.folders.data_dir.mkdir(parents=True, exist_ok=True)
-        self.options = Options(self.folders.config_file, frozen=args.freeze_settings)
         self.hash_cache = sd_models.HashCache(self.folders.cache_file)
+        self.vaes = sd_vae.VaeRegistry(self.folders.vae_dir, self.hash_cache)
+        self.vaes.refresh()
+        specs = default_specs()
+        # the VAE setting accepts the files found now (and after /refresh-vae), so a saved choice survives a restart
+        specs["sd_vae"] = dataclasses.replace(specs["sd_vae"], choices=self.vaes.choices)
+        self.options = Options(self.folders.config_file, specs, frozen=args.freeze_settings)
         if args.demo:
             self.folders.checkpoint_dirs.append(self.demo_models_dir() / "Stable-diffusion")
         self.registry = sd_models.CheckpointRegistry(self.folders.checkpoint_dirs, self.folders.checkpoint_files,
@@ -174,14 +176,17 @@ class Webui:
             self.manager.set_budgets(self._budget("vram_budget_mb", vram), self._budget("ram_budget_mb", ram))
 
     def _ensure_current_checkpoint(self) -> None:
-        """Point sd_model_checkpoint at something that exists (without loading it)."""
+        """Forget a chosen checkpoint whose file is gone (the default applies again); say when there is none.
+
+        Nothing is written when the user has not chosen: the default is "the first checkpoint that loads", worked
+        out per request, so one file that cannot load never becomes every request's checkpoint."""
         current = self.options.get("sd_model_checkpoint")
-        if current and self.registry.find(current):
-            return
-        available = self.registry.list()
-        if available:
-            self.options.update({"sd_model_checkpoint": available[0].name})
-        elif not current:
+        if current and not self.registry.find(current):
+            log.warning("the chosen checkpoint %r is no longer in the model folders; using the first one that loads",
+                        current)
+            if not self.options.frozen:
+                self.options.update({"sd_model_checkpoint": ""})
+        if not self.registry.list():
             log.warning("No checkpoint found. Put a .safetensors file in %s (or start with --demo to try the UI "
                         "with tiny random weights).", self.folders.checkpoint_dirs[0])
 
@@ -191,11 +196,7 @@ class Webui:
 
     def resolve_checkpoint(self, name: str):
         """A title, name, model name, file name or short hash -> CheckpointInfo (as A1111 accepts)."""
-        info = self.registry.find(name)
-        if info is None:
-            names = ", ".join(c.name for c in self.registry.list()) or "none on disk"
-            raise CheckpointNotFoundError(f"checkpoint {name!r} not found (available: {names})")
-        return info
+        return self.registry.resolve(name)
 
     def normalize_settings(self, updates: dict[str, Any], *, from_api: bool) -> dict[str, Any]:
         """Validate a settings update; a checkpoint name is resolved to its canonical name."""
@@ -210,8 +211,12 @@ class Webui:
         return self.options.with_overrides(overrides)
 
     def current_checkpoint(self):
+        """The chosen checkpoint, else the first one not known to fail loading (None when there is none)."""
         name = self.options.get("sd_model_checkpoint")
-        return self.registry.find(name) if name else None
+        if name:
+            return self.registry.find(name)
+        usable = self.registry.usable()
+        return usable[0] if usable else None
 
     # -- work ------------------------------------------------------------------------------------------------
     def generation_context(self):
@@ -220,11 +225,11 @@ class Webui:
         return GenerationContext(registry=self.registry, manager=rt["manager"], styles=self.styles,
                                  outputs_root=self.outputs_root(), dtype=rt["dtype"], vae_dtype=rt["vae_dtype"],
                                  offload=rt["offload"], attention=rt["attention"], offload_device=str(rt["device"]),
-                                 networks=self.extra_networks)
+                                 networks=self.extra_networks, vaes=self.vaes)
 
     def outputs_root(self) -> Path:
-        custom = self.options.get("outputs_dir") if "outputs_dir" in self.options.specs else ""
-        return Path(custom) if custom else self.folders.outputs_dir
+        """The outputs folder of the data dir (images go to its per-tab folders unless `outdir_samples` is set)."""
+        return self.folders.outputs_dir
 
     def submit_txt2img(self, req, *, override_settings: dict | None = None, owner: str | None = None,
                        task_id: str | None = None):

@@ -15,6 +15,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modules.api import models
@@ -58,7 +59,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
 # Flags whose values are secrets: /cmd-flags shows that they are set, never what they are.
 SECRET_FLAGS = frozenset({"api_auth", "gradio_auth"})
-VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 SCRIPT_INFO_NOTE = "no scripts are installed yet"
 
 
@@ -118,30 +118,40 @@ def check_api_limits(req, opts: dict[str, Any]) -> None:
         raise HTTPException(422, "; ".join(problems))
 
 
+def fields_with_infotext(body, model_cls) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(request fields, override settings) of a txt2img/img2img body. Its `infotext` fills the fields the
+    body does not send, and the settings it carries (Clip skip, ENSD, eta) apply under the body's own
+    `override_settings`, as A1111 applies an infotext: the image then is the one the infotext describes."""
+    from modules import infotext
+    fields = body.model_dump()
+    overrides = dict(body.override_settings or {})
+    if body.infotext:
+        parsed = infotext.infotext_to_txt2img_fields(infotext.parse_infotext(body.infotext))
+        overrides = {**parsed.pop("override_settings", {}), **overrides}
+        sent = body.model_fields_set
+        for k, v in parsed.items():
+            if k in fields and k not in sent:
+                fields[k] = v
+        # the infotext's values pass through the request model again, so a stray text is a 422, not a crash
+        try:
+            fields = model_cls(**fields).model_dump()
+        except ValueError as e:
+            raise HTTPException(422, f"infotext: {e}") from None
+    return fields, overrides
+
+
 def build_router(webui, server_control: ServerControl | None = None) -> APIRouter:
     from modules import generation_params as generation
     from modules import infotext, outputs, samplers, upscaling
     from modules.sd_models import CheckpointError
-    from modules.webui_app import CheckpointNotFoundError
+    from modules.sd_models import CheckpointNotFoundError
 
     router = APIRouter(prefix="/sdapi/v1")
 
     def allow_urls() -> bool:
         return bool(webui.options.get("api_enable_requests"))
 
-    def to_service_request(body: models.Txt2ImgRequest) -> generation.Txt2ImgRequest:
-        fields = body.model_dump()
-        if body.infotext:
-            parsed = infotext.infotext_to_txt2img_fields(infotext.parse_infotext(body.infotext))
-            sent = body.model_fields_set
-            for k, v in parsed.items():
-                if k in fields and k not in sent:
-                    fields[k] = v
-            # the infotext's values pass through the request model again, so a stray text is a 422, not a crash
-            try:
-                fields = models.Txt2ImgRequest(**fields).model_dump()
-            except ValueError as e:
-                raise HTTPException(422, f"infotext: {e}") from None
+    def to_service_request(fields: dict[str, Any], body: models.Txt2ImgRequest) -> generation.Txt2ImgRequest:
         sampler = fields.get("sampler_name") or fields.get("sampler_index") or samplers.DEFAULT_API_SAMPLER
         names = {f.name for f in generation.Txt2ImgRequest.__dataclass_fields__.values()}
         kwargs = {k: v for k, v in fields.items() if k in names and v is not None}
@@ -156,20 +166,28 @@ def build_router(webui, server_control: ServerControl | None = None) -> APIRoute
         return generation.Txt2ImgRequest(**kwargs)
 
     @router.post("/txt2img", response_model=models.ImageResponse)
-    def txt2img(body: models.Txt2ImgRequest, response: Response, user: str | None = Depends(current_user)):
-        check_scripts(body)
-        req = to_service_request(body)
-        check_api_limits(req, webui.options.snapshot())
-        from modules.api.generation_job import run_generation
-        return run_generation(
-            webui, lambda: webui.submit_txt2img(req, override_settings=body.override_settings, owner=user,
-                                                task_id=body.force_task_id or None),
-            body, response, body.model_dump())
+    async def txt2img(body: models.Txt2ImgRequest, response: Response, user: str | None = Depends(current_user)):
+        from modules.api.generation_job import generation_answer, queue_generation
+
+        def queue():
+            check_scripts(body)
+            fields, overrides = fields_with_infotext(body, models.Txt2ImgRequest)
+            req = to_service_request(fields, body)
+            check_api_limits(req, webui.options.snapshot())
+            return queue_generation(
+                webui, lambda: webui.submit_txt2img(req, override_settings=overrides, owner=user,
+                                                    task_id=body.force_task_id or None), body, response, overrides)
+
+        job = await run_in_threadpool(queue)  # validation reads files (styles, checkpoints): off the event loop
+        return await generation_answer(job, body, body.model_dump())
 
     @router.post("/img2img", response_model=models.ImageResponse)
-    def img2img(body: models.Img2ImgRequest, response: Response, user: str | None = Depends(current_user)):
+    async def img2img(body: models.Img2ImgRequest, response: Response, user: str | None = Depends(current_user)):
         from modules.api import img2img_api  # img2img, inpainting and the outpainting scripts
-        return img2img_api.run(webui, body, response, user, allow_urls=allow_urls())
+        from modules.api.generation_job import generation_answer
+        job, parameters = await run_in_threadpool(img2img_api.queue, webui, body, response, user,
+                                                  allow_urls=allow_urls())  # decoding images is CPU work
+        return await generation_answer(job, body, parameters)
 
     def _progress_of(job, skip_current_image: bool) -> models.ProgressResponse:
         state = models.ProgressState(
@@ -266,15 +284,12 @@ def build_router(webui, server_control: ServerControl | None = None) -> APIRoute
 
     @router.get("/sd-vae", response_model=list[models.SDVaeItem])
     def sd_vae():
-        folder = webui.folders.vae_dir
-        if not folder.is_dir():
-            return []
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VAE_SUFFIXES)
-        return [models.SDVaeItem(model_name=p.name, filename=str(p)) for p in files]
+        return [models.SDVaeItem(model_name=v.name, filename=str(v.path)) for v in webui.vaes.list()]
 
     @router.post("/refresh-vae")
     def refresh_vae():
-        return None  # /sd-vae reads the folder on every call: nothing is cached to rescan
+        webui.vaes.refresh()
+        return None
 
     @router.get("/samplers", response_model=list[models.SamplerItem])
     def list_samplers():
@@ -342,9 +357,10 @@ def build_router(webui, server_control: ServerControl | None = None) -> APIRoute
             extras_upscaler_2_visibility=body.extras_upscaler_2_visibility)
         try:
             upscaling.validate(params)
+        except upscaling.UnknownUpscalerError as e:
+            raise HTTPException(400, str(e)) from None
         except upscaling.ExtrasError as e:
-            status = 400 if "unknown upscaler" in str(e) else 422
-            raise HTTPException(status, str(e)) from None
+            raise HTTPException(422, str(e)) from None
         return params
 
     def _extras_run(image, params):

@@ -4,9 +4,11 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from fastapi import APIRouter, Depends, HTTPException, Response
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from modules.api.auth import current_user
+from modules.api.errors import RETRY_AFTER, job_result, raise_http
 
 
 class _Request(BaseModel):
@@ -91,66 +93,64 @@ def _history(items: list[Any]) -> tuple[tuple[str, str], ...]:
     return tuple(turns)
 
 
-def _run(submit, owner, response: Response):
-    """Queue, wait, and map the service's errors to 4xx/503 with their messages."""
-    from modules.captioning import CaptionerError, CaptionerNotFoundError
-    from modules.jobs import QueueFullError
-    try:
-        job = submit(owner)
-    except CaptionerNotFoundError as e:
-        raise HTTPException(404, str(e)) from None
-    except CaptionerError as e:
-        raise HTTPException(422, str(e)) from None
-    except QueueFullError as e:
-        raise HTTPException(503, str(e), headers={"Retry-After": "10"}) from None
+async def _run(submit, owner, response: Response):
+    """Queue (on a worker thread: a request may decode an image), await without holding a thread, and map the
+    service's errors to their statuses by type (`modules/api/errors.py`); a job stopped by a shutting-down queue
+    is a 503 like a full one."""
+    from modules.jobs import JobStopped
+
+    def queue():
+        try:
+            return submit(owner)
+        except Exception as e:
+            raise_http(e)
+
+    job = await run_in_threadpool(queue)
     response.headers["X-Task-Id"] = job.id
     try:
-        return job.wait()
-    except CaptionerError as e:
-        raise HTTPException(422, str(e)) from None
-    except RuntimeError as e:
-        from modules.model_manager import ModelOutOfMemoryError
-        if isinstance(e, ModelOutOfMemoryError):
-            raise HTTPException(503, str(e)) from None
-        raise
+        return await job_result(job)
+    except JobStopped as e:
+        raise HTTPException(503, f"the captioning job was stopped: {e}", headers=RETRY_AFTER) from None
+    except Exception as e:
+        raise_http(e)
 
 
 def build_captioning_router(webui) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1", tags=["captioning"])
 
     @router.post("/interrogate", response_model=InterrogateResponse)
-    def interrogate(body: InterrogateRequest, response: Response, user: str | None = Depends(current_user)):
+    async def interrogate(body: InterrogateRequest, response: Response, user: str | None = Depends(current_user)):
         from modules import captioning
         from dataclasses import replace
-        image = _decode(body.image)
+        image = await run_in_threadpool(_decode, body.image)  # decoding is CPU work: off the event loop
         fields = {k: v for k, v in body.model_dump(exclude={"image", "model"}).items() if v is not None}
         settings = replace(captioning.CaptionSettings(), **fields)
         req = captioning.CaptionRequest(image=image, model=body.model, settings=settings)
-        caption = _run(lambda owner: webui.captioning.submit_caption(req, owner), user, response)
+        caption = await _run(lambda owner: webui.captioning.submit_caption(req, owner), user, response)
         return InterrogateResponse(caption=caption)
 
     @router.post("/vqa", response_model=VqaResponse)
-    def vqa(body: VqaRequest, response: Response, user: str | None = Depends(current_user)):
+    async def vqa(body: VqaRequest, response: Response, user: str | None = Depends(current_user)):
         from modules import captioning
         if not body.question.strip():
             raise HTTPException(422, "question is empty: ask something about the image")
-        image = _decode(body.image)
+        image = await run_in_threadpool(_decode, body.image)  # decoding is CPU work: off the event loop
         req = captioning.VqaRequest(image=image, question=body.question, model=body.model,
                                     history=_history(body.history))
-        return VqaResponse(answer=_run(lambda owner: webui.captioning.submit_vqa(req, owner), user, response))
+        return VqaResponse(answer=await _run(lambda owner: webui.captioning.submit_vqa(req, owner), user, response))
 
     @router.get("/captioners", response_model=list[CaptionerItem])
     def captioners():
         return webui.captioning.captioners()
 
     @router.post("/search", response_model=SearchResponse)
-    def search(body: SearchRequest, response: Response, user: str | None = Depends(current_user)):
+    async def search(body: SearchRequest, response: Response, user: str | None = Depends(current_user)):
         from pathlib import Path
 
         from modules import captioning
         req = captioning.SearchRequest(query=body.query, folder=Path(body.folder) if body.folder else None,
                                        model=body.model, top_k=body.top_k, rerank=body.rerank)
-        hits = _run(lambda owner: webui.captioning.submit_search(req, owner), user, response)
+        hits = await _run(lambda owner: webui.captioning.submit_search(req, owner), user, response)
         return SearchResponse(results=[SearchHitItem(path=str(h.path), itc=h.itc, itm=h.itm,
                                                      score=h.itm if h.itm is not None else h.itc) for h in hits])
 

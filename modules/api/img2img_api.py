@@ -7,23 +7,14 @@ from modules.api import models
 from modules.api.image_input import decode_image_or_422
 
 
-def to_service_request(body: models.Img2ImgRequest, *, allow_urls: bool):
-    """The API body -> modules.img2img_params.Img2ImgRequest (images decoded; bad ones are a 422 naming the field)."""
-    from modules import infotext, samplers
+def to_service_request(body: models.Img2ImgRequest, fields: dict, *, allow_urls: bool):
+    """The API body (and its fields, infotext applied) -> modules.img2img_params.Img2ImgRequest (images
+    decoded; bad ones are a 422 naming the field)."""
+    from modules import samplers
     from modules.img2img_params import Img2ImgRequest
 
     if not body.init_images:
         raise HTTPException(422, "init_images: at least one init image is needed (base64 PNG/JPEG or a data URI)")
-    fields = body.model_dump()
-    if body.infotext:
-        parsed = infotext.infotext_to_txt2img_fields(infotext.parse_infotext(body.infotext))
-        for k, v in parsed.items():
-            if k in fields and k not in body.model_fields_set:
-                fields[k] = v
-        try:
-            fields = models.Img2ImgRequest(**fields).model_dump()
-        except ValueError as e:
-            raise HTTPException(422, f"infotext: {e}") from None
     images = [decode_image_or_422(text, f"init_images[{i}]", allow_urls=allow_urls)
               for i, text in enumerate(body.init_images)]
     mask = decode_image_or_422(body.mask, "mask", allow_urls=allow_urls) if body.mask else None
@@ -43,23 +34,25 @@ def to_service_request(body: models.Img2ImgRequest, *, allow_urls: bool):
     return Img2ImgRequest(**kwargs)
 
 
-def run(webui, body: models.Img2ImgRequest, response: Response, user: str | None, *, allow_urls: bool):
+def queue(webui, body: models.Img2ImgRequest, response: Response, user: str | None, *, allow_urls: bool):
+    """Validate and queue the request; (the job, the `parameters` its answer echoes)."""
     from modules import img2img_scripts
-    from modules.api.api import check_api_limits, check_scripts
-    from modules.api.generation_job import run_generation
+    from modules.api.api import check_api_limits, check_scripts, fields_with_infotext
+    from modules.api.generation_job import queue_generation
 
     check_scripts(body.model_copy(update={"script_name": None}))  # alwayson scripts: none are installed
     try:
         img2img_scripts.find(body.script_name)
     except ValueError as e:
         raise HTTPException(400, f"{e} (see /sdapi/v1/scripts)") from None
-    req = to_service_request(body, allow_urls=allow_urls)
+    fields, overrides = fields_with_infotext(body, models.Img2ImgRequest)
+    req = to_service_request(body, fields, allow_urls=allow_urls)
     check_api_limits(req, webui.options.snapshot())
     parameters = body.model_dump()
     if not body.include_init_images:  # A1111 echoes the init images and mask only when asked to
         parameters["init_images"] = None
         parameters["mask"] = None
-    return run_generation(
-        webui, lambda: webui.submit_img2img(req, override_settings=body.override_settings, owner=user,
-                                            task_id=body.force_task_id or None),
-        body, response, parameters)
+    job = queue_generation(webui, lambda: webui.submit_img2img(req, override_settings=overrides, owner=user,
+                                                               task_id=body.force_task_id or None),
+                           body, response, overrides)
+    return job, parameters

@@ -157,6 +157,7 @@ class MemoryModelItem(BaseModel):
     kind: str
     device: str
     bytes: int
+    host_bytes: int = 0  # kept in CPU RAM beside the weights (e.g. originals of LoRA-touched weights)
     loads: int
     last_used: Optional[float]
 

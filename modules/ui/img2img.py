@@ -510,9 +510,10 @@ def _batch_files(text) -> list[Path]:
     return files
 
 
-def wire_send(tab: Img2ImgTab, buttons, image, text, selected=None) -> None:
+def wire_send(webui, tab: Img2ImgTab, buttons, image, text, selected=None) -> None:
     """Make a pair of send_buttons send `image` (an image or a gallery; `selected` holds the picked index) and the
     generation parameters of `text` (an infotext, or a list of infotexts for a gallery) to img2img / inpaint."""
+    from modules.ui import ui as ui_mod
     to_img2img, to_inpaint = buttons
     targets = [tab.components[n] for n in SEND_FIELDS]
 
@@ -531,7 +532,8 @@ def wire_send(tab: Img2ImgTab, buttons, image, text, selected=None) -> None:
         def handler(value, texts, index=None):
             img, txt = pick(value, texts, index)
             img = _rgb(img)
-            fields = infotext.infotext_to_txt2img_fields(infotext.parse_infotext(txt or "")) if txt else {}
+            fields = ui_mod.sendable_fields(webui, infotext.infotext_to_txt2img_fields(
+                infotext.parse_infotext(txt or ""))) if txt else {}
             values = [gr.update(value=fields[n]) if n in fields else gr.update() for n in SEND_FIELDS]
             if to_inpaint_tab:
                 return [gr.Tabs(selected="img2img"), gr.Tabs(selected="inpaint_tab"), *_mode_updates(2), gr.update(),

@@ -77,6 +77,9 @@ def _banner(webui) -> str:
     if webui.args.demo:
         parts.append("**Demo mode:** the demo checkpoints have random weights, so images are coloured noise. "
                      "Put a real checkpoint in `models/Stable-diffusion/` for real pictures.")
+    for name, why in webui.registry.unusable().items():
+        parts.append(f"**Skipped checkpoint `{name}`:** it cannot be loaded ({why}). The next one in the list is "
+                     "used instead.")
     if not webui.registry.list():
         parts.append(f"**No checkpoint found.** Put a `.safetensors` or `.ckpt` Stable Diffusion checkpoint (or a "
                      f"diffusers folder) in `{webui.folders.checkpoint_dirs[0]}` and press the refresh button, or "
@@ -129,7 +132,7 @@ def create_ui(webui) -> gr.Blocks:
             text = _banner(webui)
             return [gr.update(choices=checkpoint_choices(), value=current_checkpoint_title()),
                     gr.update(value=text, visible=bool(text)),
-                    '<span data-ready="1"></span>'] + [webui.options.get(k) for k in settings_components] \
+                    '<span data-ready="1"></span>'] + [_setting_update(webui, k) for k in settings_components] \
                 + t2i["styles"].load()  # style choices as in styles.csv now
 
         demo.load(on_page_load, outputs=[checkpoint, banner, ready] + list(settings_components.values())
@@ -153,17 +156,29 @@ def create_ui(webui) -> gr.Blocks:
 
         # PNG Info -> txt2img
         def send_to_txt2img(text):
-            fields = infotext.infotext_to_txt2img_fields(infotext.parse_infotext(text or ""))
+            fields = sendable_fields(webui, infotext.infotext_to_txt2img_fields(infotext.parse_infotext(text or "")))
             values = []
-            for name, comp_default in t2i["send_fields"]:
+            for name, _ in t2i["send_fields"]:
                 values.append(gr.update(value=fields[name]) if name in fields else gr.update())
             return [gr.Tabs(selected="txt2img")] + values
 
         png["send"].click(send_to_txt2img, inputs=[png["text"]],
                           outputs=[tabs] + [t2i["components"][n] for n, _ in t2i["send_fields"]])
-        img2img_ui.wire_send(i2i, t2i["send_img2img"], t2i["gallery"], t2i["infotexts"], t2i["selected"])
-        img2img_ui.wire_send(i2i, png["send_img2img"], png["image"], png["text"])
+        img2img_ui.wire_send(webui, i2i, t2i["send_img2img"], t2i["gallery"], t2i["infotexts"], t2i["selected"])
+        img2img_ui.wire_send(webui, i2i, png["send_img2img"], png["image"], png["text"])
     return demo
+
+
+SEED_FIELDS = ("seed", "subseed", "subseed_strength")
+SIZE_FIELDS = ("width", "height")
+
+
+def sendable_fields(webui, fields: dict) -> dict:
+    """What "Send to" carries of an infotext's fields: the seeds only with the `send_seed` setting, the size only
+    with `send_size` (A1111's two settings; both on by default)."""
+    drop = (() if webui.options.get("send_seed") else SEED_FIELDS) + (() if webui.options.get("send_size") else
+                                                                      SIZE_FIELDS)
+    return {k: v for k, v in fields.items() if k not in drop}
 
 
 def _txt2img_tab(webui, generation):
@@ -404,8 +419,18 @@ def _pnginfo_tab():
     return {"image": image, "text": text, "send": send, "send_img2img": send_img2img}
 
 
+def _setting_update(webui, key: str):
+    """A setting's current value for its component; a setting whose choices change (the VAE files) gets them anew."""
+    spec, value = webui.options.specs[key], webui.options.get(key)
+    if callable(spec.choices):
+        return gr.update(choices=list(spec.choices()), value=value)
+    return value
+
+
 def _settings_tab(webui):
-    specs = {k: s for k, s in webui.options.specs.items() if s.ui}
+    hide_dirs = bool(getattr(webui.args, "hide_ui_dir_config", False))  # server paths stay off the UI then
+    specs = {k: s for k, s in webui.options.specs.items()
+             if s.ui and not (hide_dirs and s.section == "Paths for saving")}
     comps = {}
     sections: dict[str, list[str]] = {}
     for key, spec in specs.items():

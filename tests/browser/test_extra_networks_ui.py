@@ -30,9 +30,10 @@ def card(page: Page, name: str):
 
 def pick(page: Page, dropdown_id: str, option: str) -> None:
     """Open a dropdown and click one of its options, as a user would."""
-    page.keyboard.press("Escape")  # close any other open dropdown list first: only one list may show the option
+    page.keyboard.press("Escape")  # close any other open dropdown list first
     page.locator(f"#{dropdown_id} input").click()
-    page.get_by_role("option", name=option, exact=True).locator("visible=true").click()
+    # this dropdown's own list: another one closing at the same moment may still show the same option
+    page.locator(f"#{dropdown_id}").get_by_role("option", name=option, exact=True).click()
 
 
 def style_rows(path) -> dict[str, tuple[str, str]]:

@@ -223,6 +223,31 @@ def test_png_info_reads_an_image_and_sends_it_to_txt2img(page, server, tmp_path)
     assert len(pngs(server) - before) == 1
 
 
+def test_send_seed_and_send_size_settings_decide_what_is_sent(page, server, tmp_path):
+    """A1111's send_seed / send_size: with both off, "Send to txt2img" fills the prompt and steps but leaves the
+    seed and the size boxes as they were."""
+    r = requests.post(server.url + "/sdapi/v1/txt2img", json={
+        "prompt": "a quiet harbour", "seed": 5151, "steps": 6, "width": 64, "height": 128}, timeout=120)
+    assert r.status_code == 200, r.text
+    path = tmp_path / "harbour.png"
+    path.write_bytes(base64.b64decode(r.json()["images"][0]))
+    options = server.url + "/sdapi/v1/options"
+    assert requests.post(options, json={"send_seed": False, "send_size": False}).status_code == 200
+    try:
+        open_ui(page, server)
+        page.get_by_role("tab", name="PNG Info").click()
+        page.locator("#pnginfo_image input[type=file]").set_input_files(str(path))
+        expect(page.locator("#pnginfo_html")).to_contain_text("a quiet harbour", timeout=GEN_TIMEOUT)
+        page.click("#pnginfo_send_txt2img")
+        expect(page.locator("#txt2img_prompt textarea")).to_have_value("a quiet harbour")
+        expect(page.locator("#txt2img_steps input[type=number]")).to_have_value("6")
+        expect(page.locator("#txt2img_seed input")).to_have_value("-1")
+        expect(page.locator("#txt2img_width input[type=number]")).to_have_value("512")
+        expect(page.locator("#txt2img_height input[type=number]")).to_have_value("512")
+    finally:
+        requests.post(options, json={"send_seed": True, "send_size": True})
+
+
 def test_settings_apply_persist_and_take_effect(page, tiny_models, tmp_path):
     srv = Server(["--api", "--models-dir", str(tiny_models)], tmp_path / "data")
     try:

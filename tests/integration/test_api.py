@@ -15,6 +15,7 @@ import requests
 from PIL import Image
 
 from tests.conftest import Server, copy_models
+from tests.images import assert_pixels_close, mean_abs_difference
 
 SMALL = {"width": 64, "height": 64, "steps": 3}
 
@@ -324,3 +325,67 @@ def test_webuiapi_client_works_unchanged(api_server):
     assert result.image.size == (64, 64)
     assert result.info["all_seeds"] == [11]
     assert "Euler a" in [s["name"] for s in client.get_samplers()]
+
+
+def test_an_image_made_from_its_infotext_is_that_image(api):
+    """The settings an infotext carries (Clip skip, ENSD, eta) apply to the request it fills: replaying the
+    text alone gives the picture it describes."""
+    overrides = {"CLIP_stop_at_last_layers": 2, "eta_noise_seed_delta": 31337, "eta_ancestral": 0.5}
+    _, first = txt2img(api, prompt="a lighthouse", seed=77, sampler_name="Euler a", override_settings=overrides)
+    text = json.loads(first["info"])["infotexts"][0]
+    for words in ("Clip skip: 2", "ENSD: 31337", "Eta: 0.5"):
+        assert words in text, text
+    r = api.post(api.base + "/txt2img", json={"infotext": text})
+    assert r.status_code == 200, r.text
+    again = r.json()
+    assert json.loads(again["info"])["infotexts"][0] == text
+    assert_pixels_close(b64_image(again["images"][0]), b64_image(first["images"][0]))
+    # and the settings mattered: the same request without them is another picture
+    _, plain = txt2img(api, prompt="a lighthouse", seed=77, sampler_name="Euler a")
+    assert mean_abs_difference(b64_image(plain["images"][0]), b64_image(first["images"][0])) > 1
+    assert api.get(api.base + "/options").json()["CLIP_stop_at_last_layers"] == 1  # nothing was kept
+
+
+@pytest.mark.parametrize("sampler, key, value, infotext_key", [
+    ("DDIM", "eta_ddim", 0.8, "Eta DDIM"), ("Euler a", "eta_ancestral", 0.0, "Eta")])
+def test_eta_settings_change_the_sampler(api, sampler, key, value, infotext_key):
+    _, base = txt2img(api, prompt="p", seed=31, sampler_name=sampler, steps=4)
+    _, changed = txt2img(api, prompt="p", seed=31, sampler_name=sampler, steps=4, override_settings={key: value})
+    assert infotext_key + ":" not in json.loads(base["info"])["infotexts"][0]
+    assert f"{infotext_key}: {value}" in json.loads(changed["info"])["infotexts"][0]
+    assert mean_abs_difference(b64_image(base["images"][0]), b64_image(changed["images"][0])) > 1
+    # the request's own eta wins over the setting
+    _, own = txt2img(api, prompt="p", seed=31, sampler_name=sampler, steps=4, eta=value)
+    assert_pixels_close(b64_image(own["images"][0]), b64_image(changed["images"][0]))
+
+
+def test_eta_a_sampler_cannot_take_is_reported(api):
+    _, body = txt2img(api, prompt="p", seed=3, sampler_name="DPM2 a", eta=0.3)
+    assert any("eta 0.3 is not available for DPM2 a" in w for w in json.loads(body["info"])["warnings"])
+
+
+def test_an_unloadable_default_checkpoint_is_skipped_with_a_notice(tiny_models, tmp_path):
+    """A refused .ckpt that sorts first never becomes everyone's checkpoint: with none chosen, requests use the
+    next one that loads and say which file was skipped and why; choosing the bad one is a clear 400."""
+    models = copy_models(tiny_models, tmp_path / "models", ["tiny-sd15.safetensors"])
+    (models / "Stable-diffusion" / "aaa-evil.ckpt").write_bytes(
+        b"\x80\x02cbuiltins\nexec\nq\x00X\x0b\x00\x00\x00print(1+1)q\x01\x85q\x02Rq\x03.")
+    server = Server(["--api", "--nowebui", "--models-dir", str(models)], tmp_path / "data", ready_path="/docs")
+    try:
+        base = server.url + "/sdapi/v1"
+        r = requests.post(base + "/txt2img", json={**SMALL, "prompt": "a cat", "seed": 1})
+        assert r.status_code == 200, r.text
+        info = json.loads(r.json()["info"])
+        assert info["sd_model_name"] == "tiny-sd15"
+        assert any("skipped checkpoint aaa-evil.ckpt" in w and "refused" in w for w in info["warnings"]), info
+        # the skip is remembered: later requests go straight to the good one, without the warning
+        again = json.loads(requests.post(base + "/txt2img", json={**SMALL, "seed": 2}).json()["info"])
+        assert again["sd_model_name"] == "tiny-sd15" and not again["warnings"]
+        assert requests.get(base + "/options").json()["sd_model_checkpoint"].startswith("tiny-sd15.safetensors")
+        # chosen explicitly, it is an error naming why
+        r = requests.post(base + "/txt2img", json={**SMALL, "override_settings": {"sd_model_checkpoint": "aaa-evil"}})
+        assert r.status_code == 400 and "refused" in r.json()["detail"], r.text
+        config = server.data_dir / "config.json"
+        assert not config.exists() or json.loads(config.read_text()).get("sd_model_checkpoint", "") == ""
+    finally:
+        server.stop()

@@ -213,3 +213,15 @@ def test_hires_with_denoising_strength_zero_is_the_upscale_alone(context):
         assert "Denoising strength: 0," in text and "Hires pass: upscale only" in text and "Hires steps" not in text
         if upscaler == "Lanczos":
             assert_pixels_close(res.images[0], first.resize((128, 128), Image.Resampling.LANCZOS))
+
+
+def test_outdir_samples_replaces_the_per_tab_folder(context, tmp_path):
+    """A1111's "Output directory for images": set, images go to DIR/YYYY-MM-DD instead of
+    outputs/txt2img-images/YYYY-MM-DD."""
+    import datetime
+    req = generation.validate(generation.Txt2ImgRequest(prompt="a cat", steps=2, width=64, height=64, seed=1))
+    res = generation.run_txt2img(context, req, None, {"outdir_samples": str(tmp_path / "mine")})
+    assert len(res.paths) == 1
+    assert res.paths[0].parent == tmp_path / "mine" / datetime.date.today().isoformat()
+    default = generation.run_txt2img(context, req, None, {})
+    assert default.paths[0].parent.parent == context.outputs_root / "txt2img-images"

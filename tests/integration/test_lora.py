@@ -235,7 +235,7 @@ def test_prompt_editing_and_and_in_txt2img(context, base):
 def ldm_index(components, pairs):
     """The LoRA module index of these components, checking that each (LDM name, diffusers name) pair is one
     UNet layer and that every UNet layer has both names."""
-    bundle = types.SimpleNamespace(components=components)
+    bundle = types.SimpleNamespace(components=components, cache={})
     index = extra_networks._module_index(bundle)
     unet = index["unet"]
     for ldm, diffusers in pairs:

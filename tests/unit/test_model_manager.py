@@ -316,7 +316,7 @@ def test_report_shape():
         report = manager.report()
     assert [row["key"] for row in report] == ["vae-key", "ckpt-key"]  # most recent first
     vae, ckpt = report
-    assert set(vae) == {"key", "name", "kind", "device", "bytes", "loads", "last_used", "pinned"}
+    assert set(vae) == {"key", "name", "kind", "device", "bytes", "host_bytes", "loads", "last_used", "pinned"}
     assert vae["name"] == "vae-ft-mse" and vae["kind"] == "vae" and vae["bytes"] == 40
     assert ckpt["name"] == "ckpt-key" and ckpt["kind"] == "model"
     assert vae["device"] == GPU and ckpt["device"] == "cpu"
@@ -362,3 +362,40 @@ def test_model_bytes_counts_weights_and_shared_modules_once():
     assert model_bytes(Pipeline(unet=linear, also_unet=linear)) == 15 * 4
     assert model_bytes(FakeModel(123)) == 123
     assert model_bytes({"model": linear, "processor": object()}) == 15 * 4
+
+
+class FakeCheckpoint(FakeModel):
+    """A model that keeps bytes in CPU RAM beside its weights (as a checkpoint keeps LoRA originals)."""
+
+    def __init__(self, nbytes: int, host: int = 0):
+        super().__init__(nbytes)
+        self.host_nbytes = host
+
+
+def test_host_side_bytes_count_against_the_ram_budget_and_show_in_the_report():
+    """The originals of LoRA-touched weights live in RAM whichever tier their checkpoint is on: they count
+    against the RAM budget (so an overflow evicts) and the report shows them apart from the weights."""
+    manager = gpu_manager(vram=1000, ram=500)
+    with manager.use("parked", lambda: FakeModel(300)):
+        pass
+    checkpoint = FakeCheckpoint(600)
+    with manager.use("ckpt", lambda: checkpoint):
+        checkpoint.host_nbytes = 250  # a LoRA was merged during the lease: its originals are kept
+    entry = next(e for e in manager.report() if e["key"] == "ckpt")
+    assert entry["host_bytes"] == 250 and entry["bytes"] == 600 and entry["device"] == GPU
+    assert manager.usage()["ram"] == 250
+    with manager.use("other", lambda: FakeModel(400)):
+        pass
+    # "parked" had to leave the GPU; 300 more in RAM beside the 250 host bytes is over 500: it was dropped
+    # (without counting the host bytes it would have stayed, and RAM would hold 550)
+    assert not manager.contains("parked")
+    assert manager.usage()["ram"] == 250
+
+
+def test_host_side_bytes_on_a_cpu_manager_count_in_its_one_tier():
+    manager = ModelManager("cpu", 0, 1000, clock=TickClock())
+    with manager.use("a", lambda: FakeModel(500)):
+        pass
+    with manager.use("b", lambda: FakeCheckpoint(300, host=300)):
+        pass
+    assert not manager.contains("a") and manager.usage()["device"] == 600
