@@ -72,8 +72,8 @@ def create_app(args):
 
 
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from modules import console
+    console.setup_logging()
     started = time.perf_counter()
     args = cmd_args.parse_args(sys.argv[1:] if argv is None else argv)
     if args.download_captioner:

@@ -651,19 +651,25 @@ class EmbeddingDatabase:
         self._errors: dict[str, str] = {}
         self._scanned = False
 
+    def files(self) -> dict[str, Path]:
+        """name -> file of every embedding file in the folders (the first of a name wins), nothing loaded: a
+        listing that needs no torch (the UI builds its cards from it at start-up)."""
+        found: dict[str, Path] = {}
+        for root in self.dirs:
+            if root.is_dir():
+                for path in sorted(root.rglob("*")):
+                    if path.suffix.lower() in EMBEDDING_EXTENSIONS and path.is_file():
+                        found.setdefault(path.stem, path)
+        return found
+
     def refresh(self) -> None:
         items, errors = {}, {}
-        for root in self.dirs:
-            if not root.is_dir():
-                continue
-            for path in sorted(root.rglob("*")):
-                if path.suffix.lower() not in EMBEDDING_EXTENSIONS or not path.is_file() or path.stem in items:
-                    continue
-                try:
-                    items[path.stem] = load_embedding(path)
-                except EmbeddingError as exc:
-                    errors[path.stem] = str(exc)
-                    log.warning("embedding skipped: %s", exc)
+        for name, path in self.files().items():
+            try:
+                items[name] = load_embedding(path)
+            except EmbeddingError as exc:
+                errors[name] = str(exc)
+                log.warning("embedding skipped: %s", exc)
         with self._lock:
             self._items, self._errors, self._scanned = items, errors, True
 

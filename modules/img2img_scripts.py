@@ -81,17 +81,34 @@ def parse_args(name: str | None, args: list[Any]) -> dict[str, Any] | None:
     return values
 
 
-def _expand(image: Image.Image, a: dict) -> tuple[Image.Image, Image.Image, tuple[int, int]]:
-    """The init image on a bigger canvas and the mask of the new border (plus a blur-wide overlap)."""
+def _canvas(size: tuple[int, int], a: dict) -> tuple[int, int, int, int, int, int]:
+    """(width, height, left, right, up, down) of the grown canvas for an image of `size`: the border added on
+    each side, grown to a multiple of 8 on the expanded sides."""
     px, dirs = a["pixels"], a["direction"]
     left, right = px * ("left" in dirs), px * ("right" in dirs)
     up, down = px * ("up" in dirs), px * ("down" in dirs)
-    w, h = image.width + left + right, image.height + up + down
-    w8, h8 = (w + 7) // 8 * 8, (h + 7) // 8 * 8  # the canvas grows to a multiple of 8 on the expanded sides
+    w, h = size[0] + left + right, size[1] + up + down
+    w8, h8 = (w + 7) // 8 * 8, (h + 7) // 8 * 8
     right += (w8 - w) if right or not left else 0
     left += (w8 - w) if left and not right else 0
     down += (h8 - h) if down or not up else 0
     up += (h8 - h) if up and not down else 0
+    return w8, h8, left, right, up, down
+
+
+def output_size(req) -> tuple[int, int] | None:
+    """The size an outpainting request will work at (its canvas; the largest over its init images), worked out
+    without touching pixels, so server limits can be checked before the job is queued; None without a script."""
+    a = parse_args(req.script_name, req.script_args)
+    if a is None or not req.init_images:
+        return None
+    sizes = [_canvas(image.size, a)[:2] for image in req.init_images]
+    return max(w for w, _ in sizes), max(h for _, h in sizes)
+
+
+def _expand(image: Image.Image, a: dict) -> tuple[Image.Image, Image.Image, tuple[int, int]]:
+    """The init image on a bigger canvas and the mask of the new border (plus a blur-wide overlap)."""
+    w8, h8, left, right, up, down = _canvas(image.size, a)
     canvas = pix.resize_image(2, image, w8, h8) if a["title"] == POOR_MANS else Image.new("RGB", (w8, h8))
     if a["title"] != POOR_MANS:
         canvas = _noise_fill(image, (w8, h8), (left, up), a)

@@ -23,7 +23,9 @@ file already written by the same recipe version is left alone, so repeated calls
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import struct
 import sys
@@ -33,6 +35,8 @@ from typing import Any
 
 from modules.fileio import atomic_folder, atomic_open
 from modules.paths import SD_CONFIGS_DIR
+
+log = logging.getLogger("webui.tiny_models")
 
 # Bump when any recipe below changes, so existing files get rewritten.
 TINY_MODELS_VERSION = "1"
@@ -347,6 +351,17 @@ def write_tiny_vae(path: Path, seed: int = TINY_VAE_SEED) -> None:
                               for k, v in state.items()}, {})
 
 
+@contextlib.contextmanager
+def _step(what: str, where: Path, quiet: bool = False):
+    """One log line per model made: what, where, how long. `quiet` steps (which often find everything made
+    already) are logged only when they took a noticeable time."""
+    started = time.perf_counter()
+    yield
+    took = time.perf_counter() - started
+    if not quiet or took > 0.5:
+        log.info("made %s in %s (%.1f s)", what, where, took)
+
+
 def make_tiny_models(dir: str | os.PathLike, full_size: bool = False) -> dict[str, Path]:
     """Write the tiny model set under `dir` (see the module docstring); files already written by this
     recipe version are kept. Returns name -> path for each checkpoint."""
@@ -361,29 +376,38 @@ def make_tiny_models(dir: str | os.PathLike, full_size: bool = False) -> dict[st
     if full_size:
         paths[SD15_RANDOM] = root / f"{SD15_RANDOM}.safetensors"
 
+    from modules import console
+    console.quiet_libraries()
     if not (_is_current(paths[TINY_SD15]) and _folder_is_current(paths[TINY_SD15_DIFFUSERS])):
-        components = build_tiny_sd15(TINY_SEED)
-        if not _is_current(paths[TINY_SD15]):
-            write_tiny_single_file(paths[TINY_SD15], components)
-        if not _folder_is_current(paths[TINY_SD15_DIFFUSERS]):
-            write_diffusers_folder(paths[TINY_SD15_DIFFUSERS], components)
+        with _step("tiny-sd15 (single file and diffusers folder)", root):
+            components = build_tiny_sd15(TINY_SEED)
+            if not _is_current(paths[TINY_SD15]):
+                write_tiny_single_file(paths[TINY_SD15], components)
+            if not _folder_is_current(paths[TINY_SD15_DIFFUSERS]):
+                write_diffusers_folder(paths[TINY_SD15_DIFFUSERS], components)
     if not _is_current(paths[TINY_SD15_INPAINTING]):
-        write_tiny_single_file(paths[TINY_SD15_INPAINTING], build_tiny_sd15(TINY_INPAINTING_SEED, in_channels=9))
+        with _step("tiny-sd15-inpainting", root):
+            write_tiny_single_file(paths[TINY_SD15_INPAINTING], build_tiny_sd15(TINY_INPAINTING_SEED, in_channels=9))
     if not (_is_current(paths[TINY_SDXL]) and _folder_is_current(paths[TINY_SDXL_DIFFUSERS])):
-        components = build_tiny_sdxl()
-        if not _is_current(paths[TINY_SDXL]):
-            write_tiny_single_file(paths[TINY_SDXL], components)
-        if not _folder_is_current(paths[TINY_SDXL_DIFFUSERS]):
-            write_diffusers_folder(paths[TINY_SDXL_DIFFUSERS], components)
+        with _step("tiny-sdxl (single file and diffusers folder)", root):
+            components = build_tiny_sdxl()
+            if not _is_current(paths[TINY_SDXL]):
+                write_tiny_single_file(paths[TINY_SDXL], components)
+            if not _folder_is_current(paths[TINY_SDXL_DIFFUSERS]):
+                write_diffusers_folder(paths[TINY_SDXL_DIFFUSERS], components)
     vae_file = Path(dir) / "VAE" / f"{TINY_VAE_FILE}.safetensors"
     if not _is_current(vae_file):
-        write_tiny_vae(vae_file)
+        with _step("VAE/tiny-vae", vae_file.parent):
+            write_tiny_vae(vae_file)
     if full_size and not _is_current(paths[SD15_RANDOM]):
-        write_full_size_sd15(paths[SD15_RANDOM])
+        with _step("sd15-random (full SD 1.5 shapes, fp16, about 2 GB)", root):
+            write_full_size_sd15(paths[SD15_RANDOM])
     from modules.captioning.tiny import make_tiny_captioners  # BLIP2/tiny-blip2, BLIP2/tiny-blip2-itm, BLIP/tiny-blip
-    make_tiny_captioners(dir)
+    with _step("the tiny captioners (BLIP/tiny-blip, BLIP2/tiny-blip2, BLIP2/tiny-blip2-itm)", Path(dir), quiet=True):
+        make_tiny_captioners(dir)
     from modules.tiny_extra_networks import make_tiny_extra_networks  # Lora/tiny-lora, embeddings/tiny-emb*
-    make_tiny_extra_networks(dir)
+    with _step("the tiny LoRAs and embeddings", Path(dir), quiet=True):
+        make_tiny_extra_networks(dir)
     return paths
 
 
@@ -392,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dir", help="models folder to write into (checkpoints go to DIR/Stable-diffusion/)")
     parser.add_argument("--full-size", action="store_true", help="also write a random SD 1.5-sized fp16 file (~2 GB)")
     args = parser.parse_args(argv)
+    from modules import console
+    console.setup_logging()
     start = time.perf_counter()
     paths = make_tiny_models(args.dir, full_size=args.full_size)
     for name, path in paths.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,9 +91,10 @@ class Webui:
             return self._runtime
 
     def _make_runtime(self) -> dict[str, Any]:
-        from modules import devices
+        from modules import console, devices
         from modules.model_manager import ModelManager
 
+        console.quiet_libraries()
         args = self.args
         device = devices.resolve_device(args.device if args.device_id is None or args.device != "cuda"
                                         else f"cuda:{args.device_id}")
@@ -158,8 +160,10 @@ class Webui:
         root = self.folders.data_dir / "demo-models"
         marker = root / "Stable-diffusion" / "tiny-sd15.safetensors"
         if not marker.exists():
-            log.info("--demo: writing a tiny random-weight model set to %s", root)
+            log.info("--demo: making the tiny random-weight model set in %s (once; a few seconds)", root)
+            started = time.perf_counter()
             tiny_models.make_tiny_models(root)
+            log.info("--demo: tiny model set ready in %.1f s", time.perf_counter() - started)
         log.warning("--demo: the demo checkpoints have RANDOM weights; their images are noise, not pictures.")
         return root
 

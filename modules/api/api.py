@@ -100,6 +100,7 @@ def check_scripts(body) -> None:
 def check_api_limits(req, opts: dict[str, Any]) -> None:
     """The server's own limits for API requests (settings api_max_*; 0 = only the built-in limits)."""
     from modules import generation_params as generation
+    from modules import img2img_scripts
     problems = []
     max_steps, max_size, max_images = opts["api_max_steps"], opts["api_max_size"], opts["api_max_images"]
     if max_steps and req.steps > max_steps:
@@ -108,6 +109,10 @@ def check_api_limits(req, opts: dict[str, Any]) -> None:
         problems.append(f"hr_second_pass_steps must be at most {max_steps} on this server")
     if max_size and max(req.width, req.height) > max_size:
         problems.append(f"width and height must be at most {max_size} on this server (setting api_max_size)")
+    grown = img2img_scripts.output_size(req) if getattr(req, "script_name", None) else None
+    if max_size and grown and max(grown) > max_size:
+        problems.append(f"{req.script_name}: the expanded image would be {grown[0]}x{grown[1]}, over this server's "
+                        f"{max_size} pixels a side (setting api_max_size)")
     if req.enable_hr and (req.width <= 0 or req.height <= 0):
         problems.append("width and height must be positive")
     elif max_size and req.enable_hr and max(generation.hires_target_size(req)) > max_size:

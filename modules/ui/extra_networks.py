@@ -32,7 +32,7 @@ def _cards(webui, query: str) -> list[list[str]]:
     nets = webui.extra_networks
     query = (query or "").strip().lower()
     cards = [[f"<lora:{info.name}:1>", "LoRA", info.name] for info in nets.loras.list()]
-    cards += [[name, "Embedding", name] for name in sorted(nets.embeddings.all())]
+    cards += [[name, "Embedding", name] for name in sorted(nets.embeddings.files())]  # listed, not loaded
     return [c for c in cards if not query or query in c[2].lower()] or [["", "", "(nothing matches)"]]
 
 

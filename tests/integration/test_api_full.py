@@ -270,7 +270,8 @@ def test_webuiapi_client(api_server):
 def limited_server(tiny_models, tmp_path_factory):
     data = tmp_path_factory.mktemp("limited-data")
     (data / "config.json").write_text(json.dumps({"queue_max_pending": 1, "api_max_request_mb": 1,
-                                                  "api_enable_requests": True, "api_max_steps": 50}))
+                                                  "api_enable_requests": True, "api_max_steps": 50,
+                                                  "api_max_size": 256}))
     server = Server(["--api", "--nowebui", "--models-dir", str(tiny_models)], data, ready_path="/docs")
     yield server
     server.stop()
@@ -326,3 +327,15 @@ def test_url_images_never_reach_local_addresses(limited_server, url):
     assert r.status_code == 422, r.text
     detail = r.json()["detail"]
     assert "loopback or private" in detail or "http(s)" in detail, detail
+
+
+def test_outpainting_cannot_grow_past_the_size_limit(limited_server):
+    """api_max_size holds for the canvas an outpainting script will make, not just the requested size."""
+    base = limited_server.url + "/sdapi/v1"
+    body = {**SMALL, "width": 192, "height": 192, "init_images": [png_b64(gradient(192, 192))],
+            "script_name": "Poor man's outpainting", "script_args": [64, 4, "fill", ["left", "right"]]}
+    r = requests.post(base + "/img2img", json=body)
+    assert r.status_code == 422, r.text
+    assert "expanded image would be 320x192" in r.json()["detail"] and "api_max_size" in r.json()["detail"]
+    r = requests.post(base + "/img2img", json={**body, "script_args": [32, 4, "fill", ["left"]]})
+    assert r.status_code == 200, r.text  # 224x192 fits

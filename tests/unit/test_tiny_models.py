@@ -1,6 +1,7 @@
 """The tiny model set: written once, found by the registry, detected right, loads the same from the
 single file and the diffusers folder, and generates images that depend on the seed."""
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,3 +125,18 @@ def test_second_call_keeps_files_and_recipe_is_deterministic(models_dir, tmp_pat
         digest = hashlib.sha256(paths[name].read_bytes()).hexdigest()
         assert hashlib.sha256(fresh[name].read_bytes()).hexdigest() == digest
     assert (paths["tiny-sd15"].read_bytes()) != paths["tiny-sd15-inpainting"].read_bytes()
+
+
+def test_making_the_set_prints_one_line_per_model_and_no_library_noise(tmp_path):
+    """What a new user sees on the first `--demo` start: what is made, where, how long; no progress bars of
+    saving shards and no torchvision fallback notes from transformers."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "modules.tiny_models", str(tmp_path / "m")], capture_output=True,
+                          text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
+    output = proc.stdout + proc.stderr
+    assert "Writing model shards" not in output and "requires torchvision" not in output, output
+    assert "%|" not in output, output  # no tqdm bar at all
+    made = [line for line in output.splitlines() if "made tiny-sd15 (single file and diffusers folder) in" in line]
+    assert len(made) == 1 and str(tmp_path / "m") in made[0], output
