@@ -99,8 +99,11 @@ def _canvas(size: tuple[int, int], a: dict) -> tuple[int, int, int, int, int, in
 def output_size(req) -> tuple[int, int] | None:
     """The size an outpainting request will work at (its canvas; the largest over its init images), worked out
     without touching pixels, so server limits can be checked before the job is queued; None without a script."""
-    a = parse_args(req.script_name, req.script_args)
-    if a is None or not req.init_images:
+    try:
+        a = parse_args(req.script_name, req.script_args)
+    except ValueError:
+        return None  # bad arguments: the request's validation names them
+    if a is None or not req.init_images or not all(hasattr(im, "size") for im in req.init_images):
         return None
     sizes = [_canvas(image.size, a)[:2] for image in req.init_images]
     return max(w for w, _ in sizes), max(h for _, h in sizes)
