@@ -64,7 +64,7 @@ def create_app(args):
         # the UI's login form accepts --api-auth and --gradio-auth users alike
         app = gr.mount_gradio_app(app, blocks, path="/", auth=api_auth.gradio_auth_callback(authenticator),
                                   ssr_mode=False, show_error=True,
-                                  theme=ui.theme(), css=ui.CSS, js=ui.JS, footer_links=["api"] if args.api else [],
+                                  theme=ui.theme(), css=ui.CSS, js=ui.js(), footer_links=["api"] if args.api else [],
                                   allowed_paths=[str(webui.outputs_root())])
         authenticator.attach_gradio(api_auth.mounted_gradio_app(app))
     app.state.webui = webui

@@ -10,10 +10,12 @@ final composite, so that pixels outside the (blurred) mask are the original's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,13 +23,14 @@ import torch
 from PIL import Image
 
 from modules import extra_networks, img2img_images as pix, img2img_scripts, infotext as infotext_mod
-from modules import prompt_parser, prompts, samplers, sd_pipelines
+from modules import outputs, prompt_parser, prompts, samplers, sd_pipelines
 from modules.generation import (GenerationContext, GenerationResult, _network_params, _networks_applied,
                                 _StepTracker, base_infotext_params, decode_latents, leased_checkpoint, sample_latents, sampler_params,
                                 vae_params,
                                 text_conditioner, make_noise, resolve_seeds, result_info,
                                 add_grid, save_sample, scheduler_order)
 from modules.img2img_params import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, Img2ImgRequest, validate_img2img
+from modules.generation_params import GenerationError
 from modules.jobs import Job, JobInterrupted, JobSkipped
 from modules.version import VERSION
 
@@ -287,3 +290,101 @@ def _infotext_params(req: Img2ImgRequest, info, seed, subseed, clip_skip, has_ma
         params["Styles array"] = json.dumps(list(req.styles))
     params["Version"] = VERSION
     return params
+
+
+# ----------------------------------------------------------------------------------------------------- batch
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class BatchFolders:
+    """img2img's Batch mode: the images of `input_dir` (with the same-named mask of `mask_dir`, if given), saved
+    to `output_dir` under their own names, or to the usual outputs folder when it is None."""
+    input_dir: Path
+    output_dir: Path | None = None
+    mask_dir: Path | None = None
+
+    @classmethod
+    def from_text(cls, input_dir: str, output_dir: str = "", mask_dir: str = "") -> "BatchFolders":
+        """From what a user typed; GenerationError (with what to do) for a folder that is not there."""
+        def folder(text, what, required):
+            text = (text or "").strip()
+            if not text:
+                if required:
+                    raise GenerationError(f"No {what}: type a folder on the server.")
+                return None
+            path = Path(text).expanduser()
+            if what != "output directory" and not path.is_dir():
+                raise GenerationError(f"The {what} {path} does not exist or is not a folder.")
+            return path
+        return cls(folder(input_dir, "input directory", True), folder(output_dir, "output directory", False),
+                   folder(mask_dir, "mask directory", False))
+
+    def images(self) -> list[Path]:
+        files = sorted(p for p in self.input_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise GenerationError(f"The input directory {self.input_dir} holds no images "
+                                  f"({', '.join(IMAGE_EXTENSIONS)}).")
+        return files
+
+    def mask_for(self, image: Path) -> Path | None:
+        if self.mask_dir is None:
+            return None
+        for candidate in sorted(self.mask_dir.iterdir()):
+            if candidate.stem == image.stem and candidate.suffix.lower() in IMAGE_EXTENSIONS:
+                return candidate
+        raise GenerationError(f"no mask named {image.stem}.* in {self.mask_dir}")
+
+
+def run_img2img_batch(ctx: GenerationContext, req: Img2ImgRequest, folders: BatchFolders, job: Job | None = None,
+                      settings: dict | None = None) -> GenerationResult:
+    """Every image of the input folder through `req` in turn (one job). A file that cannot be read or run is
+    skipped and named in the answer's warnings; the outputs keep their input's name in the output folder (a
+    file already there is never replaced: NAME-1.png ...), or go where any img2img image goes."""
+    settings = settings or {}
+    files = folders.images()
+    images, infotexts, paths, problems = [], [], [], []
+    info: dict = {}
+    for n, path in enumerate(files, 1):
+        if job is not None:
+            job.textinfo = f"Image {n}/{len(files)}: {path.name}"
+        try:
+            init = pix.flatten(_open_image(path))
+            mask_path = folders.mask_for(path)
+            mask = _open_image(mask_path) if mask_path is not None else None
+            one = validate_img2img(dataclasses.replace(req, init_images=[init], mask=mask,
+                                                       save_images=req.save_images and folders.output_dir is None))
+            result = run_img2img(ctx, one, job, settings)
+        except JobInterrupted:
+            break
+        except (GenerationError, OSError) as e:
+            problems.append(f"{path.name}: {e}")
+            continue
+        for k, (image, text) in enumerate(zip(result.images[result.grid_count:], result.infotexts[result.grid_count:])):
+            if folders.output_dir is not None:
+                paths.append(outputs.save_image_named(
+                    image, folders.output_dir, path.stem + (f"-{k}" if k else ""),
+                    infotext=text if settings.get("enable_pnginfo", True) else None,
+                    extension=settings.get("samples_format", "png"), jpeg_quality=settings.get("jpeg_quality", 80)))
+            images.append(image)
+            infotexts.append(text)
+        paths.extend(result.paths)
+        info = result.info
+        if job is not None and job.interrupted:
+            break
+    if not images and problems:
+        raise GenerationError("; ".join(problems))
+    info = dict(info, warnings=list(info.get("warnings", [])) + problems, infotexts=infotexts,
+                index_of_first_image=0)
+    return GenerationResult(images=images, infotexts=infotexts, info=info, paths=paths, grid_count=0)
+
+
+def _open_image(path: Path) -> Image.Image:
+    from PIL import UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError) as e:
+        raise GenerationError(f"cannot read {path.name} as an image") from e

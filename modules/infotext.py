@@ -235,7 +235,7 @@ def _join_lines(lines: list[str]) -> str:
 # --- infotext -> request fields --------------------------------------------------------------------
 
 
-def _to_int(value: Any) -> int | None:
+def to_int(value: Any) -> int | None:
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -246,7 +246,7 @@ def _to_int(value: Any) -> int | None:
         return int(number) if number.is_integer() else None
 
 
-def _to_float(value: Any) -> float | None:
+def to_float(value: Any) -> float | None:
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -308,10 +308,10 @@ def infotext_to_txt2img_fields(parsed: Mapping[str, Any]) -> dict[str, Any]:
         if key in parsed and parsed[key] is not None:
             fields[name] = str(parsed[key])
     for key, name in _INT_FIELDS.items():
-        if key in parsed and (number := _to_int(parsed[key])) is not None:
+        if key in parsed and (number := to_int(parsed[key])) is not None:
             fields[name] = number
     for key, name in _FLOAT_FIELDS.items():
-        if key in parsed and (number := _to_float(parsed[key])) is not None:
+        if key in parsed and (number := to_float(parsed[key])) is not None:
             fields[name] = number
 
     sampler = parsed.get("Hires sampler")
@@ -320,6 +320,14 @@ def infotext_to_txt2img_fields(parsed: Mapping[str, Any]) -> dict[str, Any]:
     checkpoint = parsed.get("Hires checkpoint")
     if checkpoint and checkpoint != "Use same checkpoint":
         fields["hr_checkpoint_name"] = str(checkpoint)
+    styles = parsed.get("Styles array")
+    if styles:
+        try:
+            names = json.loads(styles) if isinstance(styles, str) else styles
+        except ValueError:
+            names = None
+        if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+            fields["styles"] = names  # their text is still in the prompts: see StyleDatabase.extract
     if parsed.get("Face restoration"):
         fields["restore_faces"] = True
     if "Tiling" in parsed:
@@ -335,10 +343,10 @@ def infotext_to_txt2img_fields(parsed: Mapping[str, Any]) -> dict[str, Any]:
 
     settings: dict[str, Any] = {}
     for key, name in _SETTING_FIELDS.items():
-        if key in parsed and (number := _to_int(parsed[key])) is not None:
+        if key in parsed and (number := to_int(parsed[key])) is not None:
             settings[name] = number
     for key, name in _FLOAT_SETTING_FIELDS.items():
-        if key in parsed and (number := _to_float(parsed[key])) is not None:
+        if key in parsed and (number := to_float(parsed[key])) is not None:
             settings[name] = number
     if settings:
         fields["override_settings"] = settings

@@ -299,11 +299,26 @@ def save_image(
     the name is free, under the lock.
     """
     extension = extension.lower().lstrip(".")
-    data = encode_image(image, extension, infotext=infotext, quality=jpeg_quality)
     decoration = expand_pattern(pattern, seed=seed, prompt=prompt)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    return _write_new(image, Path(folder), extension, infotext, jpeg_quality,
+                      lambda counter: _fit_name(counter, decoration, extension), next_sequence_number)
 
+
+def save_image_named(image: Image.Image, folder: Path, stem: str, *, infotext: str | None, extension: str = "png",
+                     jpeg_quality: int = 80) -> Path:
+    """Save `image` as folder/STEM.EXT (img2img batch outputs keep their input's name), or STEM-1.EXT, STEM-2.EXT
+    ... when that name is taken: a file already there is never replaced. Written as `save_image` writes."""
+    extension = extension.lower().lstrip(".")
+    stem = sanitize_filename_part(stem) or "image"
+    return _write_new(image, Path(folder), extension, infotext, jpeg_quality,
+                      lambda n: f"{stem}.{extension}" if n == 0 else f"{stem}-{n}.{extension}", lambda _folder: 0)
+
+
+def _write_new(image, folder: Path, extension: str, infotext, quality: int, name_for, first_counter) -> Path:
+    """Encode `image`, write it to a hidden temp file in `folder`, and publish it under the first free
+    name_for(counter) from first_counter(folder) on."""
+    data = encode_image(image, extension, infotext=infotext, quality=quality)
+    folder.mkdir(parents=True, exist_ok=True)
     temp = folder / f".{uuid.uuid4().hex}.tmp"
     try:
         # O_EXCL: never reuse someone else's file; mode 0o666 lets the umask decide permissions
@@ -314,16 +329,15 @@ def save_image(
             handle.flush()
             os.fsync(handle.fileno())
         with _save_lock:
-            return _publish(temp, folder, decoration, extension)
+            return _publish(temp, folder, name_for, first_counter(folder))
     finally:
         if temp.exists():
             temp.unlink()
 
 
-def _publish(temp: Path, folder: Path, decoration: str, extension: str) -> Path:
-    counter = next_sequence_number(folder)
+def _publish(temp: Path, folder: Path, name_for, counter: int) -> Path:
     for _ in range(10_000):
-        target = folder / _fit_name(counter, decoration, extension)
+        target = folder / name_for(counter)
         try:
             os.link(temp, target)
             return target

@@ -52,6 +52,25 @@ def merge_prompts(style_prompt: str, prompt: str) -> str:
     return ", ".join(part for part in (prompt.strip(), style_prompt.strip()) if part)
 
 
+def unmerge_prompts(style_prompt: str, text: str) -> str | None:
+    """The prompt `merge_prompts(style_prompt, prompt)` was made from, or None when `text` was not made so."""
+    if not style_prompt.strip():
+        return text.strip()
+    if PROMPT_PLACEHOLDER in style_prompt:
+        before, _, after = style_prompt.partition(PROMPT_PLACEHOLDER)
+        if after.count(PROMPT_PLACEHOLDER):  # the prompt put in more than once: only a whole match is sure
+            return None
+        if text.startswith(before) and text.endswith(after) and len(text) >= len(before) + len(after):
+            return text[len(before):len(text) - len(after)]
+        return None
+    style, text = style_prompt.strip(), text.strip()
+    if text == style:
+        return ""
+    if text.endswith(", " + style):
+        return text[:-len(style) - 2].strip()
+    return None
+
+
 class StyleDatabase:
     """styles.csv in memory; thread-safe; every change is written back atomically."""
 
@@ -95,6 +114,22 @@ class StyleDatabase:
     def api_list(self) -> list[dict[str, str]]:
         """/sdapi/v1/prompt-styles: [{name, prompt, negative_prompt}]."""
         return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in self.styles()]
+
+    def extract(self, prompt: str, negative_prompt: str, style_names: Iterable[str]) -> tuple[str, str, list[str]]:
+        """The reverse of `apply` for a pasted infotext (A1111's "Styles array"): each named style whose text
+        the prompts hold is taken back out (the last applied first) and selected. Returns (prompt, negative
+        prompt, the styles found); a style that is unknown here or whose text is not there stays out of both."""
+        found: list[str] = []
+        for name in reversed([n for n in style_names if n]):
+            style = self.get(name)
+            if style is None:
+                continue
+            p, n = unmerge_prompts(style.prompt, prompt), unmerge_prompts(style.negative_prompt, negative_prompt)
+            if p is None or n is None:
+                continue
+            prompt, negative_prompt = p, n
+            found.insert(0, name)
+        return prompt, negative_prompt, found
 
     def apply(self, prompt: str, negative_prompt: str, style_names: Iterable[str] | None) -> tuple[str, str]:
         """(prompt, negative prompt) with the named styles applied in order (see merge_prompts).

@@ -97,4 +97,10 @@ def make_tiny_extra_networks(dir: str | Path, components: dict | None = None) ->
                 "name": TINY_EMBEDDING_PT, "step": 100, "sd_checkpoint": None, "sd_checkpoint_name": None}
         with atomic_open(paths[TINY_EMBEDDING_PT], "wb") as f:
             torch.save(data, f)
+    preview = paths[TINY_LORA].with_suffix(".png")  # the picture A1111 shows on the LoRA's card
+    if not preview.exists():
+        from PIL import Image
+        picture = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
+        with atomic_open(preview, "wb") as f:
+            picture.save(f, format="PNG")
     return paths

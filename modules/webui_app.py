@@ -15,6 +15,12 @@ from modules.options import Options, default_specs
 log = logging.getLogger("webui")
 
 
+def _placeholder_image():
+    """A 1x1 image standing in for a batch's init images when its request is checked before the job runs."""
+    from PIL import Image
+    return Image.new("RGB", (1, 1))
+
+
 @dataclass
 class Folders:
     data_dir: Path
@@ -270,6 +276,20 @@ class Webui:
             return run_img2img(self.generation_context(), req, job, settings)
 
         return self.queue.submit(run, kind="img2img", owner=owner, task_id=task_id)
+
+    def submit_img2img_batch(self, req, folders, *, owner: str | None = None):
+        """Queue img2img's Batch mode (every image of `folders.input_dir` through `req`) as one job."""
+        from modules.img2img_params import validate_img2img
+        folders.images()  # a folder without images is refused now, not in the queue
+        probe = validate_img2img(dataclasses.replace(req, init_images=[_placeholder_image()]))
+        self.styles.apply(probe.prompt, probe.negative_prompt, probe.styles)
+        settings = self.settings_for_request(None)
+
+        def run(job):
+            from modules.img2img import run_img2img_batch
+            return run_img2img_batch(self.generation_context(), req, folders, job, settings)
+
+        return self.queue.submit(run, kind="img2img", owner=owner)
 
     def load_checkpoint_now(self, name: str | None = None, timeout: float | None = None):
         """Load a checkpoint through the queue (so it never races a running job) and wait for it."""

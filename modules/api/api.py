@@ -123,16 +123,20 @@ def check_api_limits(req, opts: dict[str, Any]) -> None:
         raise HTTPException(422, "; ".join(problems))
 
 
-def fields_with_infotext(body, model_cls) -> tuple[dict[str, Any], dict[str, Any]]:
+def fields_with_infotext(body, model_cls, styles) -> tuple[dict[str, Any], dict[str, Any]]:
     """(request fields, override settings) of a txt2img/img2img body. Its `infotext` fills the fields the
     body does not send, and the settings it carries (Clip skip, ENSD, eta) apply under the body's own
-    `override_settings`, as A1111 applies an infotext: the image then is the one the infotext describes."""
+    `override_settings`, as A1111 applies an infotext: the image then is the one the infotext describes. The
+    styles it names are taken back out of its prompts (`styles`, the style database), so they apply once."""
     from modules import infotext
     fields = body.model_dump()
     overrides = dict(body.override_settings or {})
     if body.infotext:
         parsed = infotext.infotext_to_txt2img_fields(infotext.parse_infotext(body.infotext))
         overrides = {**parsed.pop("override_settings", {}), **overrides}
+        if parsed.get("styles"):
+            parsed["prompt"], parsed["negative_prompt"], parsed["styles"] = styles.extract(
+                parsed.get("prompt", ""), parsed.get("negative_prompt", ""), parsed["styles"])
         sent = body.model_fields_set
         for k, v in parsed.items():
             if k in fields and k not in sent:
@@ -176,7 +180,7 @@ def build_router(webui, server_control: ServerControl | None = None) -> APIRoute
 
         def queue():
             check_scripts(body)
-            fields, overrides = fields_with_infotext(body, models.Txt2ImgRequest)
+            fields, overrides = fields_with_infotext(body, models.Txt2ImgRequest, webui.styles)
             req = to_service_request(fields, body)
             check_api_limits(req, webui.options.snapshot())
             return queue_generation(

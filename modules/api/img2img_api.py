@@ -45,7 +45,7 @@ def queue(webui, body: models.Img2ImgRequest, response: Response, user: str | No
         img2img_scripts.find(body.script_name)
     except ValueError as e:
         raise HTTPException(400, f"{e} (see /sdapi/v1/scripts)") from None
-    fields, overrides = fields_with_infotext(body, models.Img2ImgRequest)
+    fields, overrides = fields_with_infotext(body, models.Img2ImgRequest, webui.styles)
     req = to_service_request(body, fields, allow_urls=allow_urls)
     check_api_limits(req, webui.options.snapshot())
     parameters = body.model_dump()

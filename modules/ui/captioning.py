@@ -9,6 +9,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from modules.ui.common import NotAnImage, UploadImage, clean_text, job_error_message, notice_html, progress_html
+
 log = logging.getLogger("webui.ui")
 
 STYLES = ["short", "a photo of", "detailed", "custom"]
@@ -27,16 +29,7 @@ SEND_TO_TXT2IMG_JS = """
 
 
 def _error_html(message: str) -> str:
-    return f'<div class="error" style="color:#d33">{html.escape(message)}</div>'
-
-
-def _progress_html(job) -> str:
-    pct = int(round(100 * (job.progress or 0)))
-    eta = job.eta_relative
-    label = "Waiting in queue..." if job.status == "queued" else \
-        f"{pct}% ({job.sampling_step}/{job.sampling_steps})" + (f", ETA {eta:.0f}s" if eta else "")
-    return (f'<div class="progress-track"><div class="progress-bar" style="width:{pct}%"></div></div>'
-            f'<div class="progress-text">{html.escape(label)}</div>')
+    return notice_html(message)
 
 
 def _thumbnail(path: Path):
@@ -70,7 +63,8 @@ def create_tabs(webui) -> None:
             return None
 
     def model_dropdown(purpose: str, elem_id: str):
-        return gr.Dropdown(label="Captioner" if purpose != "search" else "Retrieval model",
+        label = {"caption": "Captioner", "vqa": "Model", "search": "Retrieval model"}[purpose]
+        return gr.Dropdown(label=label,
                            choices=names(purpose), value=default(purpose), elem_id=elem_id, interactive=True,
                            allow_custom_value=False)
 
@@ -79,17 +73,14 @@ def create_tabs(webui) -> None:
         try:
             job = submit(_owner(request))
             return job.wait(), None
-        except (captioning.CaptionerError, ValueError) as e:
-            return None, str(e)
-        except Exception as e:  # a failing model must not take the UI down: show what went wrong
-            log.exception("captioning job failed")
-            return None, f"{type(e).__name__}: {e}"
+        except Exception as e:  # a failing model must not take the UI down: say what went wrong, plainly
+            return None, job_error_message(e)
 
     # --------------------------------------------------------------------------------------- Caption
     with gr.Tab("Caption", id="caption", elem_id="tab_caption"):
         with gr.Row():
             with gr.Column():
-                cap_image = gr.Image(label="Image", type="pil", format="png", sources=["upload", "clipboard"],
+                cap_image = UploadImage(label="Image", type="pil", format="png", sources=["upload", "clipboard"],
                                      elem_id="caption_image", height=320)
                 with gr.Row():
                     cap_model = model_dropdown("caption", "caption_model")
@@ -169,16 +160,17 @@ def create_tabs(webui) -> None:
 
     def on_caption(image, model, *values, request: gr.Request = None):
         *dec, int8 = values
-        if image is None:
-            message = "No image: upload an image to caption."
-            return gr.update(), _error_html(message)
+        if image is None or isinstance(image, NotAnImage):
+            message = image.message if image is not None else "No image: upload an image to caption."
+            gr.Warning(message)
+            return "", _error_html(message)
         req = captioning.CaptionRequest(image=image.convert("RGB"), model=model, settings=settings_from(*dec),
                                         int8=bool(int8))
         caption, error = run_job(lambda owner: service.submit_caption(req, owner), request)
         if error:
             gr.Warning(error)
             return gr.update(), _error_html(error)
-        return caption, ""
+        return clean_text(caption), ""
 
     cap_run.click(on_caption, inputs=[cap_image, cap_model, *decoding, cap_int8], outputs=[cap_output, cap_error],
                   concurrency_limit=None)
@@ -198,7 +190,7 @@ def create_tabs(webui) -> None:
             yield _error_html(str(e)), ""
             return
         while job.status in ("queued", "running"):
-            yield _progress_html(job), gr.update()
+            yield progress_html(job), gr.update()
             time.sleep(0.3)
         try:
             summary = job.wait()
@@ -242,7 +234,7 @@ def create_tabs(webui) -> None:
     with gr.Tab("VQA", id="vqa", elem_id="tab_vqa"):
         with gr.Row():
             with gr.Column():
-                vqa_image = gr.Image(label="Image", type="pil", format="png", sources=["upload", "clipboard"],
+                vqa_image = UploadImage(label="Image", type="pil", format="png", sources=["upload", "clipboard"],
                                      elem_id="vqa_image", height=320)
                 vqa_model = model_dropdown("vqa", "vqa_model")
             with gr.Column():
@@ -253,10 +245,13 @@ def create_tabs(webui) -> None:
                     vqa_ask = gr.Button("Ask", variant="primary", elem_id="vqa_ask")
                     vqa_clear = gr.Button("Clear conversation", elem_id="vqa_clear")
                 vqa_error = gr.HTML("", elem_id="vqa_error")
-    vqa_turns = gr.State([])
+        vqa_turns = gr.State([])  # inside the tab: a component between two tabs breaks Gradio's tab strip
 
     def on_ask(image, model, question, turns, request: gr.Request = None):
         turns = list(turns or [])
+        if isinstance(image, NotAnImage):
+            gr.Warning(image.message)
+            return gr.update(), gr.update(), turns, _error_html(image.message)
         if image is None or not (question or "").strip():
             message = "No image: upload an image first." if image is None else "The question is empty."
             return gr.update(), gr.update(), turns, _error_html(message)
@@ -266,7 +261,7 @@ def create_tabs(webui) -> None:
         if error:
             gr.Warning(error)
             return gr.update(), gr.update(), turns, _error_html(error)
-        turns.append((question, answer))
+        turns.append((question, clean_text(answer)))
         chat = [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
         return chat, "", turns, ""
 

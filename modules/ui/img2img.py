@@ -1,11 +1,9 @@
-"""The img2img tab (img2img, sketch, inpaint, inpaint sketch, inpaint upload, batch), its Interrogate button and the
-"Send to img2img / inpaint" buttons. Thin: editor values -> init image + mask (plain PIL) -> a job -> the result.
-No torch here."""
+"""The img2img tab (img2img, sketch, inpaint, inpaint sketch, inpaint upload, batch) with the shared prompt tools
+and output panel, its Interrogate button, and the "Send to img2img / inpaint" wiring. Thin: editor values ->
+init image + mask (plain PIL) -> a job -> the result. No torch here."""
 from __future__ import annotations
 
-import html
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,23 +11,20 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from modules import img2img_scripts, infotext, samplers
+from modules import img2img_scripts
 from modules.img2img_params import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, RESIZE_MODES, Img2ImgRequest
+from modules.ui import common
+from modules.ui.common import NotAnImage, UploadEditor, UploadImage, notice_html
 
 log = logging.getLogger("webui.ui")
 
 MODES = ("img2img", "sketch", "inpaint", "inpaint sketch", "inpaint upload", "batch")
 MODE_IDS = ("img2img_img2img_tab", "img2img_img2img_sketch_tab", "img2img_inpaint_tab",
             "img2img_inpaint_sketch_tab", "img2img_inpaint_upload_tab", "img2img_batch_tab")
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 SCRIPTS = ("None",) + img2img_scripts.TITLES
 # the fields "Send to img2img / inpaint" copies from an image's infotext (A1111's paste of the generation params)
 SEND_FIELDS = ("prompt", "negative_prompt", "steps", "sampler_name", "scheduler", "cfg_scale", "seed", "width",
-               "height", "subseed", "subseed_strength", "batch_size")
-
-
-def _error_html(message: str) -> str:
-    return f'<div class="error" style="color:#d33">{html.escape(message)}</div>'
+               "height", "subseed", "subseed_strength", "batch_size", "styles")
 
 
 # ------------------------------------------------------------------------------------ editor value -> images
@@ -38,6 +33,8 @@ def _as_pil(value) -> Image.Image | None:
     """A PIL image from whatever Gradio hands over (PIL, numpy array, file path, (image, caption) pair)."""
     if value is None:
         return None
+    if isinstance(value, NotAnImage):
+        raise ValueError(value.message)
     if isinstance(value, (tuple, list)) and value:
         return _as_pil(value[0])
     if isinstance(value, dict):
@@ -138,168 +135,133 @@ def _editor_value(image: Image.Image | None):
 @dataclass
 class Img2ImgTab:
     """What create_ui needs to wire the send buttons: the sub-tab switch and the components to fill."""
-    tabs: gr.Tabs
     mode_tabs: gr.Tabs
     mode: gr.State
     inpaint_controls: gr.Group
     image: gr.Image
     inpaint: gr.ImageEditor
     components: dict
+    tools: common.PromptTools
+    panel: common.OutputPanel
 
 
-def send_buttons(source: str):
-    """The "Send to img2img" and "Send to inpaint" buttons (under the txt2img gallery, in PNG Info)."""
-    with gr.Row():
-        to_img2img = gr.Button("Send to img2img", elem_id=f"{source}_send_to_img2img", size="sm")
-        to_inpaint = gr.Button("Send to inpaint", elem_id=f"{source}_send_to_inpaint", size="sm")
-    return to_img2img, to_inpaint
+def create_tab(webui) -> Img2ImgTab:
+    """The contents of the img2img tab (built inside its gr.Tab)."""
+    from modules.ui.txt2img import batch_controls, sampler_controls
 
-
-def create_tab(webui, tabs: gr.Tabs) -> Img2ImgTab:
-    """Add the img2img tab to the enclosing gr.Tabs (`tabs`, switched to by the send buttons)."""
-    from modules.ui import ui as ui_mod
-
-    sampler_names = [s.name for s in samplers.SAMPLERS]
-    schedule_names = [s.label if hasattr(s, "label") else s for s in samplers.SCHEDULE_TYPES]
     hide_dirs = bool(getattr(webui.args, "hide_ui_dir_config", False))
-
-    with gr.Tab("img2img", id="img2img", elem_id="tab_img2img"):
-        with gr.Row():
-            with gr.Column(scale=6):
-                prompt = gr.Textbox(label="Prompt", lines=3, placeholder="Prompt", elem_id="img2img_prompt")
-                negative = gr.Textbox(label="Negative prompt", lines=2, placeholder="Negative prompt",
-                                      elem_id="img2img_neg_prompt")
-            with gr.Column(scale=1, min_width=160):
-                generate = gr.Button("Generate", variant="primary", elem_id="img2img_generate")
-                with gr.Row():
-                    interrupt = gr.Button("Interrupt", elem_id="img2img_interrupt", size="sm")
-                    skip = gr.Button("Skip", elem_id="img2img_skip", size="sm")
-                interrogate = gr.Button("Interrogate", elem_id="img2img_interrogate", size="sm")
-
-        mode = gr.State(0)
-        with gr.Row():
-            with gr.Column():
-                with gr.Tabs(elem_id="mode_img2img") as mode_tabs:
-                    with gr.Tab("img2img", id="img2img_tab", elem_id=MODE_IDS[0]) as t0:
-                        init_img = gr.Image(label="Image for img2img", type="pil", format="png", image_mode="RGBA",
-                                            sources=["upload", "clipboard"], elem_id="img2img_image", height=384)
-                        with gr.Row():
-                            gr.HTML("<span>Copy image to:</span>", padding=False)
-                            copy_sketch = gr.Button("sketch", size="sm", elem_id="img2img_copy_to_sketch")
-                            copy_inpaint = gr.Button("inpaint", size="sm", elem_id="img2img_copy_to_inpaint")
-                            copy_isketch = gr.Button("inpaint sketch", size="sm",
-                                                     elem_id="img2img_copy_to_inpaint_sketch")
-                    with gr.Tab("Sketch", id="sketch_tab", elem_id=MODE_IDS[1]) as t1:
-                        sketch = gr.ImageEditor(label="Image for img2img", type="pil", format="png",
-                                                image_mode="RGBA", sources=["upload", "clipboard"],
-                                                brush=gr.Brush(color_mode="defaults"), elem_id="img2img_sketch",
-                                                height=384)
-                    with gr.Tab("Inpaint", id="inpaint_tab", elem_id=MODE_IDS[2]) as t2:
-                        inpaint = gr.ImageEditor(label="Image for inpainting with mask", type="pil", format="png",
-                                                 image_mode="RGBA", sources=["upload", "clipboard"],
-                                                 brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff",
-                                                                color_mode="fixed"),
-                                                 layers=gr.LayerOptions(allow_additional_layers=False,
-                                                                        layers=["Mask"]),
-                                                 transforms=(), elem_id="img2maskimg", height=384)
-                    with gr.Tab("Inpaint sketch", id="inpaint_sketch_tab", elem_id=MODE_IDS[3]) as t3:
-                        inpaint_sketch = gr.ImageEditor(label="Color sketch inpainting", type="pil", format="png",
-                                                        image_mode="RGBA", sources=["upload", "clipboard"],
-                                                        brush=gr.Brush(color_mode="defaults"), transforms=(),
-                                                        elem_id="inpaint_sketch", height=384)
-                    with gr.Tab("Inpaint upload", id="inpaint_upload_tab", elem_id=MODE_IDS[4]) as t4:
-                        up_image = gr.Image(label="Image", type="pil", format="png", image_mode="RGBA",
-                                            sources=["upload"], elem_id="img_inpaint_base")
-                        up_mask = gr.Image(label="Mask (white = repaint)", type="pil", format="png",
-                                           image_mode="RGBA", sources=["upload"], elem_id="img_inpaint_mask")
-                    with gr.Tab("Batch", id="batch_tab", elem_id=MODE_IDS[5], visible=not hide_dirs) as t5:
-                        gr.Markdown("Process the images of a folder on the server. An empty output folder saves to "
-                                    "the usual outputs folder. With a mask folder, each image's mask is the file "
-                                    "of the same name there.")
-                        b_input = gr.Textbox(label="Input directory", elem_id="img2img_batch_input_dir")
-                        b_output = gr.Textbox(label="Output directory", elem_id="img2img_batch_output_dir")
-                        b_mask = gr.Textbox(label="Inpaint batch mask directory (required for inpaint batch)",
-                                            elem_id="img2img_batch_inpaint_mask_dir")
-
-                resize_mode = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], type="index", label="Resize mode",
-                                       elem_id="resize_mode")
-                with gr.Group(visible=False) as inpaint_controls:
-                    mask_blur = gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id="img2img_mask_blur")
-                    mask_mode = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], type="index", label="Mask mode",
-                                         elem_id="img2img_mask_mode")
-                    fill = gr.Radio(list(MASKED_CONTENT), value="original", type="index", label="Masked content",
-                                    elem_id="img2img_inpainting_fill")
+    tools = common.prompt_tools(webui, "img2img")
+    with tools.side:
+        interrogate = gr.Button("Interrogate", elem_id="img2img_interrogate", size="sm")
+    mode = gr.State(0)
+    with gr.Row():
+        with gr.Column():
+            with gr.Tabs(elem_id="mode_img2img") as mode_tabs:
+                with gr.Tab("img2img", id="img2img_tab", elem_id=MODE_IDS[0]) as t0:
+                    init_img = UploadImage(label="Image for img2img", type="pil", format="png", image_mode="RGBA",
+                                           sources=["upload", "clipboard"], elem_id="img2img_image", height=384)
                     with gr.Row():
-                        full_res = gr.Radio(list(INPAINT_AREAS), value=INPAINT_AREAS[0], type="index",
-                                            label="Inpaint area", elem_id="img2img_inpaint_full_res")
-                        padding = gr.Slider(0, 256, value=32, step=4, label="Only masked padding, pixels",
-                                            elem_id="img2img_inpaint_full_res_padding")
-                for i, tab in enumerate((t0, t1, t2, t3, t4, t5)):
-                    tab.select(lambda i=i: _mode_updates(i), outputs=[mode, inpaint_controls], queue=False,
-                               show_progress="hidden")
-                with gr.Row():
-                    sampler = gr.Dropdown(label="Sampling method", choices=sampler_names,
-                                          value=samplers.DEFAULT_UI_SAMPLER, elem_id="img2img_sampling")
-                    scheduler = gr.Dropdown(label="Schedule type", choices=schedule_names, value="Automatic",
-                                            elem_id="img2img_scheduler")
-                steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id="img2img_steps")
-                size_by = gr.State(0)
-                with gr.Tabs(elem_id="img2img_tabs_resize"):
-                    with gr.Tab("Resize to", elem_id="img2img_tab_resize_to") as rt:
-                        with gr.Row():
-                            width = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="img2img_width")
-                            height = gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id="img2img_height")
-                    with gr.Tab("Resize by", elem_id="img2img_tab_resize_by") as rb:
-                        scale = gr.Slider(0.05, 4, value=1, step=0.05, label="Scale", elem_id="img2img_scale")
-                rt.select(lambda: 0, outputs=[size_by], queue=False, show_progress="hidden")
-                rb.select(lambda: 1, outputs=[size_by], queue=False, show_progress="hidden")
-                with gr.Row():
-                    batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id="img2img_batch_count")
-                    batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id="img2img_batch_size")
-                cfg = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id="img2img_cfg_scale")
-                denoise = gr.Slider(0, 1, value=0.75, step=0.01, label="Denoising strength",
-                                    elem_id="img2img_denoising_strength")
-                noise_mult = gr.Slider(0, 1.5, value=1.0, step=0.01, label="Initial noise multiplier",
-                                       elem_id="img2img_initial_noise_multiplier")
-                seeds = ui_mod.seed_controls("img2img")
-                seed, extra, subseed, subseed_strength = (seeds.seed, seeds.extra, seeds.subseed,
-                                                          seeds.subseed_strength)
-                script = gr.Dropdown(list(SCRIPTS), value="None", label="Script", elem_id="img2img_script")
-                with gr.Group(visible=False) as poor_group:
-                    pm_pixels = gr.Slider(8, 256, value=128, step=8, label="Pixels to expand",
-                                          elem_id="img2img_poor_pixels")
-                    pm_blur = gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id="img2img_poor_mask_blur")
-                    pm_fill = gr.Radio(list(MASKED_CONTENT), value="fill", label="Masked content",
-                                       elem_id="img2img_poor_inpainting_fill")
-                    pm_dirs = gr.CheckboxGroup(list(img2img_scripts.DIRECTIONS), value=list(img2img_scripts.DIRECTIONS),
-                                               label="Outpainting direction", elem_id="img2img_poor_direction")
-                with gr.Group(visible=False) as mk2_group:
-                    gr.Markdown("Recommended settings: Sampling Steps: 80-100, Sampler: Euler a, Denoising strength: 0.8")
-                    mk2_pixels = gr.Slider(8, 256, value=128, step=8, label="Pixels to expand",
-                                           elem_id="img2img_mk2_pixels")
-                    mk2_blur = gr.Slider(0, 64, value=8, step=1, label="Mask blur", elem_id="img2img_mk2_mask_blur")
-                    mk2_dirs = gr.CheckboxGroup(list(img2img_scripts.DIRECTIONS), value=list(img2img_scripts.DIRECTIONS),
-                                                label="Outpainting direction", elem_id="img2img_mk2_direction")
-                    mk2_falloff = gr.Slider(0, 4, value=1.0, step=0.01, label="Fall-off exponent (lower=higher detail)",
-                                            elem_id="img2img_mk2_falloff")
-                    mk2_color = gr.Slider(0, 1, value=0.05, step=0.01, label="Color variation",
-                                          elem_id="img2img_mk2_color_variation")
-            with gr.Column():
-                progress, preview, gallery, info_html = ui_mod.output_panel("img2img")
-                error_html = gr.HTML("", elem_id="img2img_error")
+                        gr.HTML("<span>Copy image to:</span>", padding=False)
+                        copy_sketch = gr.Button("sketch", size="sm", elem_id="img2img_copy_to_sketch")
+                        copy_inpaint = gr.Button("inpaint", size="sm", elem_id="img2img_copy_to_inpaint")
+                        copy_isketch = gr.Button("inpaint sketch", size="sm", elem_id="img2img_copy_to_inpaint_sketch")
+                with gr.Tab("Sketch", id="sketch_tab", elem_id=MODE_IDS[1]) as t1:
+                    sketch = UploadEditor(label="Image for img2img", type="pil", format="png", image_mode="RGBA",
+                                          sources=["upload", "clipboard"], brush=gr.Brush(color_mode="defaults"),
+                                          elem_id="img2img_sketch", height=384)
+                with gr.Tab("Inpaint", id="inpaint_tab", elem_id=MODE_IDS[2]) as t2:
+                    inpaint = UploadEditor(label="Image for inpainting with mask", type="pil", format="png",
+                                           image_mode="RGBA", sources=["upload", "clipboard"],
+                                           brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff",
+                                                          color_mode="fixed"),
+                                           layers=gr.LayerOptions(allow_additional_layers=False, layers=["Mask"]),
+                                           transforms=(), elem_id="img2maskimg", height=384)
+                with gr.Tab("Inpaint sketch", id="inpaint_sketch_tab", elem_id=MODE_IDS[3]) as t3:
+                    inpaint_sketch = UploadEditor(label="Color sketch inpainting", type="pil", format="png",
+                                                  image_mode="RGBA", sources=["upload", "clipboard"],
+                                                  brush=gr.Brush(color_mode="defaults"), transforms=(),
+                                                  elem_id="inpaint_sketch", height=384)
+                with gr.Tab("Inpaint upload", id="inpaint_upload_tab", elem_id=MODE_IDS[4]) as t4:
+                    up_image = UploadImage(label="Image", type="pil", format="png", image_mode="RGBA",
+                                           sources=["upload"], elem_id="img_inpaint_base", height=320)
+                    up_mask = UploadImage(label="Mask (white = repaint)", type="pil", format="png",
+                                          image_mode="RGBA", sources=["upload"], elem_id="img_inpaint_mask",
+                                          height=320)
+                with gr.Tab("Batch", id="batch_tab", elem_id=MODE_IDS[5], visible=not hide_dirs) as t5:
+                    gr.Markdown("Process the images of a folder on the server. An empty output folder saves to "
+                                "the usual outputs folder. With a mask folder, each image's mask is the file "
+                                "of the same name there.")
+                    b_input = gr.Textbox(label="Input directory", elem_id="img2img_batch_input_dir")
+                    b_output = gr.Textbox(label="Output directory", elem_id="img2img_batch_output_dir")
+                    b_mask = gr.Textbox(label="Inpaint batch mask directory (required for inpaint batch)",
+                                        elem_id="img2img_batch_inpaint_mask_dir")
 
-    job_state = gr.State(None)
-    infotexts_state = gr.State([])
-    seed_state = gr.State(-1)
+            resize_mode = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], type="index", label="Resize mode",
+                                   elem_id="resize_mode")
+            with gr.Group(visible=False) as inpaint_controls:
+                mask_blur = gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id="img2img_mask_blur")
+                mask_mode = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], type="index", label="Mask mode",
+                                     elem_id="img2img_mask_mode")
+                fill = gr.Radio(list(MASKED_CONTENT), value="original", type="index", label="Masked content",
+                                elem_id="img2img_inpainting_fill")
+                with gr.Row():
+                    full_res = gr.Radio(list(INPAINT_AREAS), value=INPAINT_AREAS[0], type="index",
+                                        label="Inpaint area", elem_id="img2img_inpaint_full_res")
+                    padding = gr.Slider(0, 256, value=32, step=4, label="Only masked padding, pixels",
+                                        elem_id="img2img_inpaint_full_res_padding")
+            for i, tab in enumerate((t0, t1, t2, t3, t4, t5)):
+                tab.select(lambda i=i: _mode_updates(i), outputs=[mode, inpaint_controls], queue=False,
+                           show_progress="hidden")
+            sampler, scheduler, steps = sampler_controls("img2img")
+            size_by = gr.State(0)
+            with gr.Tabs(elem_id="img2img_tabs_resize"):
+                with gr.Tab("Resize to", elem_id="img2img_tab_resize_to") as rt:
+                    width, height = common.size_sliders("img2img")
+                with gr.Tab("Resize by", elem_id="img2img_tab_resize_by") as rb:
+                    scale = gr.Slider(0.05, 4, value=1, step=0.05, label="Scale", elem_id="img2img_scale")
+            rt.select(lambda: 0, outputs=[size_by], queue=False, show_progress="hidden")
+            rb.select(lambda: 1, outputs=[size_by], queue=False, show_progress="hidden")
+            batch_count, batch_size = batch_controls("img2img")
+            cfg = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id="img2img_cfg_scale")
+            denoise = gr.Slider(0, 1, value=0.75, step=0.01, label="Denoising strength",
+                                elem_id="img2img_denoising_strength")
+            noise_mult = gr.Slider(0, 1.5, value=1.0, step=0.01, label="Initial noise multiplier",
+                                   elem_id="img2img_initial_noise_multiplier")
+            seeds = common.seed_controls("img2img")
+            script = gr.Dropdown(list(SCRIPTS), value="None", label="Script", elem_id="img2img_script")
+            with gr.Group(visible=False) as poor_group:
+                pm_pixels = gr.Slider(8, 256, value=128, step=8, label="Pixels to expand",
+                                      elem_id="img2img_poor_pixels")
+                pm_blur = gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id="img2img_poor_mask_blur")
+                pm_fill = gr.Radio(list(MASKED_CONTENT), value="fill", label="Masked content",
+                                   elem_id="img2img_poor_inpainting_fill")
+                pm_dirs = gr.CheckboxGroup(list(img2img_scripts.DIRECTIONS), value=list(img2img_scripts.DIRECTIONS),
+                                           label="Outpainting direction", elem_id="img2img_poor_direction")
+            with gr.Group(visible=False) as mk2_group:
+                gr.Markdown("Recommended settings: Sampling Steps: 80-100, Sampler: Euler a, Denoising strength: 0.8")
+                mk2_pixels = gr.Slider(8, 256, value=128, step=8, label="Pixels to expand",
+                                       elem_id="img2img_mk2_pixels")
+                mk2_blur = gr.Slider(0, 64, value=8, step=1, label="Mask blur", elem_id="img2img_mk2_mask_blur")
+                mk2_dirs = gr.CheckboxGroup(list(img2img_scripts.DIRECTIONS), value=list(img2img_scripts.DIRECTIONS),
+                                            label="Outpainting direction", elem_id="img2img_mk2_direction")
+                mk2_falloff = gr.Slider(0, 4, value=1.0, step=0.01, label="Fall-off exponent (lower=higher detail)",
+                                        elem_id="img2img_mk2_falloff")
+                mk2_color = gr.Slider(0, 1, value=0.05, step=0.01, label="Color variation",
+                                      elem_id="img2img_mk2_color_variation")
+        with gr.Column():
+            panel = common.output_panel("img2img")
 
     script.change(lambda s: (gr.update(visible=s == img2img_scripts.POOR_MANS), gr.update(visible=s == img2img_scripts.MK2)),
                   inputs=[script], outputs=[poor_group, mk2_group], queue=False, show_progress="hidden")
-    seeds.wire(seed_state)
+    seeds.wire(panel)
+    for component in (init_img, sketch, inpaint, inpaint_sketch, up_image, up_mask):
+        common.refuse_non_images(component, panel.notice)
 
     def copy_to(tab_id, m):
         def copy(image):
-            if image is None:
-                raise gr.Error("No image: upload an image in the img2img tab first.")
+            if image is None or isinstance(image, NotAnImage):
+                gr.Warning("No image: upload an image in the img2img tab first.")
+                return (gr.update(), gr.update(), gr.update(), gr.update())
             return (_editor_value(_rgb(image)), gr.Tabs(selected=tab_id)) + _mode_updates(m)
         return copy
 
@@ -309,14 +271,22 @@ def create_tab(webui, tabs: gr.Tabs) -> Img2ImgTab:
     copy_isketch.click(copy_to("inpaint_sketch_tab", 3), inputs=[init_img], outputs=[inpaint_sketch, mode_tabs, mode, inpaint_controls])
 
     images_in = [init_img, sketch, inpaint, inpaint_sketch, up_image, up_mask]
-    inputs = [mode, *images_in, b_input, b_output, b_mask, prompt, negative, sampler, scheduler, steps, size_by,
-              width, height, scale, batch_count, batch_size, cfg, denoise, noise_mult, seed, extra, subseed,
-              subseed_strength, resize_mode, mask_blur, mask_mode, fill, full_res, padding, script, pm_pixels, pm_blur,
-              pm_fill, pm_dirs, mk2_pixels, mk2_blur, mk2_dirs, mk2_falloff, mk2_color]
+    names = ["mode", "img2img", "sketch", "inpaint", "inpaint_sketch", "up_image", "up_mask", "b_input", "b_output",
+             "b_mask", "prompt", "negative", "styles", "sampler", "scheduler", "steps", "size_by", "width", "height",
+             "scale", "batch_count", "batch_size", "cfg", "denoise", "noise_mult", "seed", "extra", "subseed",
+             "subseed_strength", "resize_mode", "mask_blur", "mask_mode", "fill", "full_res", "padding", "script",
+             "pm_pixels", "pm_blur", "pm_fill", "pm_dirs", "mk2_pixels", "mk2_blur", "mk2_dirs", "mk2_falloff",
+             "mk2_color"]
+    inputs = [mode, *images_in, b_input, b_output, b_mask, tools.prompt, tools.negative, tools.styles.dropdown,
+              sampler, scheduler, steps, size_by, width, height, scale, batch_count, batch_size, cfg, denoise,
+              noise_mult, seeds.seed, seeds.extra, seeds.subseed, seeds.subseed_strength, resize_mode, mask_blur,
+              mask_mode, fill, full_res, padding, script, pm_pixels, pm_blur, pm_fill, pm_dirs, mk2_pixels, mk2_blur,
+              mk2_dirs, mk2_falloff, mk2_color]
 
     def make_request(v, init, mask) -> Img2ImgRequest:
-        w, h = int(v["width"]), int(v["height"])
-        if v["size_by"] == 1:  # resize by: the init image's size times the scale, to a multiple of 8 (A1111)
+        w = common.snap(v["width"], common.SIZE_STEP, common.MIN_SIZE, common.MAX_SIZE)
+        h = common.snap(v["height"], common.SIZE_STEP, common.MIN_SIZE, common.MAX_SIZE)
+        if v["size_by"] == 1 and init is not None:  # resize by: the init image's size times the scale (A1111)
             w = max(64, int(init.width * float(v["scale"])) // 8 * 8)
             h = max(64, int(init.height * float(v["scale"])) // 8 * 8)
         script_name = v["script"] if v["script"] in img2img_scripts.TITLES else None
@@ -328,129 +298,49 @@ def create_tab(webui, tabs: gr.Tabs) -> Img2ImgTab:
                            float(v["mk2_falloff"]), float(v["mk2_color"])]
         sd, ss = v["seed"], v["subseed"]
         return Img2ImgRequest(
-            prompt=v["prompt"] or "", negative_prompt=v["negative"] or "", sampler_name=v["sampler"],
-            scheduler=v["scheduler"], steps=int(v["steps"]), width=w, height=h, n_iter=int(v["batch_count"]),
-            batch_size=int(v["batch_size"]), cfg_scale=float(v["cfg"]), seed=int(sd if sd is not None else -1),
-            subseed=int(ss if (v["extra"] and ss is not None) else -1),
+            prompt=v["prompt"] or "", negative_prompt=v["negative"] or "", styles=list(v["styles"] or []),
+            sampler_name=v["sampler"], scheduler=v["scheduler"], steps=int(v["steps"]), width=w, height=h,
+            n_iter=int(v["batch_count"]), batch_size=int(v["batch_size"]), cfg_scale=float(v["cfg"]),
+            seed=int(sd if sd is not None else -1), subseed=int(ss if (v["extra"] and ss is not None) else -1),
             subseed_strength=float(v["subseed_strength"]) if v["extra"] else 0.0, save_images=True,
-            init_images=[init], mask=mask, resize_mode=int(v["resize_mode"] or 0),
+            init_images=[init] if init is not None else [], mask=mask, resize_mode=int(v["resize_mode"] or 0),
             denoising_strength=float(v["denoise"]), initial_noise_multiplier=float(v["noise_mult"]),
             mask_blur_x=int(v["mask_blur"]), mask_blur_y=int(v["mask_blur"]),
             inpainting_fill=int(v["fill"] if v["fill"] is not None else 1),
             inpaint_full_res=bool(v["full_res"]), inpaint_full_res_padding=int(v["padding"]),
             inpainting_mask_invert=int(v["mask_mode"] or 0), script_name=script_name, script_args=script_args)
 
-    names = ["mode", "img2img", "sketch", "inpaint", "inpaint_sketch", "up_image", "up_mask", "b_input", "b_output",
-             "b_mask", "prompt", "negative", "sampler", "scheduler", "steps", "size_by", "width", "height", "scale",
-             "batch_count", "batch_size", "cfg", "denoise", "noise_mult", "seed", "extra", "subseed",
-             "subseed_strength", "resize_mode", "mask_blur", "mask_mode", "fill", "full_res", "padding", "script",
-             "pm_pixels", "pm_blur", "pm_fill", "pm_dirs", "mk2_pixels", "mk2_blur", "mk2_dirs", "mk2_falloff",
-             "mk2_color"]
-
-    def fail(message: str):
-        return {progress: "", preview: gr.update(visible=False), job_state: None, error_html: _error_html(message)}
-
-    def follow(job, label: str = ""):
-        """Progress and live-preview updates while `job` runs."""
-        last_preview = None
-        while job.status in ("queued", "running"):
-            time.sleep(0.25)
-            update = {progress: (label and f"<div>{html.escape(label)}</div>") + ui_mod._progress_html(job)}
-            if job.current_image is not None and job.current_image is not last_preview:
-                last_preview = job.current_image
-                update[preview] = gr.update(value=last_preview, visible=True)
-            yield update
-
     def run(request: gr.Request, *values):
+        from modules.img2img import BatchFolders
+        from modules.ui.extra_networks import warnings_html
         v = dict(zip(names, values))
-        owner = getattr(request, "username", None) if request is not None else None
-        if v["mode"] == 5:
-            yield from run_batch(v, owner)
-            return
+        owner = common.owner_of(request)
         try:
-            init, mask = init_and_mask(v["mode"], *(v[n] for n in names[1:7]))
-            job = webui.submit_img2img(make_request(v, init, mask), owner=owner)
+            if v["mode"] == 5:
+                if hide_dirs:
+                    raise ValueError("Batch processing from server folders is disabled (--hide-ui-dir-config).")
+                folders = BatchFolders.from_text(v["b_input"], v["b_output"], v["b_mask"])
+                req = make_request(v, None, None)
+                job = webui.submit_img2img_batch(req, folders, owner=owner)
+                size, label = (req.width, req.height), "batch"
+            else:
+                init, mask = init_and_mask(v["mode"], *(v[n] for n in names[1:7]))
+                req = make_request(v, init, mask)
+                job = webui.submit_img2img(req, owner=owner)
+                size, label = (req.width, req.height), ""
         except ValueError as e:
-            yield fail(str(e))
-            raise gr.Error(str(e)) from None
-        yield {job_state: job.id, progress: ui_mod._progress_html(job), error_html: "",
-               preview: gr.update(visible=False)}
-        yield from follow(job)
+            yield panel.failed(str(e))
+            return
+        yield panel.started(job)
+        yield from panel.follow(job, size, label and job.textinfo)
         try:
             result = job.wait()
-        except ValueError as e:
-            yield fail(str(e))
-            raise gr.Error(str(e)) from None
         except Exception as e:
-            log.exception("img2img job %s failed", job.id)
-            yield fail(str(e))
-            raise gr.Error(f"Generation failed: {e}") from None
-        first = result.grid_count
-        yield {gallery: [(im, None) for im in result.images], infotexts_state: result.infotexts,
-               info_html: ui_mod._infotext_html(result.infotexts[first] if result.infotexts else ""),
-               seed_state: result.info.get("seed", -1), progress: "", preview: gr.update(visible=False),
-               job_state: None, error_html: ""}
+            yield panel.failed(common.job_error_message(e))
+            return
+        yield panel.finished(result, warnings_html(result.info.get("warnings"), "img2img"))
 
-    def run_batch(v, owner):
-        """Every image of the input folder (with its same-named mask, if a mask folder is given) in turn."""
-        try:
-            if hide_dirs:
-                raise ValueError("Batch processing from server folders is disabled (--hide-ui-dir-config).")
-            files = _batch_files(v["b_input"])
-            mask_dir = _folder(v["b_mask"], "mask directory") if (v["b_mask"] or "").strip() else None
-            out_dir = Path(v["b_output"].strip()) if (v["b_output"] or "").strip() else None
-            if out_dir is not None:
-                out_dir.mkdir(parents=True, exist_ok=True)
-        except (ValueError, OSError) as e:
-            yield fail(str(e))
-            raise gr.Error(str(e)) from None
-        shown, texts, problems = [], [], []
-        for n, path in enumerate(files, 1):
-            try:
-                init = _rgb(_as_pil(path))
-                mask = None
-                if mask_dir is not None:
-                    candidates = [p for p in mask_dir.iterdir() if p.stem == path.stem and
-                                  p.suffix.lower() in IMAGE_EXTENSIONS]
-                    if not candidates:
-                        raise ValueError(f"no mask named {path.stem}.* in {mask_dir}")
-                    mask = _as_pil(candidates[0])
-                req = make_request(v, init, mask)
-                req.save_images = out_dir is None
-                job = webui.submit_img2img(req, owner=owner)
-            except (ValueError, OSError) as e:
-                problems.append(f"{path.name}: {e}")
-                continue
-            yield {job_state: job.id, error_html: ""}
-            yield from follow(job, f"Image {n}/{len(files)}: {path.name}")
-            try:
-                result = job.wait()
-            except Exception as e:
-                problems.append(f"{path.name}: {e}")
-                continue
-            for k, (image, text) in enumerate(zip(result.images[result.grid_count:],
-                                                  result.infotexts[result.grid_count:])):
-                if out_dir is not None:
-                    name = path.stem + (f"-{k}" if k else "") + ".png"
-                    from modules import outputs
-                    (out_dir / name).write_bytes(outputs.encode_image(image, "PNG", infotext=text))
-                shown.append(image)
-                texts.append(text)
-            if job.status == "interrupted" or getattr(job, "interrupted", False):
-                break
-        done = {gallery: [(im, None) for im in shown], infotexts_state: texts,
-                info_html: ui_mod._infotext_html(texts[0] if texts else ""), progress: "",
-                preview: gr.update(visible=False), job_state: None,
-                error_html: _error_html("; ".join(problems)) if problems else ""}
-        yield done
-        if problems and not shown:
-            raise gr.Error("; ".join(problems))
-
-    ui_mod.wire_job_controls(webui, run, inputs, [job_state, progress, preview, gallery, infotexts_state,
-                                                  info_html, seed_state, error_html],
-                             generate=generate, prompt=prompt, interrupt=interrupt, skip=skip,
-                             job_state=job_state, gallery=gallery, infotexts_state=infotexts_state,
-                             info_html=info_html)
+    common.wire_job_controls(webui, run, inputs, tools, panel)
 
     def on_interrogate(m, *images, request: gr.Request = None):
         from modules import captioning
@@ -464,28 +354,27 @@ def create_tab(webui, tabs: gr.Tabs) -> Img2ImgTab:
             try:
                 service.registry.refresh()
                 service.registry.resolve(None, purpose="caption")
-            except captioning.CaptionerError as e:
+            except captioning.CaptionerError:
                 raise ValueError(f"No captioner installed: put a BLIP captioner folder in "
-                                 f"{webui.folders.models_dir / 'BLIP'} to use Interrogate ({e}).") from None
+                                 f"{webui.folders.models_dir / 'BLIP'} to use Interrogate.") from None
             job = service.submit_caption(captioning.CaptionRequest(image=_rgb(image), model=None),
-                                         getattr(request, "username", None) if request is not None else None)
+                                         common.owner_of(request))
             caption = job.wait()
-        except ValueError as e:
-            gr.Warning(str(e))
-            return gr.update(), _error_html(str(e))
         except Exception as e:  # a failing model must not take the UI down
-            log.exception("interrogate failed")
-            gr.Warning(f"Interrogate failed: {e}")
-            return gr.update(), _error_html(f"Interrogate failed: {type(e).__name__}: {e}")
-        return caption, ""
+            message = common.job_error_message(e)
+            gr.Warning(message)
+            return gr.update(), notice_html(message)
+        return common.clean_text(caption), ""
 
-    interrogate.click(on_interrogate, inputs=[mode, *images_in], outputs=[prompt, error_html], concurrency_limit=None)
+    interrogate.click(on_interrogate, inputs=[mode, *images_in], outputs=[tools.prompt, panel.notice],
+                      concurrency_limit=None)
 
-    components = dict(prompt=prompt, negative_prompt=negative, steps=steps, sampler_name=sampler,
-                      scheduler=scheduler, cfg_scale=cfg, seed=seed, width=width, height=height, subseed=subseed,
-                      subseed_strength=subseed_strength, batch_size=batch_size)
-    return Img2ImgTab(tabs=tabs, mode_tabs=mode_tabs, mode=mode, inpaint_controls=inpaint_controls, image=init_img, inpaint=inpaint,
-                      components=components)
+    components = dict(prompt=tools.prompt, negative_prompt=tools.negative, steps=steps, sampler_name=sampler,
+                      scheduler=scheduler, cfg_scale=cfg, seed=seeds.seed, width=width, height=height,
+                      subseed=seeds.subseed, subseed_strength=seeds.subseed_strength, batch_size=batch_size,
+                      styles=tools.styles.dropdown)
+    return Img2ImgTab(mode_tabs=mode_tabs, mode=mode, inpaint_controls=inpaint_controls, image=init_img,
+                      inpaint=inpaint, components=components, tools=tools, panel=panel)
 
 
 def _mode_updates(m: int):
@@ -493,47 +382,33 @@ def _mode_updates(m: int):
     return m, gr.update(visible=m in (2, 3, 4, 5))
 
 
-def _folder(text, what: str) -> Path:
-    folder = Path((text or "").strip())
-    if not str(text or "").strip():
-        raise ValueError(f"No {what}: type a folder on the server.")
-    if not folder.is_dir():
-        raise ValueError(f"The {what} {folder} does not exist or is not a folder.")
-    return folder
-
-
-def _batch_files(text) -> list[Path]:
-    folder = _folder(text, "input directory")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise ValueError(f"The input directory {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
-    return files
-
-
-def wire_send(webui, tab: Img2ImgTab, buttons, image, text, selected=None) -> None:
-    """Make a pair of send_buttons send `image` (an image or a gallery; `selected` holds the picked index) and the
-    generation parameters of `text` (an infotext, or a list of infotexts for a gallery) to img2img / inpaint."""
-    from modules.ui import ui as ui_mod
+def wire_send(webui, tabs: gr.Tabs, tab: Img2ImgTab, buttons, image, text, selected=None) -> None:
+    """Make a pair of send buttons send `image` (an image or a gallery; `selected` holds the picked index) and
+    the generation parameters of `text` (an infotext, or a list of infotexts for a gallery) to img2img /
+    inpaint; `tabs` is the top-level tab strip to switch."""
     to_img2img, to_inpaint = buttons
     targets = [tab.components[n] for n in SEND_FIELDS]
 
     def pick(value, texts, index):
         if isinstance(value, list):  # a gallery: the selected image, else the first (A1111 sends the first)
             if not value:
-                raise gr.Error("No image to send: generate one first.")
+                raise ValueError("No image to send: generate one first.")
             i = index if isinstance(index, int) and 0 <= index < len(value) else 0
             texts = texts or []
             return _as_pil(value[i]), texts[i] if i < len(texts) else ""
         if value is None:
-            raise gr.Error("No image to send: open an image first.")
+            raise ValueError("No image to send: open an image first.")
         return _as_pil(value), texts or ""
 
     def send(to_inpaint_tab):
         def handler(value, texts, index=None):
-            img, txt = pick(value, texts, index)
+            try:
+                img, txt = pick(value, texts, index)
+            except ValueError as e:
+                gr.Warning(str(e))
+                return [gr.update()] * (6 + len(targets))
             img = _rgb(img)
-            fields = ui_mod.sendable_fields(webui, infotext.infotext_to_txt2img_fields(
-                infotext.parse_infotext(txt or ""))) if txt else {}
+            fields = common.pasted_fields(webui, txt) if txt else {}
             values = [gr.update(value=fields[n]) if n in fields else gr.update() for n in SEND_FIELDS]
             if to_inpaint_tab:
                 return [gr.Tabs(selected="img2img"), gr.Tabs(selected="inpaint_tab"), *_mode_updates(2), gr.update(),
@@ -543,18 +418,6 @@ def wire_send(webui, tab: Img2ImgTab, buttons, image, text, selected=None) -> No
         return handler
 
     inputs = [image, text] + ([selected] if selected is not None else [])
-    outputs_ = [tab.tabs, tab.mode_tabs, tab.mode, tab.inpaint_controls, tab.image, tab.inpaint] + targets
+    outputs_ = [tabs, tab.mode_tabs, tab.mode, tab.inpaint_controls, tab.image, tab.inpaint] + targets
     to_img2img.click(send(False), inputs=inputs, outputs=outputs_)
     to_inpaint.click(send(True), inputs=inputs, outputs=outputs_)
-
-
-def gallery_selection(gallery: gr.Gallery) -> gr.State:
-    """A state holding the index of the image picked in `gallery` (reset to the first on a new result)."""
-    index = gr.State(0)
-    gallery.select(_selected_index, outputs=[index], queue=False, show_progress="hidden")
-    gallery.change(lambda: 0, outputs=[index], queue=False, show_progress="hidden")
-    return index
-
-
-def _selected_index(evt: gr.SelectData):
-    return evt.index if isinstance(evt.index, int) else 0

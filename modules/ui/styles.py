@@ -1,49 +1,57 @@
-"""The txt2img styles controls: the Styles dropdown, the button that writes the selected styles into the
-prompt boxes (A1111's "apply styles"), and the style editor (name, prompt, negative prompt; save, delete)."""
+"""The styles controls of a generation tab: the Styles dropdown with the button that writes the selected styles
+into the prompt boxes (A1111's "apply styles") and the one that opens the style editor (name, prompt, negative
+prompt; save, delete), which spans the tab's width under the prompts."""
 from __future__ import annotations
 
 import html
 from dataclasses import dataclass
-from typing import Callable
 
 import gradio as gr
 
 from modules.styles import PromptStyle, UnknownStyleError
+from modules.ui.common import icon_button
 
 
 def _notice(text: str, ok: bool = False) -> str:
-    cls = "style-notice" if ok else "style-notice error"
+    cls = "style-notice" if ok else "style-notice notice-error"
     return f'<div class="{cls}">{html.escape(text)}</div>'
+
+
+class StylesRow:
+    """The dropdown and its two buttons, built where it is made (the column beside the prompts)."""
+
+    def __init__(self, webui, tab: str):
+        with gr.Row(elem_id=f"{tab}_styles_row"):
+            self.dropdown = gr.Dropdown(label="Styles", choices=webui.styles.names(), multiselect=True,
+                                        elem_id=f"{tab}_styles", scale=4)
+            self.apply = icon_button(f"{tab}_style_apply", "brush", "Apply the selected styles to the prompts")
+            self.edit = icon_button(f"{tab}_style_edit", "edit", "Edit styles")
 
 
 @dataclass
 class StylesControls:
-    """What the tab needs: `dropdown` (the selection generation applies), and for the page-load event
-    the components whose choices `load()` refreshes (the page config is built once, styles change later)."""
-
+    """`dropdown` holds the styles a generation applies."""
     dropdown: gr.Dropdown
-    outputs: list
-    load: Callable[[], list]
+    editor: gr.Accordion
+    name: gr.Dropdown
 
 
-def create(webui, prompt: gr.Textbox, negative: gr.Textbox) -> StylesControls:
-    """Build the controls where they are called (the column beside the prompts) and wire them to the
-    txt2img prompt boxes."""
+def create(webui, tab: str, prompt: gr.Textbox, negative: gr.Textbox, row: StylesRow) -> StylesControls:
+    """The style editor (an accordion under the prompts, opened by the row's edit button) and the wiring of the
+    row to the tab's prompt boxes."""
     db = webui.styles
-    with gr.Row(elem_id="txt2img_styles_row"):
-        dropdown = gr.Dropdown(label="Styles", choices=db.names(), multiselect=True, elem_id="txt2img_styles",
-                               scale=4)
-        apply = gr.Button("🖌️", elem_id="txt2img_style_apply", scale=0, min_width=40)
-    with gr.Accordion("Edit styles", open=False, elem_id="txt2img_style_editor"):
-        name = gr.Dropdown(label="Style name", choices=db.names(), value=None, allow_custom_value=True,
-                           interactive=True, elem_id="txt2img_style_name")
-        style_prompt = gr.Textbox(label="Prompt", lines=2, elem_id="txt2img_style_prompt")
-        style_negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="txt2img_style_neg_prompt")
+    dropdown = row.dropdown
+    with gr.Accordion("Edit styles", open=False, elem_id=f"{tab}_style_editor") as editor:
         with gr.Row():
-            copy = gr.Button("Copy from prompts", size="sm", elem_id="txt2img_style_copy")
-            save = gr.Button("Save", size="sm", variant="primary", elem_id="txt2img_style_save")
-            delete = gr.Button("Delete", size="sm", variant="stop", elem_id="txt2img_style_delete")
-    notice = gr.HTML("", elem_id="txt2img_styles_notice")
+            name = gr.Dropdown(label="Style name", choices=db.names(), value=None, allow_custom_value=True,
+                               interactive=True, elem_id=f"{tab}_style_name", scale=1)
+            style_prompt = gr.Textbox(label="Prompt", lines=2, elem_id=f"{tab}_style_prompt", scale=3)
+            style_negative = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{tab}_style_neg_prompt", scale=3)
+        with gr.Row():
+            copy = gr.Button("Copy from prompts", size="sm", elem_id=f"{tab}_style_copy")
+            save = gr.Button("Save", size="sm", variant="primary", elem_id=f"{tab}_style_save")
+            delete = gr.Button("Delete", size="sm", variant="stop", elem_id=f"{tab}_style_delete")
+        notice = gr.HTML("", elem_id=f"{tab}_styles_notice")
 
     def choices_updates(selected):
         """New choices for both dropdowns; a selected style that no longer exists leaves the selection."""
@@ -74,7 +82,7 @@ def create(webui, prompt: gr.Textbox, negative: gr.Textbox) -> StylesControls:
         except ValueError as e:
             return gr.update(), gr.update(), _notice(f"Not saved: {e}")
         except OSError as e:
-            return gr.update(), gr.update(), _notice(f"Not saved: could not write {db.path}: {e}")
+            return gr.update(), gr.update(), _notice(f"Not saved: could not write {db.path.name}: {e.strerror}")
         update, names = choices_updates(selected)
         return update, gr.update(choices=names, value=style_name), _notice(
             f"Saved style {style_name!r} to {db.path.name}.", ok=True)
@@ -89,18 +97,21 @@ def create(webui, prompt: gr.Textbox, negative: gr.Textbox) -> StylesControls:
             return gr.update(), gr.update(), gr.update(), gr.update(), _notice(f"Not deleted: {e}")
         except OSError as e:
             return (gr.update(), gr.update(), gr.update(), gr.update(),
-                    _notice(f"Not deleted: could not write {db.path}: {e}"))
+                    _notice(f"Not deleted: could not write {db.path.name}: {e.strerror}"))
         update, names = choices_updates(selected)
         return update, gr.update(choices=names, value=None), "", "", _notice(
             f"Deleted style {style_name!r}.", ok=True)
 
-    def on_page_load():
-        db.reload()  # styles.csv may have been edited by hand since the last read
-        names = db.names()
-        return [gr.update(choices=names), gr.update(choices=names)]
+    def fresh_choices(selected):
+        # styles.csv may have changed (another tab's editor, an edit by hand): list it as it is now
+        db.reload()
+        return choices_updates(selected)[0]
 
-    apply.click(on_apply, inputs=[dropdown, prompt, negative], outputs=[prompt, negative, dropdown, notice],
-                queue=False, show_progress="hidden")
+    row.apply.click(on_apply, inputs=[dropdown, prompt, negative], outputs=[prompt, negative, dropdown, notice],
+                    queue=False, show_progress="hidden")
+    row.edit.click(lambda: gr.Accordion(open=True), outputs=[editor], queue=False, show_progress="hidden")
+    dropdown.focus(fresh_choices, inputs=[dropdown], outputs=[dropdown], queue=False, show_progress="hidden")
+    name.focus(lambda: gr.update(choices=db.names()), outputs=[name], queue=False, show_progress="hidden")
     # select also fires when the name already shown is chosen again (to reload it); input for typed names
     gr.on([name.select, name.input], on_name, inputs=[name], outputs=[style_prompt, style_negative], queue=False,
           show_progress="hidden")
@@ -111,4 +122,4 @@ def create(webui, prompt: gr.Textbox, negative: gr.Textbox) -> StylesControls:
     delete.click(on_delete, inputs=[name, dropdown],
                  outputs=[dropdown, name, style_prompt, style_negative, notice], queue=False,
                  show_progress="hidden")
-    return StylesControls(dropdown=dropdown, outputs=[dropdown, name], load=on_page_load)
+    return StylesControls(dropdown=dropdown, editor=editor, name=name)

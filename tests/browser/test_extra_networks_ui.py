@@ -17,15 +17,15 @@ def server(api_server):
     assert api_server.alive(), api_server.log()
 
 
-def open_panel(page: Page):
-    page.get_by_text("Extra networks (LoRA, embeddings)").click()
-    cards = page.locator("#txt2img_extra_cards")
+def open_panel(page: Page, tab: str = "txt2img"):
+    page.locator(f"#{tab}_extra_networks").get_by_text("Extra networks (LoRA, embeddings)").click()
+    cards = page.locator(f"#{tab}_extra_cards")
     expect(cards).to_be_visible()
     return cards
 
 
-def card(page: Page, name: str):
-    return page.locator("#txt2img_extra_cards tbody tr", has_text=name)
+def card(page: Page, name: str, tab: str = "txt2img"):
+    return page.locator(f"#{tab}_extra_cards .extra-card[data-name='{name}']")
 
 
 def pick(page: Page, dropdown_id: str, option: str) -> None:
@@ -41,12 +41,19 @@ def style_rows(path) -> dict[str, tuple[str, str]]:
         return {r["name"]: (r["prompt"], r["negative_prompt"]) for r in csv.DictReader(handle)}
 
 
-def test_panel_lists_and_filters_cards_and_a_click_inserts_the_lora(page, server):
+def test_panel_shows_cards_for_the_checkpoint_and_a_click_toggles_the_tag(page, server):
+    """Cards with names (and the picture beside the file when there is one) for what applies to the checkpoint;
+    SDXL LoRAs and embeddings are left out for an SD1 checkpoint and the panel says so; a click adds the tag,
+    a second click takes it out again (A1111)."""
     open_ui(page, server)
     cards = open_panel(page)
     expect(card(page, "tiny-lora")).to_have_count(1)
     expect(card(page, "tiny-lora")).to_contain_text("LoRA")
-    expect(card(page, "tiny-emb").first).to_contain_text("Embedding")
+    expect(card(page, "tiny-emb")).to_contain_text("Embedding")
+    expect(card(page, "tiny-lora").locator(".preview img")).to_have_count(1)  # tiny-lora.png lies beside it
+    expect(card(page, "tiny-xl-lora")).to_have_count(0)  # the selected checkpoint is SD1
+    expect(card(page, "tiny-emb-xl")).to_have_count(0)
+    expect(cards).to_contain_text("2 not shown: made for another kind of checkpoint")
 
     search = page.locator("#txt2img_extra_search textarea, #txt2img_extra_search input").first
     search.fill("lora")
@@ -56,13 +63,20 @@ def test_panel_lists_and_filters_cards_and_a_click_inserts_the_lora(page, server
     expect(cards).to_contain_text("(nothing matches)")
     expect(card(page, "tiny-lora")).to_have_count(0)
     search.fill("")
-    expect(card(page, "tiny-emb").first).to_be_visible()
+    expect(card(page, "tiny-emb")).to_be_visible()
 
     box = page.locator("#txt2img_prompt textarea")
     box.fill("a cat")
     card(page, "tiny-lora").click()
     expect(box).to_have_value("a cat, <lora:tiny-lora:1>")
     expect(page.locator("#txt2img_token_counter")).to_have_text("3/75")  # "a", "cat", ","; the tag not counted
+    card(page, "tiny-emb").click()
+    expect(box).to_have_value("a cat, <lora:tiny-lora:1>, tiny-emb")
+    card(page, "tiny-lora").click()  # a second click takes it out again
+    expect(box).to_have_value("a cat, tiny-emb")
+    card(page, "tiny-emb").click()
+    expect(box).to_have_value("a cat")
+    card(page, "tiny-lora").click()
 
     small(page, steps=2)
     page.click("#txt2img_generate")
@@ -72,6 +86,28 @@ def test_panel_lists_and_filters_cards_and_a_click_inserts_the_lora(page, server
     assert text.splitlines()[0] == "a cat, <lora:tiny-lora:1>"
     assert 'Lora hashes: "tiny-lora: ' in text
     expect(page.locator("#txt2img_network_warnings")).to_have_count(0)
+    assert not page.errors
+
+
+def test_img2img_has_the_same_prompt_tools(page, server):
+    """img2img has what txt2img has: token counters, styles with their editor, and the extra-networks cards
+    (whose click writes into img2img's own prompt)."""
+    open_ui(page, server)
+    page.get_by_role("tab", name="img2img", exact=True).click()
+    box = page.locator("#img2img_prompt textarea")
+    box.fill("a red house")
+    expect(page.locator("#img2img_token_counter")).to_have_text("3/75")
+    page.locator("#img2img_neg_prompt textarea").fill("blurry")
+    expect(page.locator("#img2img_negative_token_counter")).to_have_text("1/75")
+    expect(page.locator("#img2img_styles")).to_be_visible()
+    page.click("#img2img_style_edit")
+    expect(page.locator("#img2img_style_prompt textarea")).to_be_visible()
+    open_panel(page, "img2img")
+    card(page, "tiny-lora", "img2img").click()
+    expect(box).to_have_value("a red house, <lora:tiny-lora:1>")
+    expect(page.locator("#txt2img_prompt textarea")).to_have_value("")
+    for button in ("img2img_send_to_img2img", "img2img_send_to_inpaint"):
+        expect(page.locator(f"#{button}")).to_be_visible()
     assert not page.errors
 
 
@@ -94,7 +130,7 @@ def test_style_editor_saves_applies_generates_and_deletes(page, tiny_models, tmp
     styles_csv = srv.data_dir / "styles.csv"
     try:
         open_ui(page, srv)
-        page.get_by_text("Edit styles").click()
+        page.locator("#txt2img_style_editor").get_by_text("Edit styles").click()
         notice = page.locator("#txt2img_styles_notice")
 
         # bad input: no name
@@ -116,7 +152,7 @@ def test_style_editor_saves_applies_generates_and_deletes(page, tiny_models, tmp
         # its name in the editor loads it
         page.reload()
         expect(page.locator("#ui_ready [data-ready]")).to_be_attached()
-        page.get_by_text("Edit styles").click()
+        page.locator("#txt2img_style_editor").get_by_text("Edit styles").click()
         style_prompt = page.locator("#txt2img_style_prompt textarea")
         expect(style_prompt).to_have_value("")
         pick(page, "txt2img_style_name", "watercolour")

@@ -257,3 +257,28 @@ def test_bad_input_is_a_4xx_with_a_message(api, fields, status, words):
     r = api.post(api.base + "/img2img", json=body)
     assert r.status_code == status, r.text
     assert words in r.json()["detail"], r.json()
+
+
+def test_batch_runs_a_folder_keeps_names_and_never_overwrites(context, tmp_path):
+    """img2img's Batch mode in the service: each image of the folder (with its same-named mask), saved under its
+    own name in the output folder; a name already there gets -1; an unreadable file is skipped and named."""
+    src, masks, out = tmp_path / "in", tmp_path / "masks", tmp_path / "out"
+    for folder in (src, masks, out):
+        folder.mkdir()
+    picture().save(src / "a.png")
+    picture(64, 64).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(src / "b.png")
+    (src / "broken.png").write_text("not an image")
+    for name in ("a", "b", "broken"):
+        box_mask().save(masks / f"{name}.png")
+    (out / "a.png").write_bytes(b"made earlier by the user")
+    req = Img2ImgRequest(prompt="a red house", steps=2, width=64, height=64, seed=3, denoising_strength=0.6,
+                         inpaint_full_res=False)
+    folders = img2img.BatchFolders.from_text(str(src), str(out), str(masks))
+    result = img2img.run_img2img_batch(context, req, folders, None, {})
+    assert len(result.images) == 2 and result.grid_count == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a-1.png", "a.png", "b.png"]
+    assert (out / "a.png").read_bytes() == b"made earlier by the user"
+    assert Image.open(out / "b.png").info["parameters"].startswith("a red house\n")
+    assert any("broken.png" in w for w in result.info["warnings"])
+    with pytest.raises(ValueError, match="does not exist"):
+        img2img.BatchFolders.from_text(str(tmp_path / "nowhere"))

@@ -193,3 +193,9 @@ def test_and_weights_combine_in_cfg(pipe):
                      for x in ("", "cat", "dog"))
     assert torch.allclose(out[0:1], u, atol=1e-5)
     assert torch.allclose(out[1:2], u + 0.7 * (ca - u) + 0.4 * (do - u), atol=1e-5)
+
+
+def test_captions_written_into_text_boxes_lose_non_printing_characters():
+    from modules.ui.common import clean_text
+    assert clean_text("a\x00 cat\u200b on\n\ta  mat\x1b") == "a cat on a mat"
+    assert clean_text("") == "" and clean_text("naïve café ✓") == "naïve café ✓"

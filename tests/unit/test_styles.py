@@ -192,3 +192,18 @@ def test_concurrent_saves_lose_nothing(tmp_path):
         thread.join()
     assert not errors
     assert len(StyleDatabase(tmp_path / "styles.csv").names()) == 20
+
+
+def test_extract_takes_applied_styles_back_out(tmp_path):
+    """A pasted infotext's "Styles array": the styles' text leaves the prompts and the styles are selected;
+    a style whose text is not in them (edited since) is not selected."""
+    from modules.styles import StyleDatabase, unmerge_prompts
+    db = StyleDatabase(tmp_path / "styles.csv")
+    db.save(PromptStyle("warm", "oil painting, warm light", "ugly"))
+    db.save(PromptStyle("frame", "a photo of {prompt}, framed", ""))
+    prompt, negative = db.apply("a fox", "blurry", ["warm", "frame"])
+    assert (prompt, negative) == ("a photo of a fox, oil painting, warm light, framed", "blurry, ugly")
+    assert db.extract(prompt, negative, ["warm", "frame"]) == ("a fox", "blurry", ["warm", "frame"])
+    assert db.extract("a fox", "blurry", ["warm"]) == ("a fox", "blurry", [])
+    assert db.extract(prompt, negative, ["unknown"]) == (prompt, negative, [])
+    assert unmerge_prompts("", " x ") == "x" and unmerge_prompts("style", "style") == ""
