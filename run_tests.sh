@@ -3,7 +3,7 @@
 # Extra arguments go to pytest: ./run_tests.sh tests/unit -x
 set -euo pipefail
 cd "$(dirname "$0")"
-source scripts/venv.sh
+source tools/venv.sh
 ensure_venv requirements-test.txt
 if ! command -v chromium >/dev/null 2>&1 && [ ! -x /usr/bin/chromium ]; then
   if [ "$(id -u)" = 0 ]; then

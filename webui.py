@@ -9,7 +9,7 @@ import time
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from modules import cmd_args  # noqa: E402
+from modules.core import cmd_args  # noqa: E402
 
 log = logging.getLogger("webui")
 
@@ -29,8 +29,8 @@ def create_app(args):
     from modules.api import auth as api_auth
     from modules.api.api import ServerControl, build_internal_router, build_router, install_error_handlers
     from modules.api.middleware import install_edge_middleware
-    from modules.webui_app import Webui
-    from modules.version import VERSION
+    from modules.app import Webui
+    from modules.core.version import VERSION
 
     webui = Webui(args)
     app = FastAPI(title="Stable Diffusion studio", version=VERSION,
@@ -72,7 +72,7 @@ def create_app(args):
 
 
 def main(argv=None) -> None:
-    from modules import console
+    from modules.core import console
     console.setup_logging()
     started = time.perf_counter()
     args = cmd_args.parse_args(sys.argv[1:] if argv is None else argv)

@@ -3,7 +3,7 @@
 # Flags pass through: ./webui.sh --api --listen
 set -euo pipefail
 cd "$(dirname "$0")"
-source scripts/venv.sh
+source tools/venv.sh
 ensure_venv requirements.txt
 export GRADIO_ANALYTICS_ENABLED=False
 exec .venv/bin/python webui.py "$@"

@@ -54,12 +54,12 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from modules import devices
+    from modules.core import devices
     from modules.captioning import VQA_SETTINGS, CaptionerRegistry, CaptionRequest, CaptionSettings, VqaRequest
     from modules.captioning.models import use_captioner
     from modules.captioning.service import CaptionContext, run_caption, run_vqa, vqa_prompt
     from modules.captioning.tiny import make_tiny_captioners
-    from modules.model_manager import ModelManager
+    from modules.model_store.model_manager import ModelManager
 
     tmp = scratch("caption")
     name = "tiny-blip2"

@@ -32,17 +32,21 @@ def main() -> None:
 
     import torch
 
-    from modules import extra_networks, generation, sd_models, sd_pipelines, tiny_models
-    from modules.model_manager import ModelManager
-    from modules.styles import StyleDatabase
-    from modules.tiny_extra_networks import kohya_lora_state
+    from modules import networks
+    from modules.generation import txt2img as generation
+    from modules.model_store import sd_pipelines
+    from modules.demo import tiny_models
+    from modules.model_store import checkpoints, hashing
+    from modules.model_store.model_manager import ModelManager
+    from modules.prompting.styles import StyleDatabase
+    from modules.demo.tiny_networks import kohya_lora_state
 
     torch.set_num_threads(os.cpu_count() or 1)
     if not (args.models / "Stable-diffusion" / f"{tiny_models.SD15_RANDOM}.safetensors").exists():
         tiny_models.make_tiny_models(args.models, full_size=True)
     out = scratch("lora")
-    registry = sd_models.CheckpointRegistry([args.models / "Stable-diffusion"], [],
-                                            sd_models.HashCache(out / "cache.json"))
+    registry = checkpoints.CheckpointRegistry([args.models / "Stable-diffusion"], [],
+                                            hashing.HashCache(out / "cache.json"))
     registry.refresh()
     info = registry.find(tiny_models.SD15_RANDOM)
     manager = ModelManager("cpu", 0, 32 * 2**30)
@@ -53,7 +57,7 @@ def main() -> None:
             if not path.exists():
                 state = kohya_lora_state(bundle.components, rank=args.rank, seed=100 + i, scale=0.01)
                 tiny_models._write_safetensors(path, state, {})
-    nets = extra_networks.ExtraNetworks([lora_dir], [])
+    nets = networks.ExtraNetworks([lora_dir], [])
     ctx = generation.GenerationContext(registry=registry, manager=manager, styles=StyleDatabase(out / "styles.csv"),
                                        outputs_root=out, networks=nets)
     prompts = {
@@ -95,7 +99,7 @@ def main() -> None:
                 merge, restore = [], []
                 for _ in range(7):
                     started = time.perf_counter()
-                    with extra_networks.applied_loras(bundle, applied, []):
+                    with networks.applied_loras(bundle, applied, []):
                         merged = time.perf_counter()
                     merge.append(merged - started)
                     restore.append(time.perf_counter() - merged)

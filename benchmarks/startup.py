@@ -69,7 +69,7 @@ def main() -> int:
     ap.add_argument("--models", type=Path, default=MODELS)
 
     args = ap.parse_args()
-    from modules import tiny_models
+    from modules.demo import tiny_models
     tiny_models.make_tiny_models(args.models)
     out = scratch("startup")
     bare_script = out / "bare_gradio_app.py"

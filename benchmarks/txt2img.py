@@ -25,13 +25,15 @@ def generation_speed(models: Path, rounds: int, steps: int, size: int) -> None:
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-    from modules import generation, sd_models, sd_pipelines
-    from modules.model_manager import ModelManager
-    from modules.styles import StyleDatabase
+    from modules.generation import txt2img as generation
+    from modules.model_store import sd_pipelines
+    from modules.model_store import checkpoints, hashing
+    from modules.model_store.model_manager import ModelManager
+    from modules.prompting.styles import StyleDatabase
 
     torch.set_num_threads(os.cpu_count() or 1)
     out = scratch("txt2img")
-    registry = sd_models.CheckpointRegistry([models / "Stable-diffusion"], [], sd_models.HashCache(out / "cache.json"))
+    registry = checkpoints.CheckpointRegistry([models / "Stable-diffusion"], [], hashing.HashCache(out / "cache.json"))
     registry.refresh()
     manager = ModelManager("cpu", 0, 16 * 2**30)
     ctx = generation.GenerationContext(registry=registry, manager=manager, styles=StyleDatabase(out / "styles.csv"),
@@ -108,7 +110,7 @@ def main() -> None:
     ap.add_argument("--models", type=Path, default=MODELS)
     ap.add_argument("--skip-generation", action="store_true")
     args = ap.parse_args()
-    from modules import tiny_models
+    from modules.demo import tiny_models
     tiny_models.make_tiny_models(args.models, full_size=not args.skip_generation)
     start_time(args.models)
     if not args.skip_generation:

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from modules import paths
+    from modules.core import paths
     from modules.captioning import BatchCaptionRequest, CaptionerError, CaptionerRegistry, CaptionSettings
     from modules.captioning.service import CaptionContext, check_folder, normalize_extension, run_batch
 
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     except CaptionerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from modules import devices
-    from modules.model_manager import ModelManager
+    from modules.core import devices
+    from modules.model_store.model_manager import ModelManager
 
     device = devices.resolve_device(args.device)
     vram, ram = devices.default_budgets(device)

@@ -27,7 +27,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
     """A models/ folder holding the project's tiny random-weight models (made by its own maker)."""
-    from modules import tiny_models as maker
+    from modules.demo import tiny_models as maker
     root = tmp_path_factory.mktemp("tiny-models")
     maker.make_tiny_models(root)
     return root

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from modules.api import models
 from modules.api.auth import current_user
 from modules.api.image_input import decode_image_or_422
-from modules.options import OptionError
+from modules.core.options import OptionError
 
 log = logging.getLogger("webui.api")
 
@@ -99,8 +99,8 @@ def check_scripts(body) -> None:
 
 def check_api_limits(req, opts: dict[str, Any]) -> None:
     """The server's own limits for API requests (settings api_max_*; 0 = only the built-in limits)."""
-    from modules import generation_params as generation
-    from modules import img2img_scripts
+    from modules.generation import params as generation
+    from modules.generation import outpainting as img2img_scripts
     problems = []
     max_steps, max_size, max_images = opts["api_max_steps"], opts["api_max_size"], opts["api_max_images"]
     if max_steps and req.steps > max_steps:
@@ -128,7 +128,7 @@ def fields_with_infotext(body, model_cls, styles) -> tuple[dict[str, Any], dict[
     body does not send, and the settings it carries (Clip skip, ENSD, eta) apply under the body's own
     `override_settings`, as A1111 applies an infotext: the image then is the one the infotext describes. The
     styles it names are taken back out of its prompts (`styles`, the style database), so they apply once."""
-    from modules import infotext
+    from modules.core import infotext
     fields = body.model_dump()
     overrides = dict(body.override_settings or {})
     if body.infotext:
@@ -150,10 +150,13 @@ def fields_with_infotext(body, model_cls, styles) -> tuple[dict[str, Any], dict[
 
 
 def build_router(webui, server_control: ServerControl | None = None) -> APIRouter:
-    from modules import generation_params as generation
-    from modules import infotext, outputs, samplers, upscaling
-    from modules.sd_models import CheckpointError
-    from modules.sd_models import CheckpointNotFoundError
+    from modules.generation import params as generation
+    from modules.core import infotext
+    from modules.core import outputs
+    from modules.core import samplers
+    from modules.core import upscaling
+    from modules.model_store.checkpoint_files import CheckpointError
+    from modules.model_store.checkpoint_files import CheckpointNotFoundError
 
     router = APIRouter(prefix="/sdapi/v1")
 
@@ -323,7 +326,7 @@ def build_router(webui, server_control: ServerControl | None = None) -> APIRoute
     # Features that do not exist here yet answer A1111's shapes, empty (clients list them at start-up).
     @router.get("/scripts", response_model=models.ScriptsList)
     def scripts():
-        from modules import img2img_scripts
+        from modules.generation import outpainting as img2img_scripts
         return models.ScriptsList(img2img=[t.lower() for t in img2img_scripts.TITLES])
 
     @router.get("/script-info", response_model=list[dict[str, Any]])
@@ -394,7 +397,7 @@ def build_router(webui, server_control: ServerControl | None = None) -> APIRoute
 
     @router.get("/memory", response_model=models.MemoryResponse)
     def memory():
-        from modules import devices
+        from modules.core import devices
         stats = devices.memory_stats(webui.device)
         return models.MemoryResponse(ram=stats.get("ram", {}), cuda=stats.get("cuda", {}),
                                      models=webui.manager.report())
@@ -438,7 +441,7 @@ def build_router(webui, server_control: ServerControl | None = None) -> APIRoute
 
 def build_internal_router(webui) -> APIRouter:
     """/internal: the queue as the UI sees it (A1111's /internal/progress, plus a pending-task listing)."""
-    from modules import outputs
+    from modules.core import outputs
 
     router = APIRouter(prefix="/internal")
 

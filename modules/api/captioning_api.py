@@ -72,7 +72,7 @@ class SearchResponse(BaseModel):
 
 
 def _decode(text: str):
-    from modules import outputs
+    from modules.core import outputs
     if not text:
         raise HTTPException(422, "image is empty: send a base64-encoded image")
     try:
@@ -97,7 +97,7 @@ async def _run(submit, owner, response: Response):
     """Queue (on a worker thread: a request may decode an image), await without holding a thread, and map the
     service's errors to their statuses by type (`modules/api/errors.py`); a job stopped by a shutting-down queue
     is a 503 like a full one."""
-    from modules.jobs import JobStopped
+    from modules.core.jobs import JobStopped
 
     def queue():
         try:

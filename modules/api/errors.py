@@ -18,14 +18,18 @@ RETRY_AFTER = {"Retry-After": "10"}
 
 def http_error(exc: BaseException) -> HTTPException | None:
     """The HTTP answer for a service's failure, by the exception's type; None for a server fault (a 500)."""
-    from modules import generation_params, jobs, sd_models, sd_vae, styles
-    from modules.options import OptionError
+    from modules.generation import params as generation_params
+    from modules.core import jobs
+    from modules.model_store import sd_vae
+    from modules.prompting import styles
+    from modules.model_store import checkpoint_files
+    from modules.core.options import OptionError
 
     if isinstance(exc, HTTPException):
         return exc
-    if isinstance(exc, sd_models.CheckpointNotFoundError):
+    if isinstance(exc, checkpoint_files.CheckpointNotFoundError):
         return HTTPException(400, str(exc))
-    if isinstance(exc, sd_models.CheckpointError):
+    if isinstance(exc, checkpoint_files.CheckpointError):
         return HTTPException(400, f"the checkpoint cannot be used: {exc}")
     if isinstance(exc, (generation_params.UnknownNameError, styles.UnknownStyleError, sd_vae.UnknownVaeError)):
         return HTTPException(400, str(exc))
@@ -43,7 +47,7 @@ def http_error(exc: BaseException) -> HTTPException | None:
             return HTTPException(404, str(exc))
         if isinstance(exc, captioning.CaptionerError):
             return HTTPException(422, str(exc))
-    manager = sys.modules.get("modules.model_manager")  # imports torch: loaded once a model was, not before
+    manager = sys.modules.get("modules.model_store.model_manager")  # imports torch: loaded once a model was, not before
     if manager is not None and isinstance(exc, manager.ModelOutOfMemoryError):
         return HTTPException(503, str(exc))
     return None

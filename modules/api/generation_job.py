@@ -21,8 +21,8 @@ log = logging.getLogger("webui.api")
 def queue_generation(webui, submit: Callable[[], Any], body, response: Response, overrides: dict[str, Any]):
     """`submit()` queues the job (webui.submit_txt2img / submit_img2img, with the settings `overrides`); returns
     the job, or raises the HTTP answer for a request that cannot be queued."""
-    from modules.options import OptionError
-    from modules.sd_models import CheckpointNotFoundError
+    from modules.core.options import OptionError
+    from modules.model_store.checkpoint_files import CheckpointNotFoundError
 
     try:
         job = submit()
@@ -40,7 +40,7 @@ def queue_generation(webui, submit: Callable[[], Any], body, response: Response,
 
 async def generation_answer(job, body, parameters: dict[str, Any]) -> models.ImageResponse:
     """Await the queued job and answer with its images (the answer echoes `parameters`)."""
-    from modules.jobs import JobStopped
+    from modules.core.jobs import JobStopped
 
     try:
         result = await job_result(job)
@@ -53,7 +53,7 @@ async def generation_answer(job, body, parameters: dict[str, Any]) -> models.Ima
 
 
 def _answer(job, result, body, parameters: dict[str, Any]) -> models.ImageResponse:
-    from modules import outputs
+    from modules.core import outputs
 
     info = dict(result.info, task_id=job.id)
     images = [outputs.encode_image_base64(im, infotext=txt) for im, txt in

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from fastapi import HTTPException
 
-from modules import outputs
+from modules.core import outputs
 
 MAX_DOWNLOAD_BYTES = 50 * 2**20
 DOWNLOAD_TIMEOUT_S = 15

@@ -10,8 +10,8 @@ from modules.api.image_input import decode_image_or_422
 def to_service_request(body: models.Img2ImgRequest, fields: dict, *, allow_urls: bool):
     """The API body (and its fields, infotext applied) -> modules.img2img_params.Img2ImgRequest (images
     decoded; bad ones are a 422 naming the field)."""
-    from modules import samplers
-    from modules.img2img_params import Img2ImgRequest
+    from modules.core import samplers
+    from modules.generation.img2img_params import Img2ImgRequest
 
     if not body.init_images:
         raise HTTPException(422, "init_images: at least one init image is needed (base64 PNG/JPEG or a data URI)")
@@ -36,7 +36,7 @@ def to_service_request(body: models.Img2ImgRequest, fields: dict, *, allow_urls:
 
 def queue(webui, body: models.Img2ImgRequest, response: Response, user: str | None, *, allow_urls: bool):
     """Validate and queue the request; (the job, the `parameters` its answer echoes)."""
-    from modules import img2img_scripts
+    from modules.generation import outpainting as img2img_scripts
     from modules.api.api import check_api_limits, check_scripts, fields_with_infotext
     from modules.api.generation_job import queue_generation
 

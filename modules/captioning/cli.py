@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from modules import paths
+from modules.core import paths
 
 
 def download_and_exit(args) -> None:

@@ -264,8 +264,8 @@ def run_vqa(ctx: CaptionContext, req: VqaRequest, job=None) -> str:
 
 
 def run_batch(ctx: CaptionContext, req: BatchCaptionRequest, job=None) -> BatchSummary:
-    from modules.fileio import atomic_write_text
-    from modules.jobs import JobInterrupted
+    from modules.core.fileio import atomic_write_text
+    from modules.core.jobs import JobInterrupted
 
     info = ctx.registry.resolve(req.model, purpose="caption")
     summary = BatchSummary()
@@ -385,7 +385,7 @@ class SearchIndex:
         import torch
         from safetensors.torch import save
 
-        from modules.fileio import atomic_open
+        from modules.core.fileio import atomic_open
 
         known, embeds = self._read(model_key)
         paths = list_images(folder, recursive=True)

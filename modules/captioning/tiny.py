@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from modules.fileio import atomic_folder
+from modules.core.fileio import atomic_folder
 
 TINY_CAPTIONERS_VERSION = "1"
 VERSION_MARKER_FILE = "tiny_models_version.txt"

@@ -168,31 +168,30 @@ def _not_an_image(payload) -> NotAnImage:
     return NotAnImage(Path(str(name)).name)
 
 
-class UploadImage(gr.Image):
-    """gr.Image that gives its handlers `NotAnImage` for a file PIL cannot read, instead of failing in Gradio's
-    own preprocessing (whose message lists component types and server paths)."""
+def _tolerant(component):
+    """Make `component` hand its handlers `NotAnImage` for a file PIL cannot read, instead of failing in Gradio's
+    own preprocessing (whose message lists component types and server paths). Done on the instance: a subclass
+    of a Gradio component would make Gradio write a .pyi file beside this module at import."""
+    preprocess = component.preprocess
 
-    def get_block_name(self) -> str:
-        return "image"
-
-    def preprocess(self, payload):
+    def tolerant_preprocess(payload):
         try:
-            return super().preprocess(payload)
+            return preprocess(payload)
         except (PIL.UnidentifiedImageError, OSError, ValueError, gr.Error):
             return _not_an_image(payload)
 
+    component.preprocess = tolerant_preprocess
+    return component
 
-class UploadEditor(gr.ImageEditor):
-    """gr.ImageEditor with UploadImage's handling of a file that is not an image."""
 
-    def get_block_name(self) -> str:
-        return "imageeditor"
+def UploadImage(**kw) -> gr.Image:  # noqa: N802  (used like the component class it stands for)
+    """gr.Image that gives its handlers `NotAnImage` for a file that is not an image."""
+    return _tolerant(gr.Image(**kw))
 
-    def preprocess(self, payload):
-        try:
-            return super().preprocess(payload)
-        except (PIL.UnidentifiedImageError, OSError, ValueError, gr.Error):
-            return _not_an_image(payload)
+
+def UploadEditor(**kw) -> gr.ImageEditor:  # noqa: N802
+    """gr.ImageEditor that gives its handlers `NotAnImage` for a file that is not an image."""
+    return _tolerant(gr.ImageEditor(**kw))
 
 
 def refuse_non_images(component, notice) -> None:
@@ -268,7 +267,7 @@ class SeedControls:
 
     def wire(self, output: "OutputPanel") -> None:
         """♻ takes the seed (and variation seed) of the image selected in `output` (the first when none is)."""
-        from modules import infotext
+        from modules.core import infotext
 
         def reuse(texts, index):
             texts = texts or []
@@ -439,7 +438,7 @@ def sendable_fields(webui, fields: dict) -> dict:
 def pasted_fields(webui, text: str) -> dict:
     """An infotext as request fields for "Send to": parsed, the styles it names selected and their text taken
     back out of the prompts (A1111), and what the send settings leave out left out."""
-    from modules import infotext
+    from modules.core import infotext
     fields = infotext.infotext_to_txt2img_fields(infotext.parse_infotext(text or ""))
     if fields.get("styles"):
         prompt, negative, found = webui.styles.extract(fields.get("prompt", ""), fields.get("negative_prompt", ""),
@@ -454,10 +453,10 @@ def job_error_message(exc: BaseException) -> str:
     import logging
     import sys
 
-    from modules.jobs import JobStopped
+    from modules.core.jobs import JobStopped
     if isinstance(exc, JobStopped):
         return "Stopped before an image was made."
-    manager = sys.modules.get("modules.model_manager")
+    manager = sys.modules.get("modules.model_store.model_manager")
     if isinstance(exc, ValueError) or (manager is not None and isinstance(exc, manager.ModelOutOfMemoryError)):
         return str(exc)
     logging.getLogger("webui.ui").error("a job failed", exc_info=exc)

@@ -22,7 +22,8 @@ def token_counter_html(text: str, webui=None) -> str:
     and an embedding of the current checkpoint counts as its number of vectors."""
     if not text:
         return '<div class="token-counter">0/75</div>'  # no tokenizer (and no transformers import) needed
-    from modules import clip_tokenizer, prompts
+    from modules.prompting import clip_tokenizer
+    from modules.prompting import prompts
     embeddings = None
     if webui is not None and getattr(webui, "extra_networks", None) is not None:
         embeddings = webui.extra_networks.embeddings_for(webui.current_checkpoint())[0]
@@ -60,9 +61,9 @@ def _thumbnail(path: Path) -> str | None:
 def cards_html(webui, tab: str, query: str = "") -> str:
     """The cards that apply to the current checkpoint (and those that cannot be told apart), filtered by
     `query`; how many were left out as made for another model is said under them."""
-    from modules import extra_networks
+    from modules import networks
     query = (query or "").strip().lower()
-    cards = extra_networks.cards_for(webui.extra_networks, webui.current_checkpoint())
+    cards = networks.cards_for(webui.extra_networks, webui.current_checkpoint())
     hidden = [c for c in cards if c.applies is False]
     shown = [c for c in cards if c.applies is not False and (not query or query in c.name.lower())]
     parts = []

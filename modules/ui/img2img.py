@@ -11,8 +11,8 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from modules import img2img_scripts
-from modules.img2img_params import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, RESIZE_MODES, Img2ImgRequest
+from modules.generation import outpainting as img2img_scripts
+from modules.generation.img2img_params import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, RESIZE_MODES, Img2ImgRequest
 from modules.ui import common
 from modules.ui.common import NotAnImage, UploadEditor, UploadImage, notice_html
 
@@ -311,7 +311,7 @@ def create_tab(webui) -> Img2ImgTab:
             inpainting_mask_invert=int(v["mask_mode"] or 0), script_name=script_name, script_args=script_args)
 
     def run(request: gr.Request, *values):
-        from modules.img2img import BatchFolders
+        from modules.generation.img2img import BatchFolders
         from modules.ui.extra_networks import warnings_html
         v = dict(zip(names, values))
         owner = common.owner_of(request)

@@ -8,7 +8,7 @@ from typing import Any
 
 import gradio as gr
 
-from modules import infotext
+from modules.core import infotext
 from modules.ui.common import NotAnImage, UploadImage, infotext_html, notice_html
 
 

@@ -5,7 +5,7 @@ import html
 
 import gradio as gr
 
-from modules.options import OptionError
+from modules.core.options import OptionError
 
 
 def setting_update(webui, key: str):

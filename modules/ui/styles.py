@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from modules.styles import PromptStyle, UnknownStyleError
+from modules.prompting.styles import PromptStyle, UnknownStyleError
 from modules.ui.common import icon_button
 
 
@@ -102,15 +102,16 @@ def create(webui, tab: str, prompt: gr.Textbox, negative: gr.Textbox, row: Style
         return update, gr.update(choices=names, value=None), "", "", _notice(
             f"Deleted style {style_name!r}.", ok=True)
 
-    def fresh_choices(selected):
-        # styles.csv may have changed (another tab's editor, an edit by hand): list it as it is now
+    def fresh_choices():
+        # styles.csv may have changed (another tab's editor, an edit by hand): list it as it is now. Only the
+        # choices: the value sent back would race the pick the user is making in the opened list.
         db.reload()
-        return choices_updates(selected)[0]
+        return gr.update(choices=db.names())
 
     row.apply.click(on_apply, inputs=[dropdown, prompt, negative], outputs=[prompt, negative, dropdown, notice],
                     queue=False, show_progress="hidden")
     row.edit.click(lambda: gr.Accordion(open=True), outputs=[editor], queue=False, show_progress="hidden")
-    dropdown.focus(fresh_choices, inputs=[dropdown], outputs=[dropdown], queue=False, show_progress="hidden")
+    dropdown.focus(fresh_choices, outputs=[dropdown], queue=False, show_progress="hidden")
     name.focus(lambda: gr.update(choices=db.names()), outputs=[name], queue=False, show_progress="hidden")
     # select also fires when the name already shown is chosen again (to reload it); input for typed names
     gr.on([name.select, name.input], on_name, inputs=[name], outputs=[style_prompt, style_negative], queue=False,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from modules import samplers
+from modules.core import samplers
 from modules.ui import common
 from modules.ui.common import OutputPanel, PromptTools
 
@@ -37,7 +37,7 @@ def batch_controls(tab: str):
 
 def create_tab(webui) -> Txt2ImgTab:
     """The contents of the txt2img tab (built inside its gr.Tab)."""
-    from modules import generation_params as generation
+    from modules.generation import params as generation
 
     tools = common.prompt_tools(webui, "txt2img")
     with gr.Row():

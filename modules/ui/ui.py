@@ -7,7 +7,7 @@ import logging
 
 import gradio as gr
 
-from modules.options import OptionError
+from modules.core.options import OptionError
 from modules.ui import captioning as captioning_ui
 from modules.ui import common, pnginfo, settings, txt2img
 from modules.ui import img2img as img2img_ui

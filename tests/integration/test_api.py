@@ -125,7 +125,7 @@ def test_a1111_smoke_payload_hires_with_denoising_zero(api):
     _, body = txt2img(api, prompt="p", seed=5, enable_hr=True, denoising_strength=0, hr_scale=2)
     text = json.loads(body["info"])["infotexts"][0]
     assert b64_image(body["images"][0]).size == (128, 128)
-    from modules.infotext import parse_infotext
+    from modules.core.infotext import parse_infotext
     params = parse_infotext(text)
     assert float(params["Denoising strength"]) == 0 and params["Hires pass"] == "upscale only"
 

@@ -171,7 +171,7 @@ def test_jobs_belong_to_their_caller(auth_server):
 
 def test_listen_without_credentials_warns(tmp_path, caplog):
     import webui
-    from modules import cmd_args
+    from modules.core import cmd_args
     args = cmd_args.parse_args(["--nowebui", "--listen", "--data-dir", str(tmp_path), "--models-dir", str(tmp_path)])
     with caplog.at_level(logging.WARNING, logger="webui"):
         app, web = webui.create_app(args)

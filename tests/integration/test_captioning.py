@@ -33,7 +33,7 @@ from modules.captioning.service import (
     run_vqa,
     vqa_prompt,
 )
-from modules.model_manager import ModelManager
+from modules.model_store.model_manager import ModelManager
 
 
 def noise_image(seed: int, size=(48, 40)) -> Image.Image:

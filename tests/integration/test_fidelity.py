@@ -7,12 +7,13 @@ import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, StableDiffusionPipeline)
 
-from modules import generation, sd_models
-from modules.model_manager import ModelManager
-from modules.styles import StyleDatabase
+from modules.generation import txt2img as generation
+from modules.model_store import checkpoints, hashing
+from modules.model_store.model_manager import ModelManager
+from modules.prompting.styles import StyleDatabase
 from tests.images import assert_float_images_close, assert_pixels_close, mean_abs_difference
 
-# A1111's sampler -> diffusers scheduler, written out here independently of modules/samplers.py.
+# A1111's sampler -> diffusers scheduler, written out here independently of modules/core/samplers.py.
 PLAIN_SCHEDULERS = {
     "Euler": lambda cfg: EulerDiscreteScheduler.from_config(cfg, timestep_spacing="linspace"),
     "Euler a": lambda cfg: EulerAncestralDiscreteScheduler.from_config(cfg, timestep_spacing="linspace"),
@@ -24,8 +25,8 @@ PLAIN_SCHEDULERS = {
 @pytest.fixture(scope="module")
 def context(tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("fidelity-out")
-    cache = sd_models.HashCache(out / "cache.json")
-    registry = sd_models.CheckpointRegistry([tiny_models / "Stable-diffusion"], [], cache)
+    cache = hashing.HashCache(out / "cache.json")
+    registry = checkpoints.CheckpointRegistry([tiny_models / "Stable-diffusion"], [], cache)
     registry.refresh()
     manager = ModelManager("cpu", 0, 8 * 2**30)
     return generation.GenerationContext(registry=registry, manager=manager, styles=StyleDatabase(out / "styles.csv"),
@@ -113,7 +114,7 @@ def test_hires_fix_on_an_inpainting_checkpoint(context, upscaler):
 def test_hires_pass_runs_exactly_the_hires_steps(context, monkeypatch, hr_steps, denoise):
     """A1111: "Hires steps: N" is N denoising steps at any denoising strength (the last N of a longer
     schedule), not N x strength; the progress counts them too."""
-    from modules import sd_pipelines
+    from modules.model_store import sd_pipelines
     calls, handles = [], []
     make = sd_pipelines.make_pipeline
 
@@ -147,8 +148,8 @@ def test_second_order_samplers_count_steps_and_switch_prompts_as_a1111(context, 
     """Heun calls the model twice per step (2N-1 calls): the progress still counts 1..N per pass and never
     goes back, and `[a cat:a dog:0.5]` switches half-way through the calls (A1111 doubles the schedule of
     second-order samplers), in the first pass and in the hires pass."""
-    from modules import prompts as prompts_mod
-    from modules.jobs import Job
+    from modules.prompting import prompts as prompts_mod
+    from modules.core.jobs import Job
     reported, used = [], []
     job = Job(lambda j: None, kind="txt2img")
     monkeypatch.setattr(job, "step", lambda step, steps, preview=None: reported.append((step, steps)))

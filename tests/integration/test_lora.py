@@ -11,9 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from modules import extra_networks, generation, sd_models
-from modules.model_manager import ModelManager
-from modules.styles import StyleDatabase
+from modules import networks
+from modules.generation import txt2img as generation
+from modules.model_store import checkpoints, hashing
+from modules.model_store.model_manager import ModelManager
+from modules.prompting.styles import StyleDatabase
 from tests.images import assert_pixels_close
 
 
@@ -49,15 +51,15 @@ def folders(tiny_models, tmp_path_factory):
 
 
 def unet_modules(tiny_models):
-    from modules.tiny_models import build_tiny_sd15
+    from modules.demo.tiny_models import build_tiny_sd15
     unet = build_tiny_sd15()["unet"]
     return [(n.replace(".", "_"), n) for n, _ in unet.named_modules()]
 
 
 def unet_ldm_names():
     """flat diffusers UNet module name -> flat LDM name, by ldm_convert's own state-dict conversion."""
-    from modules.ldm_convert import UNET_PREFIX, unet_to_ldm
-    from modules.tiny_models import build_tiny_sd15
+    from modules.model_store.ldm_convert import UNET_PREFIX, unet_to_ldm
+    from modules.demo.tiny_models import build_tiny_sd15
     unet = build_tiny_sd15()["unet"]
     converted = unet_to_ldm({k: k for k in unet.state_dict()}, unet.config)  # LDM key -> diffusers key
     flat = lambda key: key.removesuffix(".weight").replace(".", "_")  # noqa: E731
@@ -87,9 +89,9 @@ def base(context):
 @pytest.fixture(scope="module")
 def context(tiny_models, folders, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora-out")
-    registry = sd_models.CheckpointRegistry([tiny_models / "Stable-diffusion"], [], sd_models.HashCache(out / "c.json"))
+    registry = checkpoints.CheckpointRegistry([tiny_models / "Stable-diffusion"], [], hashing.HashCache(out / "c.json"))
     registry.refresh()
-    nets = extra_networks.ExtraNetworks([folders / "Lora"], [tiny_models / "embeddings"])
+    nets = networks.ExtraNetworks([folders / "Lora"], [tiny_models / "embeddings"])
     return generation.GenerationContext(registry=registry, manager=ModelManager("cpu", 0, 8 * 2**30),
                                         styles=StyleDatabase(out / "styles.csv"), outputs_root=out, networks=nets)
 
@@ -171,12 +173,12 @@ def test_kohya_and_peft_layouts_give_the_same_image(context):
 
 def merged_weights(context, tags):
     """Every UNet and text-encoder weight of tiny-sd15 while the tags' LoRAs are merged."""
-    from modules import sd_pipelines
+    from modules.model_store import sd_pipelines
     resolved = context.networks.resolve("x " + tags)
     info = context.registry.find("tiny-sd15.safetensors")
     with sd_pipelines.use_checkpoint(context.manager, info, dtype=torch.float32) as bundle, \
             context.networks.leased(context.manager, resolved, []) as applied, \
-            extra_networks.applied_loras(bundle, applied, []):
+            networks.applied_loras(bundle, applied, []):
         return {f"{part}.{k}": v.clone() for part in ("unet", "text_encoder")
                 for k, v in bundle.components[part].state_dict().items()}
 
@@ -193,7 +195,7 @@ def test_two_loras_at_once(context):
     whole = merged_weights(context, "<lora:tiny-lora:1>")
     plain = merged_weights(context, "")
     changed = [k for k in whole if not torch.equal(whole[k], plain[k])]
-    lora = extra_networks.load_lora(context.networks.loras.find("tiny-lora").path)
+    lora = networks.load_lora(context.networks.loras.find("tiny-lora").path)
     assert len(changed) == sum(len(part) for part in lora.modules.values()) == 4 * 5 + 8 * 6  # 5 CLIP, 6 UNet
     for k in changed:
         torch.testing.assert_close(halves[k], whole[k], rtol=1e-5, atol=1e-6, msg=k)
@@ -236,7 +238,7 @@ def ldm_index(components, pairs):
     """The LoRA module index of these components, checking that each (LDM name, diffusers name) pair is one
     UNet layer and that every UNet layer has both names."""
     bundle = types.SimpleNamespace(components=components, cache={})
-    index = extra_networks._module_index(bundle)
+    index = networks.merge.module_index(bundle)
     unet = index["unet"]
     for ldm, diffusers in pairs:
         assert unet[ldm] is unet[diffusers], (ldm, diffusers)
@@ -244,12 +246,12 @@ def ldm_index(components, pairs):
     for name, module in unet.items():
         names_per_layer.setdefault(id(module), []).append(name)
     assert {len(names) for names in names_per_layer.values()} == {2}
-    assert extra_networks._module_index(bundle) is index  # kept with the bundle
+    assert networks.merge.module_index(bundle) is index  # kept with the bundle
     return index
 
 
 def test_ldm_named_unet_layers_are_the_same_layers():
-    from modules.tiny_models import build_tiny_sd15
+    from modules.demo.tiny_models import build_tiny_sd15
     index = ldm_index(build_tiny_sd15(), [
         ("input_blocks_1_1_proj_in", "down_blocks_0_attentions_0_proj_in"),
         ("input_blocks_2_1_transformer_blocks_0_attn2_to_k", "down_blocks_0_attentions_1_transformer_blocks_0_attn2_to_k"),
@@ -270,7 +272,7 @@ def test_ldm_named_unet_layers_are_the_same_layers():
 
 
 def test_sdxl_unet_layers_have_kohya_sdxl_names():
-    from modules.tiny_models import build_tiny_sdxl
+    from modules.demo.tiny_models import build_tiny_sdxl
     ldm_index(build_tiny_sdxl(), [
         ("input_blocks_4_1_transformer_blocks_1_attn2_to_k", "down_blocks_1_attentions_0_transformer_blocks_1_attn2_to_k"),
         ("middle_block_1_proj_in", "mid_block_attentions_0_proj_in"),
@@ -360,7 +362,7 @@ def test_each_iteration_starts_with_the_first_pass_loras(context, first_passes):
 
 def test_styles_apply_to_the_hires_prompts_too(context):
     """A1111 applies the selected styles to the hires prompt and hires negative prompt as well."""
-    from modules.styles import PromptStyle
+    from modules.prompting.styles import PromptStyle
     context.styles.save(PromptStyle("hr-style", "{prompt}, oil painting <lora:tiny-lora:1>", "lowres"))
     styled, res = hires(context, "a cat", hr_prompt="a dog", hr_negative_prompt="ugly", styles=["hr-style"])
     assert res.info["warnings"] == []

@@ -10,9 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from modules import extra_networks, generation, sd_models
-from modules.model_manager import ModelManager
-from modules.styles import StyleDatabase
+from modules import networks
+from modules.generation import txt2img as generation
+from modules.model_store import checkpoints, hashing, loading
+from modules.model_store.model_manager import ModelManager
+from modules.prompting.styles import StyleDatabase
 from tests.images import assert_pixels_close
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -21,9 +23,9 @@ CONVS = ["conv1", "conv2"]  # the resnets' 3x3 convolutions: LyCORIS' conv path 
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_models):
-    registry = sd_models.CheckpointRegistry([tiny_models / "Stable-diffusion"], [], None)
+    registry = checkpoints.CheckpointRegistry([tiny_models / "Stable-diffusion"], [], None)
     registry.refresh()
-    return sd_models.load_checkpoint(registry.find("tiny-sd15.safetensors"))
+    return loading.load_checkpoint(registry.find("tiny-sd15.safetensors"))
 
 
 def peft_lyco(unet, config) -> tuple[dict, dict]:
@@ -50,14 +52,14 @@ def peft_lyco(unet, config) -> tuple[dict, dict]:
 
 
 def merge_ours(checkpoint, path):
-    from modules import sd_pipelines
+    from modules.model_store import sd_pipelines
     bundle = sd_pipelines.CheckpointBundle(checkpoint)
-    weights = extra_networks.load_lora(path)
-    info = extra_networks.LoraInfo(name=path.stem, path=path, alias=path.stem)
+    weights = networks.load_lora(path)
+    info = networks.LoraInfo(name=path.stem, path=path, alias=path.stem)
     unet = bundle.components["unet"]
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     warnings: list[str] = []
-    with extra_networks.applied_loras(bundle, [extra_networks.AppliedLora(info, 1.0, 1.0, weights)], warnings):
+    with networks.applied_loras(bundle, [networks.AppliedLora(info, 1.0, 1.0, weights)], warnings):
         during = {k: v.clone() for k, v in unet.state_dict().items()}
     for k, v in unet.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} not restored exactly"
@@ -131,12 +133,12 @@ def test_lyco_tag_in_txt2img(checkpoint, tiny_models, tmp_path):
     lora_dir = tmp_path / "Lora"
     lora_dir.mkdir()
     save_file({k: v * 3 for k, v in lyco.items()}, str(lora_dir / "tiny-loha.safetensors"))
-    registry = sd_models.CheckpointRegistry([tiny_models / "Stable-diffusion"], [],
-                                            sd_models.HashCache(tmp_path / "c.json"))
+    registry = checkpoints.CheckpointRegistry([tiny_models / "Stable-diffusion"], [],
+                                            hashing.HashCache(tmp_path / "c.json"))
     registry.refresh()
     ctx = generation.GenerationContext(registry=registry, manager=ModelManager("cpu", 0, 8 * 2**30),
                                        styles=StyleDatabase(tmp_path / "styles.csv"), outputs_root=tmp_path,
-                                       networks=extra_networks.ExtraNetworks([lora_dir], []))
+                                       networks=networks.ExtraNetworks([lora_dir], []))
 
     def run(prompt):
         req = generation.validate(generation.Txt2ImgRequest(prompt=prompt, steps=4, width=64, height=64, seed=4,
@@ -162,11 +164,11 @@ def test_unreadable_kinds_in_a_lora_file_are_named_in_a_warning(checkpoint, tiny
     lora_dir = tmp_path / "Lora"
     lora_dir.mkdir()
     save_file(state, str(lora_dir / "mixed.safetensors"))
-    registry = sd_models.CheckpointRegistry([tiny_models / "Stable-diffusion"], [], None)
+    registry = checkpoints.CheckpointRegistry([tiny_models / "Stable-diffusion"], [], None)
     registry.refresh()
     ctx = generation.GenerationContext(registry=registry, manager=ModelManager("cpu", 0, 8 * 2**30),
                                        styles=StyleDatabase(tmp_path / "styles.csv"), outputs_root=tmp_path,
-                                       networks=extra_networks.ExtraNetworks([lora_dir], []))
+                                       networks=networks.ExtraNetworks([lora_dir], []))
     req = generation.validate(generation.Txt2ImgRequest(prompt="a cat <lora:mixed:1>", steps=2, width=64,
                                                         height=64, seed=4, save_images=False))
     res = generation.run_txt2img(ctx, req, None, {"sd_model_checkpoint": "tiny-sd15", "return_grid": False})

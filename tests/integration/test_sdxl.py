@@ -7,9 +7,12 @@ import pytest
 import torch
 from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-from modules import generation, prompts, sd_models, sd_pipelines
-from modules.model_manager import ModelManager
-from modules.styles import StyleDatabase
+from modules.generation import txt2img as generation
+from modules.prompting import prompts
+from modules.model_store import sd_pipelines
+from modules.model_store import checkpoint_files, checkpoints, hashing, loading
+from modules.model_store.model_manager import ModelManager
+from modules.prompting.styles import StyleDatabase
 from tests.images import assert_float_images_close, assert_pixels_close
 
 PLAIN_SCHEDULERS = {
@@ -21,8 +24,8 @@ PLAIN_SCHEDULERS = {
 @pytest.fixture(scope="module")
 def context(tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("sdxl-out")
-    registry = sd_models.CheckpointRegistry([tiny_models / "Stable-diffusion"], [],
-                                            sd_models.HashCache(out / "cache.json"))
+    registry = checkpoints.CheckpointRegistry([tiny_models / "Stable-diffusion"], [],
+                                            hashing.HashCache(out / "cache.json"))
     registry.refresh()
     return generation.GenerationContext(registry=registry, manager=ModelManager("cpu", 0, 8 * 2**30),
                                         styles=StyleDatabase(out / "styles.csv"), outputs_root=out / "outputs")
@@ -47,12 +50,12 @@ def plain_pipe(tiny_models):
 def single_file(context):
     info = context.registry.find("tiny-sdxl.safetensors")
     assert info is not None
-    return sd_models.load_checkpoint(info)
+    return loading.load_checkpoint(info)
 
 
 def test_tiny_sdxl_single_file_is_detected_and_loads_the_folders_weights(tiny_models, single_file, plain_pipe):
     path = tiny_models / "Stable-diffusion" / "tiny-sdxl.safetensors"
-    arch = sd_models.detect_architecture(path)
+    arch = checkpoint_files.detect_architecture(path)
     assert (arch.family, arch.inpainting, arch.prediction_type) == ("sdxl", False, "epsilon")
     assert single_file.arch.family == "sdxl"
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -155,7 +158,8 @@ def test_sdxl_prompt_language_hires_and_img2img(context):
                 hr_second_pass_steps=2)
     assert hires.images[0].size == (96, 96) and "Hires upscale: 1.5" in hires.infotexts[0]
 
-    from modules import img2img, img2img_params
+    from modules.generation import img2img
+    from modules.generation import img2img_params
     from PIL import Image
     init = Image.fromarray(base)
     req = img2img_params.validate_img2img(img2img_params.Img2ImgRequest(
@@ -178,10 +182,10 @@ def test_sdxl_embedding_matches_diffusers_textual_inversion(tiny_models):
     the SD1 embedding (CLIP-L width only) is not used by SDXL: its name stays plain words."""
     from safetensors.torch import load_file
 
-    from modules import extra_networks
+    from modules import networks
     folder = tiny_models / "Stable-diffusion" / "tiny-sdxl-diffusers"
     pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True, add_watermarker=False)
-    db = extra_networks.EmbeddingDatabase([tiny_models / "embeddings"])
+    db = networks.EmbeddingDatabase([tiny_models / "embeddings"])
     loaded, skipped = db.split_for({32, 48})
     assert "tiny-emb-xl" in loaded and {"tiny-emb", "tiny-emb-pt"} <= skipped.keys()
     assert loaded["tiny-emb-xl"].shape == 80
@@ -242,17 +246,17 @@ def test_sdxl_through_the_api_with_its_embedding(api):
 def test_kohya_sdxl_lora_merges_as_diffusers_loads_it(tiny_models, single_file):
     """The tiny kohya SDXL LoRA (lora_te1_/lora_te2_, LDM-named UNet layers) touches every layer it names,
     with the weights diffusers' own kohya loader gives after fuse_lora, and is fully removed afterwards."""
-    from modules import extra_networks
+    from modules import networks
     path = tiny_models / "Lora" / "tiny-xl-lora.safetensors"
-    weights = extra_networks.load_lora(path)
+    weights = networks.load_lora(path)
     assert set(weights.modules) == {"unet", "te1", "te2"} and not weights.unknown_keys
     bundle = sd_pipelines.CheckpointBundle(single_file)
-    info = extra_networks.LoraInfo(name="tiny-xl-lora", path=path, alias="tiny-xl-lora")
+    info = networks.LoraInfo(name="tiny-xl-lora", path=path, alias="tiny-xl-lora")
     models = {"unet": bundle.components["unet"], "text_encoder": bundle.components["text_encoder"],
               "text_encoder_2": bundle.components["text_encoder_2"]}
     before = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in models.items()}
     warnings: list[str] = []
-    with extra_networks.applied_loras(bundle, [extra_networks.AppliedLora(info, 1.0, 1.0, weights)], warnings):
+    with networks.applied_loras(bundle, [networks.AppliedLora(info, 1.0, 1.0, weights)], warnings):
         merged = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in models.items()}
     assert warnings == []
     for name, m in models.items():  # removed exactly
@@ -280,8 +284,8 @@ def test_sdxl_lora_tag_in_txt2img(context, tiny_models):
     weight 0 is exactly the image without it, and nothing is left behind for the next request."""
     import dataclasses
 
-    from modules import extra_networks
-    nets = extra_networks.ExtraNetworks([tiny_models / "Lora"], [tiny_models / "embeddings"])
+    from modules import networks
+    nets = networks.ExtraNetworks([tiny_models / "Lora"], [tiny_models / "embeddings"])
     ctx = dataclasses.replace(context, networks=nets)
 
     def run(prompt):

@@ -9,9 +9,11 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline
 
-from modules import generation, sd_models, sd_vae
-from modules.model_manager import ModelManager
-from modules.styles import StyleDatabase
+from modules.generation import txt2img as generation
+from modules.model_store import sd_vae
+from modules.model_store import checkpoint_files, checkpoints, hashing, loading
+from modules.model_store.model_manager import ModelManager
+from modules.prompting.styles import StyleDatabase
 from tests.images import assert_float_images_close, assert_pixels_close, mean_abs_difference
 
 
@@ -22,10 +24,10 @@ def vae_models(tiny_models, tmp_path_factory):
     shutil.copytree(tiny_models / "Stable-diffusion", root / "Stable-diffusion")
     (root / "VAE").mkdir()
     shutil.copy2(tiny_models / "VAE" / "tiny-vae.safetensors", root / "VAE" / "tiny-vae.safetensors")
-    state = sd_models.load_state_dict(root / "VAE" / "tiny-vae.safetensors")
+    state = checkpoint_files.load_state_dict(root / "VAE" / "tiny-vae.safetensors")
     torch.save({"state_dict": state}, root / "VAE" / "tiny-vae-pickle.pt")
     folder_vae = sd_vae.load_vae(sd_vae.VaeInfo("x", root / "VAE" / "tiny-vae.safetensors"),
-                                 sd_models.checkpoint_config_dir(root / "Stable-diffusion" / "tiny-sd15.safetensors"),
+                                 loading.checkpoint_config_dir(root / "Stable-diffusion" / "tiny-sd15.safetensors"),
                                  torch.float32)
     folder_vae.save_pretrained(root / "VAE" / "tiny-vae-folder")
     return root
@@ -34,8 +36,8 @@ def vae_models(tiny_models, tmp_path_factory):
 @pytest.fixture(scope="module")
 def context(vae_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("vae-out")
-    cache = sd_models.HashCache(out / "cache.json")
-    registry = sd_models.CheckpointRegistry([vae_models / "Stable-diffusion"], [], cache)
+    cache = hashing.HashCache(out / "cache.json")
+    registry = checkpoints.CheckpointRegistry([vae_models / "Stable-diffusion"], [], cache)
     registry.refresh()
     vaes = sd_vae.VaeRegistry(vae_models / "VAE", cache)
     vaes.refresh()
@@ -70,7 +72,7 @@ def test_a_vae_file_equals_plain_diffusers_with_that_vae(context, vae_models):
         requires_safety_checker=False)
     plain.vae = AutoencoderKL.from_single_file(
         str(vae_models / "VAE" / "tiny-vae.safetensors"),
-        config=str(sd_models.checkpoint_config_dir(vae_models / "Stable-diffusion" / "tiny-sd15.safetensors")),
+        config=str(loading.checkpoint_config_dir(vae_models / "Stable-diffusion" / "tiny-sd15.safetensors")),
         subfolder="vae", local_files_only=True)
     plain.set_progress_bar_config(disable=True)
     plain.scheduler = EulerDiscreteScheduler.from_config(plain.scheduler.config, timestep_spacing="linspace")

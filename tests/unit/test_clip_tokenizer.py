@@ -1,7 +1,7 @@
 """The offline CLIP tokenizer gives the ids of the real SD tokenizers and survives save/reload."""
 from transformers import CLIPTokenizer
 
-from modules.clip_tokenizer import clip_tokenizer
+from modules.prompting.clip_tokenizer import clip_tokenizer
 
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]
 

@@ -1,7 +1,7 @@
 """Flags: A1111's names and defaults, COMMANDLINE_ARGS appended, credentials parsing."""
 import pytest
 
-from modules import cmd_args
+from modules.core import cmd_args
 
 
 def test_defaults():

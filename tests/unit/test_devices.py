@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from modules import devices
+from modules.core import devices
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from modules.jobs import (
+from modules.core.jobs import (
     DuplicateTaskError,
     Job,
     JobInterrupted,

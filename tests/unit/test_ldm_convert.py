@@ -14,11 +14,12 @@ from diffusers.loaders.single_file_utils import (
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from modules.clip_tokenizer import clip_tokenizer
-from modules.ldm_convert import diffusers_to_ldm, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
-from modules.paths import SD_CONFIGS_DIR
-from modules.sd_models import CheckpointInfo, checkpoint_config_dir, load_checkpoint
-from modules.tiny_models import build_tiny_sd15, write_tiny_single_file
+from modules.prompting.clip_tokenizer import clip_tokenizer
+from modules.model_store.ldm_convert import diffusers_to_ldm, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+from modules.core.paths import SD_CONFIGS_DIR
+from modules.model_store.checkpoints import CheckpointInfo
+from modules.model_store.loading import checkpoint_config_dir, load_checkpoint
+from modules.demo.tiny_models import build_tiny_sd15, write_tiny_single_file
 
 
 def assert_same_tensors(original: torch.nn.Module, loaded: torch.nn.Module) -> None:
@@ -148,7 +149,7 @@ def test_unknown_keys_are_errors(tiny):
 
 
 def test_metadata_configs_describe_the_written_models(tiny_file, tiny):
-    from modules.sd_models import read_safetensors_metadata
+    from modules.model_store.checkpoint_files import read_safetensors_metadata
 
     configs = json.loads(read_safetensors_metadata(tiny_file)["diffusers_configs"])
     assert set(configs) == {"unet", "vae", "text_encoder", "scheduler"}
@@ -160,7 +161,7 @@ def test_metadata_configs_describe_the_written_models(tiny_file, tiny):
 
 @pytest.fixture(scope="module")
 def tiny_xl():
-    from modules.tiny_models import build_tiny_sdxl
+    from modules.demo.tiny_models import build_tiny_sdxl
     return build_tiny_sdxl()
 
 
@@ -183,7 +184,7 @@ def test_sdxl_layout_round_trips_through_plain_diffusers(tiny_xl, tmp_path):
 
 
 def test_open_clip_writer_rejects_unknown_and_incomplete_keys():
-    from modules.ldm_convert import open_clip_to_ldm
+    from modules.model_store.ldm_convert import open_clip_to_ldm
     with pytest.raises(ValueError, match="mystery"):
         open_clip_to_ldm({"text_model.mystery.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="q/k/v"):

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from modules.model_manager import ModelManager, ModelOutOfMemoryError, model_bytes
+from modules.model_store.model_manager import ModelManager, ModelOutOfMemoryError, model_bytes
 
 GPU = "cuda:0"
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from modules.options import OptionError, Options
+from modules.core.options import OptionError, Options
 
 
 def test_defaults_follow_a1111_names(tmp_path):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from modules import prompts
-from modules.extra_networks import Embedding
+from modules.prompting import prompts
+from modules.networks.embeddings import Embedding
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_wrong_width_embeddings_are_left_as_words(pipe):
 
 
 def test_token_counts_for_the_ui(tiny_models):
-    from modules.clip_tokenizer import clip_tokenizer
+    from modules.prompting.clip_tokenizer import clip_tokenizer
     tok = clip_tokenizer()
     assert prompts.token_counts("", tok) == (0, 75)
     assert prompts.token_counts("a cat", tok) == (2, 75)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from modules import samplers
-from modules.samplers import UnknownSamplerError, make_scheduler, resolve
+from modules.core import samplers
+from modules.core.samplers import UnknownSamplerError, make_scheduler, resolve
 
 # Stable Diffusion 1.5's scheduler_config.json, as a literal so the test needs no model files.
 SD15_SCHEDULER_CONFIG = {
@@ -409,13 +409,13 @@ def test_api_lists_have_a1111s_shapes():
 
 
 def test_importing_the_module_does_not_import_diffusers():
-    code = "import sys, modules.samplers as s; s.samplers_api_list(); s.resolve('k_euler'); print('diffusers' in sys.modules, 'torch' in sys.modules)"
+    code = "import sys, modules.core.samplers as s; s.samplers_api_list(); s.resolve('k_euler'); print('diffusers' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=str(_repo_root()))
     assert out.stdout.strip() == "False False"
 
 
 def _repo_root():
-    from modules.paths import REPO_ROOT
+    from modules.core.paths import REPO_ROOT
 
     return REPO_ROOT
 

@@ -14,24 +14,12 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLP
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-import modules.sd_models as sd_models
-from modules.paths import SD_CONFIGS_DIR
-from modules.sd_models import (
-    UNET_INPUT_KEY,
-    CheckpointError,
-    CheckpointInfo,
-    CheckpointRegistry,
-    HashCache,
-    ModelArch,
-    UnsafeCheckpointError,
-    UnsupportedCheckpointError,
-    checkpoint_config_dir,
-    detect_architecture,
-    load_checkpoint,
-    load_state_dict,
-    read_safetensors_metadata,
-    read_safetensors_shapes,
-)
+from modules.model_store import checkpoint_files, hashing, loading
+from modules.core.paths import SD_CONFIGS_DIR
+from modules.model_store.checkpoint_files import UNET_INPUT_KEY, CheckpointError, ModelArch, UnsafeCheckpointError, UnsupportedCheckpointError, detect_architecture, load_state_dict, read_safetensors_metadata, read_safetensors_shapes
+from modules.model_store.checkpoints import CheckpointInfo, CheckpointRegistry
+from modules.model_store.hashing import HashCache
+from modules.model_store.loading import checkpoint_config_dir, load_checkpoint
 
 FAMILY_FOLDERS = ["sd1", "sd1-inpainting", "sd2", "sd2-inpainting", "sdxl", "sdxl-inpainting"]
 
@@ -162,12 +150,12 @@ def test_unsupported_checkpoints_say_why(state, message):
 
 
 def test_sd2_prediction_from_weights():
-    v_like = {sd_models.SD2_V_STATISTIC_KEY: torch.linspace(-0.5, 0.5, 1280)}
-    base_like = {sd_models.SD2_V_STATISTIC_KEY: torch.linspace(-0.05, 0.05, 1280)}
-    assert sd_models._sd2_prediction(v_like, None) == "v_prediction"
-    assert sd_models._sd2_prediction(base_like, None) == "epsilon"
-    assert sd_models._sd2_prediction(v_like, sd_models.SD2_BASE_GLOBAL_STEP) == "epsilon"
-    assert sd_models._sd2_prediction({}, None) is None
+    v_like = {checkpoint_files.SD2_V_STATISTIC_KEY: torch.linspace(-0.5, 0.5, 1280)}
+    base_like = {checkpoint_files.SD2_V_STATISTIC_KEY: torch.linspace(-0.05, 0.05, 1280)}
+    assert checkpoint_files.sd2_prediction(v_like, None) == "v_prediction"
+    assert checkpoint_files.sd2_prediction(base_like, None) == "epsilon"
+    assert checkpoint_files.sd2_prediction(v_like, checkpoint_files.SD2_BASE_GLOBAL_STEP) == "epsilon"
+    assert checkpoint_files.sd2_prediction({}, None) is None
 
 
 # --- reading files ----------------------------------------------------------------------------------
@@ -203,7 +191,7 @@ def test_load_state_dict_formats(tmp_path):
         loaded = load_state_dict(tmp_path / name)
         assert loaded.keys() == tensors.keys()
         assert all(torch.equal(loaded[k], tensors[k]) and loaded[k].dtype == tensors[k].dtype for k in tensors)
-    _, extras = sd_models._load_state_dict_and_extras(tmp_path / "m.ckpt")
+    _, extras = checkpoint_files.load_state_dict_and_extras(tmp_path / "m.ckpt")
     assert extras["global_step"] == 7
 
 
@@ -245,13 +233,13 @@ def test_malicious_pickle_is_refused(tmp_path, writer):
 @pytest.fixture
 def count_hashing(monkeypatch):
     calls = []
-    real = sd_models._sha256_of_file
+    real = hashing.sha256_of_file
 
     def counting(path):
         calls.append(str(path))
         return real(path)
 
-    monkeypatch.setattr(sd_models, "_sha256_of_file", counting)
+    monkeypatch.setattr(hashing, "sha256_of_file", counting)
     return calls
 
 
@@ -388,7 +376,7 @@ def test_registry_refresh_and_diffusers_folder_hash(tmp_path, model_tree):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tiny_models):
-    # tiny_models (tests/conftest.py): the set made once per test run by modules.tiny_models.
+    # tiny_models (tests/conftest.py): the set made once per test run by modules.demo.tiny_models.
     return tiny_models / "Stable-diffusion"
 
 
@@ -414,7 +402,7 @@ def test_components_are_exactly_pipeline_keywords(tiny_dir):
             assert not value.training
             assert {p.device.type for p in value.parameters()} == {"cpu"}
     _, xl_accepted = required_and_accepted(StableDiffusionXLPipeline)
-    assert set(sd_models._pipeline_extras(ModelArch("sdxl", False, "epsilon"))) <= xl_accepted
+    assert set(loading.pipeline_extras(ModelArch("sdxl", False, "epsilon"))) <= xl_accepted
 
 
 def test_dtypes(tiny_dir):

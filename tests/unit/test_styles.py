@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from modules.styles import PromptStyle, StyleDatabase, UnknownStyleError, merge_prompts
+from modules.prompting.styles import PromptStyle, StyleDatabase, UnknownStyleError, merge_prompts
 
 A1111_FILE = (
     "\ufeffname,prompt,negative_prompt\r\n"
@@ -197,7 +197,7 @@ def test_concurrent_saves_lose_nothing(tmp_path):
 def test_extract_takes_applied_styles_back_out(tmp_path):
     """A pasted infotext's "Styles array": the styles' text leaves the prompts and the styles are selected;
     a style whose text is not in them (edited since) is not selected."""
-    from modules.styles import StyleDatabase, unmerge_prompts
+    from modules.prompting.styles import StyleDatabase, unmerge_prompts
     db = StyleDatabase(tmp_path / "styles.csv")
     db.save(PromptStyle("warm", "oil painting, warm light", "ugly"))
     db.save(PromptStyle("frame", "a photo of {prompt}, framed", ""))

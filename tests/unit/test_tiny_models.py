@@ -9,16 +9,12 @@ import torch
 from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from modules.clip_tokenizer import clip_tokenizer
-from modules.sd_models import (
-    CheckpointRegistry,
-    HashCache,
-    ModelArch,
-    detect_architecture,
-    load_checkpoint,
-    read_safetensors_metadata,
-)
-from modules.tiny_models import TINY_MODELS_VERSION, make_tiny_models
+from modules.prompting.clip_tokenizer import clip_tokenizer
+from modules.model_store.checkpoints import CheckpointRegistry
+from modules.model_store.hashing import HashCache
+from modules.model_store.checkpoint_files import ModelArch, detect_architecture, read_safetensors_metadata
+from modules.model_store.loading import load_checkpoint
+from modules.demo.tiny_models import TINY_MODELS_VERSION, make_tiny_models
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +128,7 @@ def test_making_the_set_prints_one_line_per_model_and_no_library_noise(tmp_path)
     saving shards and no torchvision fallback notes from transformers."""
     import subprocess
     import sys
-    proc = subprocess.run([sys.executable, "-m", "modules.tiny_models", str(tmp_path / "m")], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "modules.demo.tiny_models", str(tmp_path / "m")], capture_output=True,
                           text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr
     output = proc.stdout + proc.stderr

@@ -27,7 +27,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
-from modules import prompt_parser
+from modules.prompting import prompt_parser
 
 CHUNK_LENGTH = 75
 COMMA_BACKTRACK = 20

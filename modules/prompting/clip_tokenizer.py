@@ -6,7 +6,7 @@ import gzip
 import threading
 from typing import TYPE_CHECKING
 
-from modules.paths import SD_CONFIGS_DIR
+from modules.core.paths import SD_CONFIGS_DIR
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from modules.fileio import atomic_write_text
+from modules.core.fileio import atomic_write_text
 
 STANDARD_COLUMNS = ("name", "prompt", "negative_prompt")
 PROMPT_PLACEHOLDER = "{prompt}"

@@ -13,12 +13,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from modules import infotext as infotext_mod
-from modules import extra_networks, outputs, prompt_parser, prompts, samplers, sd_models, sd_pipelines
-from modules.generation_params import (HIRES_UPSCALERS, LATENT_UPSCALE_MODES, PIXEL_UPSCALERS,
+from modules.core import infotext as infotext_mod
+from modules import networks
+from modules.core import outputs
+from modules.prompting import prompt_parser
+from modules.prompting import prompts
+from modules.core import samplers
+from modules.model_store import sd_pipelines
+from modules.model_store import checkpoint_files
+from modules.generation.params import (HIRES_UPSCALERS, LATENT_UPSCALE_MODES, PIXEL_UPSCALERS,
                                        GenerationError, Txt2ImgRequest, hires_target_size, validate)
-from modules.jobs import Job, JobInterrupted, JobSkipped
-from modules.version import VERSION
+from modules.core.jobs import Job, JobInterrupted, JobSkipped
+from modules.core.version import VERSION
 
 log = logging.getLogger("webui.generation")
 
@@ -30,7 +36,7 @@ __all__ = ["GenerationContext", "GenerationResult", "GenerationError", "Txt2ImgR
 @dataclass
 class GenerationContext:
     """What the txt2img service needs from the running server (no globals)."""
-    registry: Any  # sd_models.CheckpointRegistry
+    registry: Any  # checkpoints.CheckpointRegistry
     manager: Any  # model_manager.ModelManager
     styles: Any  # styles.StyleDatabase
     outputs_root: Path
@@ -39,7 +45,7 @@ class GenerationContext:
     offload: str | None = None  # None | "model" | "sequential"
     attention: str = "sdpa"  # "sdpa" | "xformers"
     offload_device: str = "cuda"  # where offloaded parts run
-    networks: Any = None  # extra_networks.ExtraNetworks: LoRA files and embeddings (None: none of either)
+    networks: Any = None  # networks.ExtraNetworks: LoRA files and embeddings (None: none of either)
     vaes: Any = None  # sd_vae.VaeRegistry: the VAE files the `sd_vae` setting picks from (None: only built-in ones)
 
 
@@ -342,7 +348,7 @@ def leased_checkpoint(ctx: GenerationContext, settings: dict, warnings: list[str
             try:
                 bundle = stack.enter_context(sd_pipelines.use_checkpoint(
                     ctx.manager, info, dtype=ctx.dtype, vae_dtype=ctx.vae_dtype, attention=ctx.attention))
-            except sd_models.CheckpointError as e:
+            except checkpoint_files.CheckpointError as e:
                 if name:
                     raise
                 ctx.registry.mark_unusable(info, str(e))
@@ -447,11 +453,11 @@ def hires_schedule(hr_steps: int, denoise: float, limit: int | None = None) -> t
     return total, min(1.0, (hr_steps + 0.5) / total)
 
 
-def _resolve_networks(ctx, prompt: str) -> extra_networks.ResolvedNetworks:
+def _resolve_networks(ctx, prompt: str) -> networks.ResolvedNetworks:
     """The prompt's extra network tags, resolved (only stripped when the server has no extra networks)."""
     if ctx.networks is not None:
         return ctx.networks.resolve(prompt)
-    return extra_networks.ResolvedNetworks(prompt=prompt_parser.parse_extra_networks(prompt)[0])
+    return networks.ResolvedNetworks(prompt=prompt_parser.parse_extra_networks(prompt)[0])
 
 
 def _add_new(warnings: list[str], new: list[str]) -> None:
@@ -500,7 +506,7 @@ class _MergedLoras:
         self.close()
         stack = contextlib.ExitStack()
         said: list[str] = []
-        stack.enter_context(extra_networks.applied_loras(self.bundle, loras, said))
+        stack.enter_context(networks.applied_loras(self.bundle, loras, said))
         _add_new(self.warnings, said)
         self._stack, self._key = stack, key
         return True

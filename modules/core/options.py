@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from modules.fileio import atomic_write_text
+from modules.core.fileio import atomic_write_text
 
 log = logging.getLogger("webui.options")
 

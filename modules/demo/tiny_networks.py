@@ -36,7 +36,7 @@ def kohya_lora_state(components: dict, rank: int = LORA_RANK, seed: int = LORA_S
     modules by their original LDM names (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`)."""
     import torch
 
-    from modules.ldm_convert import unet_key_to_ldm
+    from modules.model_store.ldm_convert import unet_key_to_ldm
     g = torch.Generator("cpu").manual_seed(seed)
     state: dict = {}
     sdxl = "text_encoder_2" in components
@@ -64,8 +64,8 @@ def make_tiny_extra_networks(dir: str | Path, components: dict | None = None) ->
     """Write the tiny LoRA and embeddings under `dir` (kept when already written by this recipe version)."""
     import torch
 
-    from modules import tiny_models
-    from modules.fileio import atomic_open
+    from modules.demo import tiny_models
+    from modules.core.fileio import atomic_open
     root = Path(dir)
     paths = {
         TINY_LORA: root / LORA_SUBDIR / f"{TINY_LORA}.safetensors",

@@ -18,7 +18,7 @@ real CLIP tokenizer and vocabulary size, so prompts tokenize exactly as with rea
 Everything is seeded: the same torch version on the same machine writes byte-identical files, and a
 file already written by the same recipe version is left alone, so repeated calls are cheap.
 
-    python -m modules.tiny_models DIR [--full-size]
+    python -m modules.demo.tiny_models DIR [--full-size]
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from modules.fileio import atomic_folder, atomic_open
-from modules.paths import SD_CONFIGS_DIR
+from modules.core.fileio import atomic_folder, atomic_open
+from modules.core.paths import SD_CONFIGS_DIR
 
 log = logging.getLogger("webui.tiny_models")
 
@@ -145,7 +145,7 @@ def build_tiny_sd15(seed: int = TINY_SEED, in_channels: int = 4) -> dict[str, An
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from modules.clip_tokenizer import clip_tokenizer
+    from modules.prompting.clip_tokenizer import clip_tokenizer
 
     _seeded(seed)
     unet = UNet2DConditionModel(**{**TINY_UNET, "in_channels": in_channels})
@@ -169,7 +169,7 @@ def build_tiny_sdxl(seed: int = TINY_SDXL_SEED) -> dict[str, Any]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from modules.clip_tokenizer import clip_tokenizer
+    from modules.prompting.clip_tokenizer import clip_tokenizer
 
     _seeded(seed)
     unet = UNet2DConditionModel(**TINY_SDXL_UNET)
@@ -208,7 +208,7 @@ def diffusers_configs(components: dict[str, Any]) -> dict[str, dict]:
 
 def ldm_state_dict(components: dict[str, Any]) -> dict:
     """The components as one A1111 single-file state dict (SD1 layout, or SDXL's with text_encoder_2)."""
-    from modules.ldm_convert import diffusers_to_ldm
+    from modules.model_store.ldm_convert import diffusers_to_ldm
 
     unet, vae = components["unet"], components["vae"]
     te2 = components.get("text_encoder_2")
@@ -224,7 +224,7 @@ def ldm_state_dict(components: dict[str, Any]) -> dict:
 
 
 def _is_current(path: Path) -> bool:
-    from modules.sd_models import CheckpointError, read_safetensors_metadata
+    from modules.model_store.checkpoint_files import CheckpointError, read_safetensors_metadata
 
     if not path.is_file():
         return False
@@ -312,7 +312,7 @@ def write_full_size_sd15(path: Path, seed: int = FULL_SIZE_SEED) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from modules.ldm_convert import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+    from modules.model_store.ldm_convert import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
 
     config_dir = SD_CONFIGS_DIR / "sd1"
     state: dict[str, torch.Tensor] = {}
@@ -342,7 +342,7 @@ def write_tiny_vae(path: Path, seed: int = TINY_VAE_SEED) -> None:
     shape from the checkpoint it is used with, here any tiny SD1 model."""
     from diffusers import AutoencoderKL
 
-    from modules.ldm_convert import vae_to_ldm
+    from modules.model_store.ldm_convert import vae_to_ldm
 
     _seeded(seed)
     vae = AutoencoderKL(**TINY_VAE)
@@ -376,7 +376,7 @@ def make_tiny_models(dir: str | os.PathLike, full_size: bool = False) -> dict[st
     if full_size:
         paths[SD15_RANDOM] = root / f"{SD15_RANDOM}.safetensors"
 
-    from modules import console
+    from modules.core import console
     console.quiet_libraries()
     if not (_is_current(paths[TINY_SD15]) and _folder_is_current(paths[TINY_SD15_DIFFUSERS])):
         with _step("tiny-sd15 (single file and diffusers folder)", root):
@@ -405,18 +405,18 @@ def make_tiny_models(dir: str | os.PathLike, full_size: bool = False) -> dict[st
     from modules.captioning.tiny import make_tiny_captioners  # BLIP2/tiny-blip2, BLIP2/tiny-blip2-itm, BLIP/tiny-blip
     with _step("the tiny captioners (BLIP/tiny-blip, BLIP2/tiny-blip2, BLIP2/tiny-blip2-itm)", Path(dir), quiet=True):
         make_tiny_captioners(dir)
-    from modules.tiny_extra_networks import make_tiny_extra_networks  # Lora/tiny-lora, embeddings/tiny-emb*
+    from modules.demo.tiny_networks import make_tiny_extra_networks  # Lora/tiny-lora, embeddings/tiny-emb*
     with _step("the tiny LoRAs and embeddings", Path(dir), quiet=True):
         make_tiny_extra_networks(dir)
     return paths
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m modules.tiny_models", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m modules.demo.tiny_models", description=__doc__.split("\n")[0])
     parser.add_argument("dir", help="models folder to write into (checkpoints go to DIR/Stable-diffusion/)")
     parser.add_argument("--full-size", action="store_true", help="also write a random SD 1.5-sized fp16 file (~2 GB)")
     args = parser.parse_args(argv)
-    from modules import console
+    from modules.core import console
     console.setup_logging()
     start = time.perf_counter()
     paths = make_tiny_models(args.dir, full_size=args.full_size)

@@ -23,8 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modules.sd_models import (DIFFUSERS_CONFIGS_METADATA_KEY, CheckpointError, HashCache, ModelArch,
-                               _load_state_dict_and_extras, _materialized_config_dir, _sha256_of_file)
+from modules.model_store.checkpoint_files import DIFFUSERS_CONFIGS_METADATA_KEY, CheckpointError, ModelArch
+from modules.model_store.hashing import HashCache
+from modules.model_store.checkpoint_files import load_state_dict_and_extras
+from modules.model_store.hashing import sha256_of_file
+from modules.model_store.loading import materialized_config_dir
 
 if TYPE_CHECKING:
     import torch
@@ -65,7 +68,7 @@ class VaeInfo:
     def shorthash(self) -> str:
         """A1111's "VAE hash": the first 10 hex digits of the file's sha256 (a folder's: of its weights file)."""
         file = self.weights_file()
-        return self.hash_cache.autov2(file) if self.hash_cache is not None else _sha256_of_file(file)[:10]
+        return self.hash_cache.autov2(file) if self.hash_cache is not None else sha256_of_file(file)[:10]
 
     def key(self, dtype) -> str:
         return f"vae:{self.path}:{str(dtype).removeprefix('torch.')}"
@@ -154,11 +157,11 @@ def load_vae(info: VaeInfo, checkpoint_vae_config: Path, dtype: "torch.dtype"):
         if info.is_folder:
             vae = AutoencoderKL.from_pretrained(info.path, torch_dtype=dtype, local_files_only=True)
         else:
-            state_dict, extras = _load_state_dict_and_extras(info.path)
+            state_dict, extras = load_state_dict_and_extras(info.path)
             config_dir = checkpoint_vae_config
             configs = extras.get("metadata", {}).get(DIFFUSERS_CONFIGS_METADATA_KEY)
             if configs:
-                config_dir = _materialized_config_dir(configs, ModelArch("sd1", False, "epsilon"))
+                config_dir = materialized_config_dir(configs, ModelArch("sd1", False, "epsilon"))
             vae = _vae_from_state_dict(state_dict, config_dir, dtype)
     except CheckpointError:
         raise

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from modules import sd_models
+from modules.model_store import checkpoints, loading
 
 log = logging.getLogger("webui.pipelines")
 
@@ -22,7 +22,7 @@ class CheckpointBundle:
     so switching between tabs never copies weights.
     """
 
-    def __init__(self, loaded: "sd_models.LoadedCheckpoint"):
+    def __init__(self, loaded: "loading.LoadedCheckpoint"):
         self.info = loaded.info
         self.arch = loaded.arch
         self.config_dir = loaded.config_dir  # the diffusers configs it was built with (a VAE file's shape)
@@ -63,7 +63,7 @@ class CheckpointBundle:
         return self.components["unet"].device
 
 
-def checkpoint_key(info: "sd_models.CheckpointInfo", dtype: torch.dtype) -> str:
+def checkpoint_key(info: "checkpoints.CheckpointInfo", dtype: torch.dtype) -> str:
     return f"checkpoint:{info.filename}:{str(dtype).removeprefix('torch.')}"
 
 
@@ -72,7 +72,7 @@ def use_checkpoint(manager, info, *, dtype: torch.dtype, vae_dtype: torch.dtype 
                    attention: str = "sdpa") -> Iterator[CheckpointBundle]:
     """Lease a checkpoint from the manager (loading it on first use) for the duration of a job."""
     def load() -> CheckpointBundle:
-        loaded = sd_models.load_checkpoint(info, torch_dtype=dtype, vae_dtype=vae_dtype)
+        loaded = loading.load_checkpoint(info, torch_dtype=dtype, vae_dtype=vae_dtype)
         if attention == "xformers":
             loaded.components["unet"].enable_xformers_memory_efficient_attention()
             loaded.components["vae"].enable_xformers_memory_efficient_attention()
@@ -90,7 +90,7 @@ def use_vae(manager, bundle: CheckpointBundle, vae, *, dtype: torch.dtype,
     if vae is None:
         yield bundle
         return
-    from modules import sd_vae
+    from modules.model_store import sd_vae
 
     def load_vae():
         model = sd_vae.load_vae(vae, bundle.config_dir, dtype)

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
-from modules import devices
+from modules.core import devices
 
 logger = logging.getLogger("webui.models")
 

@@ -5,7 +5,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from modules import samplers
+from modules.core import samplers
 
 MIN_SIZE, MAX_SIZE = 64, 2048
 MAX_STEPS = 500

@@ -22,17 +22,24 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modules import extra_networks, img2img_images as pix, img2img_scripts, infotext as infotext_mod
-from modules import outputs, prompt_parser, prompts, samplers, sd_pipelines
-from modules.generation import (GenerationContext, GenerationResult, _network_params, _networks_applied,
+from modules import networks
+from modules.generation import images as pix
+from modules.generation import outpainting as img2img_scripts
+from modules.core import infotext as infotext_mod
+from modules.core import outputs
+from modules.prompting import prompt_parser
+from modules.prompting import prompts
+from modules.core import samplers
+from modules.model_store import sd_pipelines
+from modules.generation.txt2img import (GenerationContext, GenerationResult, _network_params, _networks_applied,
                                 _StepTracker, base_infotext_params, decode_latents, leased_checkpoint, sample_latents, sampler_params,
                                 vae_params,
                                 text_conditioner, make_noise, resolve_seeds, result_info,
                                 add_grid, save_sample, scheduler_order)
-from modules.img2img_params import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, Img2ImgRequest, validate_img2img
-from modules.generation_params import GenerationError
-from modules.jobs import Job, JobInterrupted, JobSkipped
-from modules.version import VERSION
+from modules.generation.img2img_params import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, Img2ImgRequest, validate_img2img
+from modules.generation.params import GenerationError
+from modules.core.jobs import Job, JobInterrupted, JobSkipped
+from modules.core.version import VERSION
 
 log = logging.getLogger("webui.img2img")
 
@@ -129,7 +136,7 @@ def run_img2img(ctx: GenerationContext, req: Img2ImgRequest, job: Job | None = N
 
     warnings: list[str] = [eta_choice.warning] if eta_choice.warning else []
     resolved = ctx.networks.resolve(prompt) if ctx.networks is not None else \
-        extra_networks.ResolvedNetworks(prompt=prompt_parser.parse_extra_networks(prompt)[0])
+        networks.ResolvedNetworks(prompt=prompt_parser.parse_extra_networks(prompt)[0])
     warnings.extend(resolved.warnings)
     images, infotexts, all_paths = [], [], []
     samples = [] if keep_samples else None

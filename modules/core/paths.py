@@ -3,5 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SD_CONFIGS_DIR = Path(__file__).resolve().parent / "sd_configs"
+MODULES_DIR = Path(__file__).resolve().parent.parent
+REPO_ROOT = MODULES_DIR.parent
+SD_CONFIGS_DIR = MODULES_DIR / "model_store" / "sd_configs"

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modules import paths
-from modules.options import Options, default_specs
+from modules.core import paths
+from modules.core.options import Options, default_specs
 
 log = logging.getLogger("webui")
 
@@ -59,14 +59,15 @@ class Webui:
     """The server's state, built once from the flags and handed to the API and UI builders."""
 
     def __init__(self, args):
-        from modules import sd_models, sd_vae
-        from modules.jobs import JobQueue
-        from modules.styles import StyleDatabase
+        from modules.model_store import sd_vae
+        from modules.model_store import checkpoints, hashing
+        from modules.core.jobs import JobQueue
+        from modules.prompting.styles import StyleDatabase
 
         self.args = args
         self.folders = Folders.from_args(args)
         self.folders.data_dir.mkdir(parents=True, exist_ok=True)
-        self.hash_cache = sd_models.HashCache(self.folders.cache_file)
+        self.hash_cache = hashing.HashCache(self.folders.cache_file)
         self.vaes = sd_vae.VaeRegistry(self.folders.vae_dir, self.hash_cache)
         self.vaes.refresh()
         specs = default_specs()
@@ -75,7 +76,7 @@ class Webui:
         self.options = Options(self.folders.config_file, specs, frozen=args.freeze_settings)
         if args.demo:
             self.folders.checkpoint_dirs.append(self.demo_models_dir() / "Stable-diffusion")
-        self.registry = sd_models.CheckpointRegistry(self.folders.checkpoint_dirs, self.folders.checkpoint_files,
+        self.registry = checkpoints.CheckpointRegistry(self.folders.checkpoint_dirs, self.folders.checkpoint_files,
                                                      self.hash_cache)
         self.registry.refresh()
         self.options.add_listener(self._on_options_changed)
@@ -97,8 +98,9 @@ class Webui:
             return self._runtime
 
     def _make_runtime(self) -> dict[str, Any]:
-        from modules import console, devices
-        from modules.model_manager import ModelManager
+        from modules.core import console
+        from modules.core import devices
+        from modules.model_store.model_manager import ModelManager
 
         console.quiet_libraries()
         args = self.args
@@ -137,10 +139,10 @@ class Webui:
 
     @property
     def extra_networks(self):
-        """LoRA files and textual inversion embeddings (modules/extra_networks.py), scanned on first use."""
+        """LoRA files and textual inversion embeddings (modules/networks/), scanned on first use."""
         if getattr(self, "_extra_networks", None) is None:
-            from modules import extra_networks
-            self._extra_networks = extra_networks.for_folders(self.folders, demo=self.args.demo)
+            from modules import networks
+            self._extra_networks = networks.for_folders(self.folders, demo=self.args.demo)
         return self._extra_networks
 
     def warm_up(self):
@@ -151,10 +153,11 @@ class Webui:
         """
         def run(job):
             self.runtime()
-            from modules import generation  # noqa: F401  (imports torch, diffusers and the pipelines)
+            from modules.generation import txt2img  # noqa: F401  (imports torch, diffusers and the pipelines)
             import diffusers
             diffusers.StableDiffusionPipeline, diffusers.AutoencoderKL  # resolve the lazy attributes now
-            from modules import clip_tokenizer, prompts
+            from modules.prompting import clip_tokenizer
+            from modules.prompting import prompts
             prompts.token_counts("warm up", clip_tokenizer.clip_tokenizer())  # the UI's token counter
 
         return self.queue.submit(run, kind="warm-up")
@@ -162,7 +165,7 @@ class Webui:
     # -- folders and settings ------------------------------------------------------------------------------
     def demo_models_dir(self) -> Path:
         """--demo: a tiny random-weight model set, made once under the data dir."""
-        from modules import tiny_models
+        from modules.demo import tiny_models
         root = self.folders.data_dir / "demo-models"
         marker = root / "Stable-diffusion" / "tiny-sd15.safetensors"
         if not marker.exists():
@@ -181,7 +184,7 @@ class Webui:
         if "queue_max_pending" in changed:
             self.queue.max_queued = changed["queue_max_pending"]
         if ("vram_budget_mb" in changed or "ram_budget_mb" in changed) and self._runtime is not None:
-            from modules import devices
+            from modules.core import devices
             vram, ram = devices.default_budgets(self.device)
             self.manager.set_budgets(self._budget("vram_budget_mb", vram), self._budget("ram_budget_mb", ram))
 
@@ -230,7 +233,7 @@ class Webui:
 
     # -- work ------------------------------------------------------------------------------------------------
     def generation_context(self):
-        from modules.generation import GenerationContext
+        from modules.generation.txt2img import GenerationContext
         rt = self.runtime()
         return GenerationContext(registry=self.registry, manager=rt["manager"], styles=self.styles,
                                  outputs_root=self.outputs_root(), dtype=rt["dtype"], vae_dtype=rt["vae_dtype"],
@@ -244,7 +247,7 @@ class Webui:
     def submit_txt2img(self, req, *, override_settings: dict | None = None, owner: str | None = None,
                        task_id: str | None = None):
         """Validate and queue a txt2img request; returns the Job at once (raises on bad input)."""
-        from modules import generation_params as generation
+        from modules.generation import params as generation
         req = generation.validate(req)
         self.styles.apply(req.prompt, req.negative_prompt, req.styles)  # unknown style names fail here, not later
         settings = self.settings_for_request(override_settings)
@@ -253,7 +256,7 @@ class Webui:
                 f"no checkpoint found: put a .safetensors file in {self.folders.checkpoint_dirs[0]} "
                 "(or start with --demo)")
         def run(job):
-            from modules.generation import run_txt2img
+            from modules.generation.txt2img import run_txt2img
             return run_txt2img(self.generation_context(), req, job, settings)
 
         return self.queue.submit(run, kind="txt2img", owner=owner, task_id=task_id)
@@ -261,8 +264,8 @@ class Webui:
     def submit_img2img(self, req, *, override_settings: dict | None = None, owner: str | None = None,
                        task_id: str | None = None):
         """Validate and queue an img2img/inpaint request (modules/img2img.py); returns the Job at once."""
-        from modules import generation_params
-        from modules.img2img_params import validate_img2img
+        from modules.generation import params as generation_params
+        from modules.generation.img2img_params import validate_img2img
         req = validate_img2img(req)
         self.styles.apply(req.prompt, req.negative_prompt, req.styles)
         settings = self.settings_for_request(override_settings)
@@ -272,21 +275,21 @@ class Webui:
                 "(or start with --demo)")
 
         def run(job):
-            from modules.img2img import run_img2img
+            from modules.generation.img2img import run_img2img
             return run_img2img(self.generation_context(), req, job, settings)
 
         return self.queue.submit(run, kind="img2img", owner=owner, task_id=task_id)
 
     def submit_img2img_batch(self, req, folders, *, owner: str | None = None):
         """Queue img2img's Batch mode (every image of `folders.input_dir` through `req`) as one job."""
-        from modules.img2img_params import validate_img2img
+        from modules.generation.img2img_params import validate_img2img
         folders.images()  # a folder without images is refused now, not in the queue
         probe = validate_img2img(dataclasses.replace(req, init_images=[_placeholder_image()]))
         self.styles.apply(probe.prompt, probe.negative_prompt, probe.styles)
         settings = self.settings_for_request(None)
 
         def run(job):
-            from modules.img2img import run_img2img_batch
+            from modules.generation.img2img import run_img2img_batch
             return run_img2img_batch(self.generation_context(), req, folders, job, settings)
 
         return self.queue.submit(run, kind="img2img", owner=owner)
@@ -304,7 +307,7 @@ class Webui:
                 pass
             return info
 
-        from modules import sd_pipelines
+        from modules.model_store import sd_pipelines
         return self.queue.submit(load, kind="load-checkpoint").wait(timeout)
 
     def unload_checkpoints(self) -> None:

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from modules import img2img_images as pix
-from modules.generation_params import MAX_SIZE, GenerationError
+from modules.generation import images as pix
+from modules.generation.params import MAX_SIZE, GenerationError
 
 POOR_MANS = "Poor man's outpainting"
 MK2 = "Outpainting mk2"

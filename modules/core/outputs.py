@@ -24,7 +24,7 @@ from typing import Sequence
 
 from PIL import ExifTags, Image, ImageColor, PngImagePlugin, UnidentifiedImageError
 
-from modules.infotext import encode_exif_user_comment
+from modules.core.infotext import encode_exif_user_comment
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from modules.generation_params import GenerationError, Txt2ImgRequest, validate as validate_txt2img
+from modules.generation.params import GenerationError, Txt2ImgRequest, validate as validate_txt2img
 
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
 MASK_MODES = ("Inpaint masked", "Inpaint not masked")
@@ -68,7 +68,7 @@ def validate_img2img(req: Img2ImgRequest) -> Img2ImgRequest:
     if not 0 <= req.initial_noise_multiplier <= 2:
         problems.append(f"initial_noise_multiplier must be between 0 and 2, got {req.initial_noise_multiplier}")
     if req.script_name not in (None, "", "None"):
-        from modules import img2img_scripts
+        from modules.generation import outpainting as img2img_scripts
         try:
             img2img_scripts.parse_args(req.script_name, req.script_args)
         except ValueError as e:
