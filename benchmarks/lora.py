@@ -33,23 +33,20 @@ def main() -> None:
     import torch
 
     from modules import networks
-    from modules.generation import txt2img as generation
+    from modules import generation
     from modules.model_store import sd_pipelines
     from modules.demo import tiny_models
-    from modules.model_store import checkpoints, hashing
-    from modules.model_store.model_manager import ModelManager
-    from modules.prompting.styles import StyleDatabase
     from modules.demo.tiny_networks import kohya_lora_state
 
     torch.set_num_threads(os.cpu_count() or 1)
     if not (args.models / "Stable-diffusion" / f"{tiny_models.SD15_RANDOM}.safetensors").exists():
         tiny_models.make_tiny_models(args.models, full_size=True)
     out = scratch("lora")
-    registry = checkpoints.CheckpointRegistry([args.models / "Stable-diffusion"], [],
-                                            hashing.HashCache(out / "cache.json"))
-    registry.refresh()
+    lora_dir = args.models / "Lora"  # beside the checkpoints (git-ignored), made once
+    ctx = generation.local_context([args.models / "Stable-diffusion"], out, lora_dirs=[lora_dir],
+                                   ram_budget=32 * 2**30)
+    registry, manager = ctx.registry, ctx.manager
     info = registry.find(tiny_models.SD15_RANDOM)
-    manager = ModelManager("cpu", 0, 32 * 2**30)
     lora_dir = args.models / "Lora"  # beside the checkpoints (git-ignored), made once
     with sd_pipelines.use_checkpoint(manager, info, dtype=torch.float32) as bundle:
         for i in range(3):
@@ -57,9 +54,8 @@ def main() -> None:
             if not path.exists():
                 state = kohya_lora_state(bundle.components, rank=args.rank, seed=100 + i, scale=0.01)
                 tiny_models._write_safetensors(path, state, {})
-    nets = networks.ExtraNetworks([lora_dir], [])
-    ctx = generation.GenerationContext(registry=registry, manager=manager, styles=StyleDatabase(out / "styles.csv"),
-                                       outputs_root=out, networks=nets)
+    nets = ctx.networks
+    nets.loras.refresh()  # the LoRA files were just written
     prompts = {
         "none": "a lighthouse at dusk",
         "1 LoRA": "a lighthouse at dusk <lora:bench-lora-0:0.8>",

@@ -25,19 +25,13 @@ def generation_speed(models: Path, rounds: int, steps: int, size: int) -> None:
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-    from modules.generation import txt2img as generation
+    from modules import generation
     from modules.model_store import sd_pipelines
-    from modules.model_store import checkpoints, hashing
-    from modules.model_store.model_manager import ModelManager
-    from modules.prompting.styles import StyleDatabase
 
     torch.set_num_threads(os.cpu_count() or 1)
     out = scratch("txt2img")
-    registry = checkpoints.CheckpointRegistry([models / "Stable-diffusion"], [], hashing.HashCache(out / "cache.json"))
-    registry.refresh()
-    manager = ModelManager("cpu", 0, 16 * 2**30)
-    ctx = generation.GenerationContext(registry=registry, manager=manager, styles=StyleDatabase(out / "styles.csv"),
-                                       outputs_root=out)
+    ctx = generation.local_context([models / "Stable-diffusion"], out, ram_budget=16 * 2**30)
+    registry, manager = ctx.registry, ctx.manager
     settings = {"sd_model_checkpoint": "sd15-random.safetensors", "live_previews_enable": False}
     info = registry.find("sd15-random.safetensors")
     t0 = time.perf_counter()

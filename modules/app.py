@@ -233,7 +233,7 @@ class Webui:
 
     # -- work ------------------------------------------------------------------------------------------------
     def generation_context(self):
-        from modules.generation.txt2img import GenerationContext
+        from modules.generation import GenerationContext
         rt = self.runtime()
         return GenerationContext(registry=self.registry, manager=rt["manager"], styles=self.styles,
                                  outputs_root=self.outputs_root(), dtype=rt["dtype"], vae_dtype=rt["vae_dtype"],
@@ -247,7 +247,7 @@ class Webui:
     def submit_txt2img(self, req, *, override_settings: dict | None = None, owner: str | None = None,
                        task_id: str | None = None):
         """Validate and queue a txt2img request; returns the Job at once (raises on bad input)."""
-        from modules.generation import params as generation
+        from modules import generation
         req = generation.validate(req)
         self.styles.apply(req.prompt, req.negative_prompt, req.styles)  # unknown style names fail here, not later
         settings = self.settings_for_request(override_settings)
@@ -256,7 +256,7 @@ class Webui:
                 f"no checkpoint found: put a .safetensors file in {self.folders.checkpoint_dirs[0]} "
                 "(or start with --demo)")
         def run(job):
-            from modules.generation.txt2img import run_txt2img
+            from modules.generation import run_txt2img
             return run_txt2img(self.generation_context(), req, job, settings)
 
         return self.queue.submit(run, kind="txt2img", owner=owner, task_id=task_id)
@@ -264,8 +264,8 @@ class Webui:
     def submit_img2img(self, req, *, override_settings: dict | None = None, owner: str | None = None,
                        task_id: str | None = None):
         """Validate and queue an img2img/inpaint request (modules/img2img.py); returns the Job at once."""
-        from modules.generation import params as generation_params
-        from modules.generation.img2img_params import validate_img2img
+        from modules import generation as generation_params
+        from modules.generation import validate_img2img
         req = validate_img2img(req)
         self.styles.apply(req.prompt, req.negative_prompt, req.styles)
         settings = self.settings_for_request(override_settings)
@@ -275,21 +275,21 @@ class Webui:
                 "(or start with --demo)")
 
         def run(job):
-            from modules.generation.img2img import run_img2img
+            from modules.generation import run_img2img
             return run_img2img(self.generation_context(), req, job, settings)
 
         return self.queue.submit(run, kind="img2img", owner=owner, task_id=task_id)
 
     def submit_img2img_batch(self, req, folders, *, owner: str | None = None):
         """Queue img2img's Batch mode (every image of `folders.input_dir` through `req`) as one job."""
-        from modules.generation.img2img_params import validate_img2img
+        from modules.generation import validate_img2img
         folders.images()  # a folder without images is refused now, not in the queue
         probe = validate_img2img(dataclasses.replace(req, init_images=[_placeholder_image()]))
         self.styles.apply(probe.prompt, probe.negative_prompt, probe.styles)
         settings = self.settings_for_request(None)
 
         def run(job):
-            from modules.generation.img2img import run_img2img_batch
+            from modules.generation import run_img2img_batch
             return run_img2img_batch(self.generation_context(), req, folders, job, settings)
 
         return self.queue.submit(run, kind="img2img", owner=owner)

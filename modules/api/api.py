@@ -99,7 +99,7 @@ def check_scripts(body) -> None:
 
 def check_api_limits(req, opts: dict[str, Any]) -> None:
     """The server's own limits for API requests (settings api_max_*; 0 = only the built-in limits)."""
-    from modules.generation import params as generation
+    from modules import generation
     from modules.generation import outpainting as img2img_scripts
     problems = []
     max_steps, max_size, max_images = opts["api_max_steps"], opts["api_max_size"], opts["api_max_images"]
@@ -150,7 +150,7 @@ def fields_with_infotext(body, model_cls, styles) -> tuple[dict[str, Any], dict[
 
 
 def build_router(webui, server_control: ServerControl | None = None) -> APIRouter:
-    from modules.generation import params as generation
+    from modules import generation
     from modules.core import infotext
     from modules.core import outputs
     from modules.core import samplers

@@ -18,7 +18,7 @@ RETRY_AFTER = {"Retry-After": "10"}
 
 def http_error(exc: BaseException) -> HTTPException | None:
     """The HTTP answer for a service's failure, by the exception's type; None for a server fault (a 500)."""
-    from modules.generation import params as generation_params
+    from modules import generation as generation_params
     from modules.core import jobs
     from modules.model_store import sd_vae
     from modules.prompting import styles

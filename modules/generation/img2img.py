@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
-import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,28 +19,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modules import networks
+from modules.core import outputs, samplers
+from modules.core.jobs import Job, JobInterrupted
 from modules.generation import images as pix
-from modules.generation import outpainting as img2img_scripts
-from modules.core import infotext as infotext_mod
-from modules.core import outputs
-from modules.prompting import prompt_parser
-from modules.prompting import prompts
-from modules.core import samplers
-from modules.model_store import sd_pipelines
-from modules.generation.txt2img import (GenerationContext, GenerationResult, _network_params, _networks_applied,
-                                _StepTracker, base_infotext_params, decode_latents, leased_checkpoint, sample_latents, sampler_params,
-                                vae_params,
-                                text_conditioner, make_noise, resolve_seeds, result_info,
-                                add_grid, save_sample, scheduler_order)
-from modules.generation.img2img_params import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, Img2ImgRequest, validate_img2img
+from modules.generation import outpainting
+from modules.generation.img2img_params import (INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, RESIZE_MODES,
+                                               Img2ImgRequest, validate_img2img)
+from modules.generation.leases import add_new, networks_applied, resolve_networks
 from modules.generation.params import GenerationError
-from modules.core.jobs import Job, JobInterrupted, JobSkipped
-from modules.core.version import VERSION
-
-log = logging.getLogger("webui.img2img")
-
-__all__ = ["Img2ImgRequest", "validate_img2img", "run_img2img", "Prepared", "prepare_images"]
+from modules.generation.processing import (GenerationContext, GenerationResult, Processing, base_infotext_params,
+                                           common_params, network_params, process_images, sampler_params,
+                                           vae_params)
+from modules.generation.sampling import StepTracker, make_noise, sample_latents, scheduler_order, text_conditioner
+from modules.model_store import sd_pipelines
+from modules.prompting import prompts
 
 
 @dataclass
@@ -115,112 +104,100 @@ def _noise_substituted(scheduler, noise: torch.Tensor | None):
         del scheduler.add_noise
 
 
-def run_img2img(ctx: GenerationContext, req: Img2ImgRequest, job: Job | None = None,
-                settings: dict | None = None, *, keep_samples: bool = False) -> GenerationResult:
-    """Run every image of a validated img2img request on the current thread (the job worker). With
-    `keep_samples` the result holds the decoded float images too (before any inpainting composite)."""
-    settings = settings or {}
-    req = img2img_scripts.apply(req)
-    prompt, negative = ctx.styles.apply(req.prompt, req.negative_prompt, req.styles)
-    seeds, subseeds, seed, subseed = resolve_seeds(req)
-    clip_skip = int(settings.get("CLIP_stop_at_last_layers", 1))
-    ensd = int(settings.get("eta_noise_seed_delta", 0))
-    multiplier = req.initial_noise_multiplier if req.initial_noise_multiplier is not None else \
-        float(settings.get("initial_noise_multiplier", 1.0))
-    preview_every = int(settings.get("show_progress_every_n_steps", 0)) if settings.get("live_previews_enable", True) else 0
-    if job is not None:
-        job.preview_every = preview_every
-    run_steps = min(int(req.steps * req.denoising_strength), req.steps)
-    eta_choice = samplers.resolve_eta(req.sampler_name, req.eta, settings)
-    prepared = prepare_images(req)
+class Img2ImgProcessing(Processing):
+    """An img2img / inpaint request (A1111's StableDiffusionProcessingImg2Img): `init_images`, `mask` and the
+    inpaint options; each batch starts from the prepared init images and is pasted back over the original."""
 
-    warnings: list[str] = [eta_choice.warning] if eta_choice.warning else []
-    resolved = ctx.networks.resolve(prompt) if ctx.networks is not None else \
-        networks.ResolvedNetworks(prompt=prompt_parser.parse_extra_networks(prompt)[0])
-    warnings.extend(resolved.warnings)
-    images, infotexts, all_paths = [], [], []
-    samples = [] if keep_samples else None
-    today = datetime.date.today()
-    with leased_checkpoint(ctx, settings, warnings) as bundle, \
-            _networks_applied(ctx, bundle, resolved, warnings) as applied:
-        info, family = bundle.info, bundle.arch.family
-        conditioner = text_conditioner(ctx, bundle, settings, clip_skip)
-        order = scheduler_order(samplers.make_scheduler(req.sampler_name, req.scheduler, bundle.scheduler_config))
-        conditioning = prompts.build_conditioning(conditioner, resolved.prompt, negative, max(run_steps, 1) * order,
-                                                  use_old_scheduling=bool(settings.get("use_old_scheduling", False)))
-        network_params = _network_params(applied, prompts.embeddings_in([resolved.prompt, negative],
-                                                                         conditioner.used_embeddings))
-        inpainting_model = bundle.arch.inpainting
-        has_mask = req.mask is not None
-        kind = "inpaint" if (has_mask or inpainting_model) else "img2img"
+    kind = "img2img"
+
+    def __init__(self, ctx: GenerationContext, req: Img2ImgRequest, job: Job | None = None,
+                 settings: dict | None = None, **kw):
+        super().__init__(ctx, req, job, settings, **kw)
+        self.multiplier = req.initial_noise_multiplier if req.initial_noise_multiplier is not None else \
+            float(self.settings.get("initial_noise_multiplier", 1.0))
+
+    def setup(self, stack: contextlib.ExitStack, bundle) -> None:
+        req, ctx = self.request, self.ctx  # the request as the `process` hooks left it (outpainting grows it)
+        self.init_images, self.mask = req.init_images, req.mask
+        self.run_steps = min(int(self.steps * self.denoising_strength), self.steps)
+        self.prepared = prepare_images(req)
+        resolved = resolve_networks(ctx, self.prompt)
+        add_new(self.warnings, resolved.warnings)
+        applied = stack.enter_context(networks_applied(ctx, bundle, resolved, self.warnings))
+        self.conditioner = conditioner = text_conditioner(ctx, bundle, self.settings, self.clip_skip)
+        order = scheduler_order(samplers.make_scheduler(self.sampler_name, self.scheduler, bundle.scheduler_config))
+        self.conditioning_steps = max(self.run_steps, 1) * order
+        self.old_scheduling = bool(self.settings.get("use_old_scheduling", False))
+        self.first_prompt = resolved.prompt
+        self.conditioning_for(self.prompt, self.negative_prompt)
+        self.network_params = network_params(applied, prompts.embeddings_in(
+            [resolved.prompt, self.negative_prompt], conditioner.used_embeddings))
+        self.pass_kind = "inpaint" if (req.mask is not None or bundle.arch.inpainting) else "img2img"
         vae_scale = 2 ** (len(bundle.components["vae"].config.block_out_channels) - 1)
-        latent_channels = bundle.components["vae"].config.latent_channels
-        shape = (latent_channels, req.height // vae_scale, req.width // vae_scale)
-        pipe = sd_pipelines.make_pipeline(bundle, kind, samplers.make_scheduler(
-            req.sampler_name, req.scheduler, bundle.scheduler_config), offload=ctx.offload,
+        self.shape = (bundle.components["vae"].config.latent_channels, self.height // vae_scale,
+                      self.width // vae_scale)
+        self.pipe = sd_pipelines.make_pipeline(bundle, self.pass_kind, samplers.make_scheduler(
+            self.sampler_name, self.scheduler, bundle.scheduler_config), offload=ctx.offload,
             offload_device=ctx.offload_device)
-        for it in range(req.n_iter):
-            if job is not None:
-                job.begin_iteration(it, req.n_iter)
-            lo, hi = it * req.batch_size, (it + 1) * req.batch_size
-            it_seeds, it_subseeds = seeds[lo:hi], subseeds[lo:hi]
-            batch = [prepared[(lo + j) % len(prepared)] for j in range(len(it_seeds))]
-            stopped = None
-            if run_steps < 1:  # nothing to denoise: the (prepared) init images are the result
-                latents = None
-                batch_images = [p.work for p in batch]
-            else:
-                pipe.scheduler = samplers.make_scheduler(req.sampler_name, req.scheduler, bundle.scheduler_config,
-                                                         eta=eta_choice.eta)
-                tracker = _StepTracker(job, run_steps, family, preview_every)
-                noise, _ = make_noise(it_seeds, it_subseeds, req.subseed_strength, shape, 0)
-                # fresh generators: the pipeline draws exactly what a plain diffusers call with these seeds does
-                generators = [torch.Generator("cpu").manual_seed(s + ensd) for s in it_seeds]
-                kw, own_noise = _pass_inputs(pipe, req, batch, kind, noise, inpainting_model)
-                if own_noise or req.subseed_strength > 0 or multiplier != 1 or ensd:
-                    substitute = noise * multiplier
-                    if kind == "inpaint" and req.denoising_strength >= 1:
-                        kw["latents"] = substitute  # at full strength the inpaint pipeline starts from these
-                else:
-                    substitute = None
-                try:
-                    with _noise_substituted(pipe.scheduler, substitute):
-                        latents = sample_latents(pipe, conditioning=conditioning, sdxl=family == "sdxl",
-                                                 steps=req.steps, cfg=req.cfg_scale, generators=generators,
-                                                 eta=eta_choice.eta, tracker=tracker, strength=req.denoising_strength, **kw)
-                except (JobInterrupted, JobSkipped) as e:
-                    stopped = e
-                    latents = tracker.latents
-                    if latents is None:
-                        if isinstance(e, JobInterrupted):
-                            break
-                        continue
-                batch_images = decode_latents(pipe, latents, samples)
-            for j, image in enumerate(batch_images):
-                p = batch[j]
-                if p.original is not None:
-                    image = pix.composite(image, p.original, p.alpha, p.paste_box)
-                params = _infotext_params(req, bundle.info, it_seeds[j], it_subseeds[j], clip_skip, has_mask)
-                params.update(network_params)
-                params.update(sampler_params(req.sampler_name, eta_choice, ensd))
-                params.update(vae_params(bundle))
-                text = infotext_mod.create_infotext(prompt, negative, params)
-                images.append(image)
-                infotexts.append(text)
-                save_sample(ctx, settings, req, "img2img-images", today, image, it_seeds[j], prompt, text, all_paths)
-            if isinstance(stopped, JobInterrupted):
-                break
 
-    grid_count = add_grid(ctx, settings, req, "img2img-grids", today, images, infotexts, seeds[0], prompt, all_paths)
+    def sample(self, batch_number: int, seeds: list[int], subseeds: list[int]):
+        lo = batch_number * self.batch_size
+        self.batch = [self.prepared[(lo + j) % len(self.prepared)] for j in range(len(seeds))]
+        if self.run_steps < 1:  # nothing to denoise: the (prepared) init images are the result
+            return [p.work for p in self.batch]
+        req, pipe, bundle = self.request, self.pipe, self.bundle
+        pipe.scheduler = samplers.make_scheduler(self.sampler_name, self.scheduler, bundle.scheduler_config,
+                                                 eta=self.eta.eta)
+        self.tracker = StepTracker(self.job, self.run_steps, bundle.arch.family, self.preview_every)
+        noise, _ = make_noise(seeds, subseeds, self.subseed_strength, self.shape, 0)
+        # fresh generators: the pipeline draws exactly what a plain diffusers call with these seeds does
+        generators = [torch.Generator("cpu").manual_seed(s + self.ensd) for s in seeds]
+        kw, own_noise = _pass_inputs(pipe, req, self.batch, self.pass_kind, noise, bundle.arch.inpainting)
+        substitute = None
+        if own_noise or self.subseed_strength > 0 or self.multiplier != 1 or self.ensd:
+            substitute = noise * self.multiplier
+            if self.pass_kind == "inpaint" and self.denoising_strength >= 1:
+                kw["latents"] = substitute  # at full strength the inpaint pipeline starts from these
+        with _noise_substituted(pipe.scheduler, substitute):
+            return sample_latents(pipe, conditioning=self.batch_conditioning(batch_number), sdxl=bundle.arch.family == "sdxl",
+                                  steps=self.steps, cfg=self.cfg_scale, generators=generators, eta=self.eta.eta,
+                                  tracker=self.tracker, strength=self.denoising_strength, **kw)
 
-    extra = dict(_mask_params(req) if req.mask is not None else {}, **network_params)
-    info_dict = result_info(req, info, job, prompt=prompt, negative=negative, seeds=(seed, seeds, subseed, subseeds),
-                            infotexts=infotexts, grid_count=grid_count, clip_skip=clip_skip,
-                            inpainting_model=inpainting_model, warnings=warnings, extra=extra,
-                            denoising_strength=req.denoising_strength, vae=vae_params(bundle))
-    info_dict["script_name"] = req.script_name or None
-    return GenerationResult(images=images, infotexts=infotexts, info=info_dict, paths=all_paths,
-                            grid_count=grid_count, samples=samples)
+    def finish_image(self, batch_index: int, image):
+        p = self.batch[batch_index]
+        return pix.composite(image, p.original, p.alpha, p.paste_box) if p.original is not None else image
+
+    def image_params(self, index: int) -> dict[str, Any]:
+        req = self.request
+        params = base_infotext_params(self, index, self.denoising_strength)
+        if req.resize_mode:
+            params["Resize mode"] = RESIZE_MODES[req.resize_mode]
+        if req.mask is not None:
+            params.update(_mask_params(req))
+        if req.initial_noise_multiplier not in (None, 1, 1.0):
+            params["Noise multiplier"] = req.initial_noise_multiplier
+        params.update(self.network_params)
+        params.update(sampler_params(self.sampler_name, self.eta, self.ensd))
+        params.update(vae_params(self.bundle))
+        params.update(common_params(self))
+        return params
+
+    def info_params(self) -> dict[str, Any]:
+        mask = _mask_params(self.request) if self.request.mask is not None else {}
+        return {**mask, **getattr(self, "network_params", {})}
+
+    def info(self, grid_count: int) -> dict:
+        return dict(super().info(grid_count), script_name=self.request.script_name or None)
+
+
+def run_img2img(ctx: GenerationContext, req: Img2ImgRequest, job: Job | None = None,
+                settings: dict | None = None, *, keep_samples: bool = False,
+                scripts: list | None = None) -> GenerationResult:
+    """Run every image of a validated img2img request on the current thread (the job worker). With
+    `keep_samples` the result holds the decoded float images too (before any inpainting composite). The
+    outpainting script the request names runs as a hook, before any of `scripts`."""
+    scripts = outpainting.scripts_for(req) + list(scripts or [])
+    return process_images(Img2ImgProcessing(ctx, req, job, settings, keep_samples=keep_samples, scripts=scripts))
 
 
 def _pass_inputs(pipe, req: Img2ImgRequest, batch: list[Prepared], kind: str, noise: torch.Tensor,
@@ -281,25 +258,6 @@ def _mask_params(req: Img2ImgRequest) -> dict[str, Any]:
     })
     return {k: v for k, v in params.items() if v is not None}
 
-
-def _infotext_params(req: Img2ImgRequest, info, seed, subseed, clip_skip, has_mask) -> dict:
-    params = base_infotext_params(req, info, seed, subseed, clip_skip, req.denoising_strength)
-    if req.resize_mode:
-        params["Resize mode"] = ("Just resize", "Crop and resize", "Resize and fill",
-                                 "Just resize (latent upscale)")[req.resize_mode]
-    if has_mask:
-        params.update(_mask_params(req))
-    if req.initial_noise_multiplier not in (None, 1, 1.0):
-        params["Noise multiplier"] = req.initial_noise_multiplier
-    if req.script_name:
-        params.update(img2img_scripts.infotext_params(req))
-    if req.styles:
-        params["Styles array"] = json.dumps(list(req.styles))
-    params["Version"] = VERSION
-    return params
-
-
-# ----------------------------------------------------------------------------------------------------- batch
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 

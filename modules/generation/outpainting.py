@@ -164,3 +164,18 @@ def infotext_params(req) -> dict[str, Any]:
     a = parse_args(req.script_name, req.script_args)
     return {"Script": a["title"], "Outpainting pixels": a["pixels"],
             "Outpainting direction": " ".join(a["direction"])} if a else {}
+
+
+class OutpaintingScript:
+    """The two outpainting scripts as a client of the processing loop's hooks: at `process` the request becomes
+    the inpaint request on the grown canvas (size, init images, mask), and the infotext names the script."""
+
+    def process(self, p) -> None:
+        p.request = apply(p.request)
+        p.width, p.height = p.request.width, p.request.height
+        p.extra_generation_params.update(infotext_params(p.request))
+
+
+def scripts_for(req) -> list:
+    """The hook objects an img2img request's `script_name` asks for (none, or one outpainting script)."""
+    return [OutpaintingScript()] if find(req.script_name) else []

@@ -311,7 +311,7 @@ def create_tab(webui) -> Img2ImgTab:
             inpainting_mask_invert=int(v["mask_mode"] or 0), script_name=script_name, script_args=script_args)
 
     def run(request: gr.Request, *values):
-        from modules.generation.img2img import BatchFolders
+        from modules.generation import BatchFolders
         from modules.ui.extra_networks import warnings_html
         v = dict(zip(names, values))
         owner = common.owner_of(request)

@@ -37,7 +37,7 @@ def batch_controls(tab: str):
 
 def create_tab(webui) -> Txt2ImgTab:
     """The contents of the txt2img tab (built inside its gr.Tab)."""
-    from modules.generation import params as generation
+    from modules import generation
 
     tools = common.prompt_tools(webui, "txt2img")
     with gr.Row():

@@ -7,10 +7,7 @@ import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, StableDiffusionPipeline)
 
-from modules.generation import txt2img as generation
-from modules.model_store import checkpoints, hashing
-from modules.model_store.model_manager import ModelManager
-from modules.prompting.styles import StyleDatabase
+from modules import generation
 from tests.images import assert_float_images_close, assert_pixels_close, mean_abs_difference
 
 # A1111's sampler -> diffusers scheduler, written out here independently of modules/core/samplers.py.
@@ -24,13 +21,7 @@ PLAIN_SCHEDULERS = {
 
 @pytest.fixture(scope="module")
 def context(tiny_models, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fidelity-out")
-    cache = hashing.HashCache(out / "cache.json")
-    registry = checkpoints.CheckpointRegistry([tiny_models / "Stable-diffusion"], [], cache)
-    registry.refresh()
-    manager = ModelManager("cpu", 0, 8 * 2**30)
-    return generation.GenerationContext(registry=registry, manager=manager, styles=StyleDatabase(out / "styles.csv"),
-                                        outputs_root=out / "outputs")
+    return generation.local_context([tiny_models / "Stable-diffusion"], tmp_path_factory.mktemp("fidelity-out"))
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +114,7 @@ def test_hires_pass_runs_exactly_the_hires_steps(context, monkeypatch, hr_steps,
         if not handles:  # every pipeline shares the checkpoint's one UNet: hook it once
             handles.append(pipe.unet.register_forward_hook(lambda *_: calls.append(1)))
         return pipe
-    monkeypatch.setattr(generation.sd_pipelines, "make_pipeline", counting)
+    monkeypatch.setattr(sd_pipelines, "make_pipeline", counting)
     req = generation.validate(generation.Txt2ImgRequest(
         prompt="a cat", steps=3, width=64, height=64, seed=2, save_images=False, enable_hr=True, hr_scale=1.5,
         denoising_strength=denoise, hr_second_pass_steps=hr_steps))

@@ -12,13 +12,10 @@ import torch
 from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
 from PIL import Image
 
-from modules.generation import txt2img as generation
+from modules import generation
 from modules.generation import img2img
 from modules.generation import images as img2img_images
-from modules.model_store import checkpoints, hashing
 from modules.generation.img2img_params import Img2ImgRequest, validate_img2img
-from modules.model_store.model_manager import ModelManager
-from modules.prompting.styles import StyleDatabase
 from tests.images import assert_float_images_close, assert_pixels_close
 
 SMALL = {"width": 64, "height": 64, "steps": 4, "seed": 7, "sampler_name": "Euler", "prompt": "a red house"}
@@ -74,11 +71,7 @@ def post(api, **fields):
 
 @pytest.fixture(scope="module")
 def context(tiny_models, tmp_path_factory):
-    out = tmp_path_factory.mktemp("img2img-out")
-    registry = checkpoints.CheckpointRegistry([tiny_models / "Stable-diffusion"], [], hashing.HashCache(out / "c.json"))
-    registry.refresh()
-    return generation.GenerationContext(registry=registry, manager=ModelManager("cpu", 0, 8 * 2**30),
-                                        styles=StyleDatabase(out / "styles.csv"), outputs_root=out / "outputs")
+    return generation.local_context([tiny_models / "Stable-diffusion"], tmp_path_factory.mktemp("img2img-out"))
 
 
 @pytest.mark.parametrize("sampler, make", [

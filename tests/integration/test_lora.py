@@ -12,10 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modules import networks
-from modules.generation import txt2img as generation
-from modules.model_store import checkpoints, hashing
-from modules.model_store.model_manager import ModelManager
-from modules.prompting.styles import StyleDatabase
+from modules import generation
 from tests.images import assert_pixels_close
 
 
@@ -88,12 +85,8 @@ def base(context):
 
 @pytest.fixture(scope="module")
 def context(tiny_models, folders, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lora-out")
-    registry = checkpoints.CheckpointRegistry([tiny_models / "Stable-diffusion"], [], hashing.HashCache(out / "c.json"))
-    registry.refresh()
-    nets = networks.ExtraNetworks([folders / "Lora"], [tiny_models / "embeddings"])
-    return generation.GenerationContext(registry=registry, manager=ModelManager("cpu", 0, 8 * 2**30),
-                                        styles=StyleDatabase(out / "styles.csv"), outputs_root=out, networks=nets)
+    return generation.local_context([tiny_models / "Stable-diffusion"], tmp_path_factory.mktemp("lora-out"),
+                                    lora_dirs=[folders / "Lora"], embedding_dirs=[tiny_models / "embeddings"])
 
 
 def run(context, prompt, negative_prompt="blurry", **fields):
@@ -121,12 +114,13 @@ def hires_base(context):
 def first_passes(monkeypatch):
     """The latents each hires pass starts from (the first pass's result), in order."""
     seen = []
-    hires_pass = generation._hires_pass
+    from modules.generation import hires
+    hires_pass = hires.hires_pass
 
     def spy(ctx, bundle, req, latents, *rest):
         seen.append(latents.clone())
         return hires_pass(ctx, bundle, req, latents, *rest)
-    monkeypatch.setattr(generation, "_hires_pass", spy)
+    monkeypatch.setattr(hires, "hires_pass", spy)
     return seen
 
 
@@ -306,8 +300,9 @@ def test_hires_prompt_loras_apply_to_the_hires_pass(context, hires_base, monkeyp
     assert np.abs(unet_only - hires_base).mean() > 1
     # ... and its text encoder part, which encodes the hires prompt but not the first pass's
     encoded = []
-    build = generation.prompts.build_conditioning
-    monkeypatch.setattr(generation.prompts, "build_conditioning",
+    from modules.prompting import prompts
+    build = prompts.build_conditioning
+    monkeypatch.setattr(prompts, "build_conditioning",
                         lambda *a, **kw: encoded.append(build(*a, **kw)) or encoded[-1])
     hires(context, "a cat", "a cat")
     hires(context, "a cat", "a cat <lora:tiny-lora:1:0>")

@@ -11,10 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from modules import networks
-from modules.generation import txt2img as generation
-from modules.model_store import checkpoints, hashing, loading
-from modules.model_store.model_manager import ModelManager
-from modules.prompting.styles import StyleDatabase
+from modules import generation
+from modules.model_store import checkpoints, loading
 from tests.images import assert_pixels_close
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -133,12 +131,7 @@ def test_lyco_tag_in_txt2img(checkpoint, tiny_models, tmp_path):
     lora_dir = tmp_path / "Lora"
     lora_dir.mkdir()
     save_file({k: v * 3 for k, v in lyco.items()}, str(lora_dir / "tiny-loha.safetensors"))
-    registry = checkpoints.CheckpointRegistry([tiny_models / "Stable-diffusion"], [],
-                                            hashing.HashCache(tmp_path / "c.json"))
-    registry.refresh()
-    ctx = generation.GenerationContext(registry=registry, manager=ModelManager("cpu", 0, 8 * 2**30),
-                                       styles=StyleDatabase(tmp_path / "styles.csv"), outputs_root=tmp_path,
-                                       networks=networks.ExtraNetworks([lora_dir], []))
+    ctx = generation.local_context([tiny_models / "Stable-diffusion"], tmp_path, lora_dirs=[lora_dir])
 
     def run(prompt):
         req = generation.validate(generation.Txt2ImgRequest(prompt=prompt, steps=4, width=64, height=64, seed=4,
@@ -164,11 +157,7 @@ def test_unreadable_kinds_in_a_lora_file_are_named_in_a_warning(checkpoint, tiny
     lora_dir = tmp_path / "Lora"
     lora_dir.mkdir()
     save_file(state, str(lora_dir / "mixed.safetensors"))
-    registry = checkpoints.CheckpointRegistry([tiny_models / "Stable-diffusion"], [], None)
-    registry.refresh()
-    ctx = generation.GenerationContext(registry=registry, manager=ModelManager("cpu", 0, 8 * 2**30),
-                                       styles=StyleDatabase(tmp_path / "styles.csv"), outputs_root=tmp_path,
-                                       networks=networks.ExtraNetworks([lora_dir], []))
+    ctx = generation.local_context([tiny_models / "Stable-diffusion"], tmp_path, lora_dirs=[lora_dir])
     req = generation.validate(generation.Txt2ImgRequest(prompt="a cat <lora:mixed:1>", steps=2, width=64,
                                                         height=64, seed=4, save_images=False))
     res = generation.run_txt2img(ctx, req, None, {"sd_model_checkpoint": "tiny-sd15", "return_grid": False})

@@ -7,12 +7,10 @@ import pytest
 import torch
 from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-from modules.generation import txt2img as generation
+from modules import generation
 from modules.prompting import prompts
 from modules.model_store import sd_pipelines
-from modules.model_store import checkpoint_files, checkpoints, hashing, loading
-from modules.model_store.model_manager import ModelManager
-from modules.prompting.styles import StyleDatabase
+from modules.model_store import checkpoint_files, loading
 from tests.images import assert_float_images_close, assert_pixels_close
 
 PLAIN_SCHEDULERS = {
@@ -23,12 +21,7 @@ PLAIN_SCHEDULERS = {
 
 @pytest.fixture(scope="module")
 def context(tiny_models, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sdxl-out")
-    registry = checkpoints.CheckpointRegistry([tiny_models / "Stable-diffusion"], [],
-                                            hashing.HashCache(out / "cache.json"))
-    registry.refresh()
-    return generation.GenerationContext(registry=registry, manager=ModelManager("cpu", 0, 8 * 2**30),
-                                        styles=StyleDatabase(out / "styles.csv"), outputs_root=out / "outputs")
+    return generation.local_context([tiny_models / "Stable-diffusion"], tmp_path_factory.mktemp("sdxl-out"))
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline
 
-from modules.generation import txt2img as generation
+from modules import generation
 from modules.model_store import sd_vae
-from modules.model_store import checkpoint_files, checkpoints, hashing, loading
-from modules.model_store.model_manager import ModelManager
-from modules.prompting.styles import StyleDatabase
+from modules.model_store import checkpoint_files, loading
 from tests.images import assert_float_images_close, assert_pixels_close, mean_abs_difference
 
 
@@ -35,15 +33,8 @@ def vae_models(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def context(vae_models, tmp_path_factory):
-    out = tmp_path_factory.mktemp("vae-out")
-    cache = hashing.HashCache(out / "cache.json")
-    registry = checkpoints.CheckpointRegistry([vae_models / "Stable-diffusion"], [], cache)
-    registry.refresh()
-    vaes = sd_vae.VaeRegistry(vae_models / "VAE", cache)
-    vaes.refresh()
-    return generation.GenerationContext(registry=registry, manager=ModelManager("cpu", 0, 8 * 2**30),
-                                        styles=StyleDatabase(out / "styles.csv"), outputs_root=out / "outputs",
-                                        vaes=vaes)
+    return generation.local_context([vae_models / "Stable-diffusion"], tmp_path_factory.mktemp("vae-out"),
+                                    vae_dir=vae_models / "VAE")
 
 
 def run(context, vae, **kw):
