@@ -27,8 +27,10 @@ def create_app(args):
     from fastapi import FastAPI
 
     from modules.api import auth as api_auth
-    from modules.api.api import ServerControl, build_internal_router, build_router, install_error_handlers
+    from modules.api import include_routers
+    from modules.api.errors import install_error_handlers
     from modules.api.middleware import install_edge_middleware
+    from modules.api.server import ServerControl
     from modules.app import Webui
     from modules.core.version import VERSION
 
@@ -43,13 +45,7 @@ def create_app(args):
     authenticator = api_auth.Authenticator(api_credentials, gradio_credentials)
     server_control = ServerControl()
     app.state.server_control = server_control
-    app.include_router(build_internal_router(webui))
-    if args.api:
-        app.include_router(build_router(webui, server_control))
-        from modules.api.captioning_api import build_captioning_router
-        app.include_router(build_captioning_router(webui))
-        from modules.api.extra_networks_api import build_extra_networks_router
-        app.include_router(build_extra_networks_router(webui))
+    include_routers(app, webui, server_control, api=args.api)
     install_edge_middleware(app, authenticator=authenticator, api_log=args.api_log,
                             cors_origins=args.cors_allow_origins,
                             max_request_bytes=lambda: webui.options.get("api_max_request_mb") * 2**20)

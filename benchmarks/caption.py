@@ -21,7 +21,12 @@ from common import scratch  # noqa: E402  (sys.path, offline settings, git-ignor
 def write_medium_blip2(folder: Path) -> None:
     """A bigger random BLIP-2 (224 px images, 32 query tokens, a 6-layer 512-wide OPT): generation dominates."""
     import torch
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessor,
+    )
 
     from modules.captioning import tiny
 
@@ -54,11 +59,22 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from modules.core import devices
-    from modules.captioning import VQA_SETTINGS, CaptionerRegistry, CaptionRequest, CaptionSettings, VqaRequest
+    from modules.captioning import (
+        VQA_SETTINGS,
+        CaptionerRegistry,
+        CaptionRequest,
+        CaptionSettings,
+        VqaRequest,
+    )
     from modules.captioning.models import use_captioner
-    from modules.captioning.service import CaptionContext, run_caption, run_vqa, vqa_prompt
+    from modules.captioning.service import (
+        CaptionContext,
+        run_caption,
+        run_vqa,
+        vqa_prompt,
+    )
     from modules.captioning.tiny import make_tiny_captioners
+    from modules.core import devices
     from modules.model_store.model_manager import ModelManager
 
     tmp = scratch("caption")

@@ -32,11 +32,10 @@ def main() -> None:
 
     import torch
 
-    from modules import networks
-    from modules import generation
-    from modules.model_store import sd_pipelines
+    from modules import generation, networks
     from modules.demo import tiny_models
     from modules.demo.tiny_networks import kohya_lora_state
+    from modules.model_store import sd_pipelines
 
     torch.set_num_threads(os.cpu_count() or 1)
     if not (args.models / "Stable-diffusion" / f"{tiny_models.SD15_RANDOM}.safetensors").exists():

@@ -7,9 +7,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modules.core import paths
+
+if TYPE_CHECKING:
+    import torch
+
+    from modules.model_store.model_manager import ModelManager
 from modules.core.options import Options, default_specs
 
 log = logging.getLogger("webui")
@@ -19,6 +24,17 @@ def _placeholder_image():
     """A 1x1 image standing in for a batch's init images when its request is checked before the job runs."""
     from PIL import Image
     return Image.new("RGB", (1, 1))
+
+
+@dataclass
+class Runtime:
+    """The torch side of the server, made on first use (so the server answers before torch is imported)."""
+    device: "torch.device"
+    dtype: "torch.dtype"
+    vae_dtype: "torch.dtype"
+    attention: str  # "sdpa" | "xformers"
+    offload: str | None  # None | "model" | "sequential" (--medvram / --lowvram, CUDA only)
+    manager: "ModelManager"
 
 
 @dataclass
@@ -59,9 +75,8 @@ class Webui:
     """The server's state, built once from the flags and handed to the API and UI builders."""
 
     def __init__(self, args):
-        from modules.model_store import sd_vae
-        from modules.model_store import checkpoints, hashing
         from modules.core.jobs import JobQueue
+        from modules.model_store import checkpoints, hashing, sd_vae
         from modules.prompting.styles import StyleDatabase
 
         self.args = args
@@ -88,18 +103,17 @@ class Webui:
                 self.options.update({"sd_model_checkpoint": info.name})
         self._ensure_current_checkpoint()
         self._runtime_lock = threading.Lock()
-        self._runtime: dict[str, Any] | None = None
+        self._runtime: Runtime | None = None
 
     # -- the torch side, set up on first use so the server is ready before torch is even imported ----------
-    def runtime(self) -> dict[str, Any]:
+    def runtime(self) -> "Runtime":
         with self._runtime_lock:
             if self._runtime is None:
                 self._runtime = self._make_runtime()
             return self._runtime
 
-    def _make_runtime(self) -> dict[str, Any]:
-        from modules.core import console
-        from modules.core import devices
+    def _make_runtime(self) -> "Runtime":
+        from modules.core import console, devices
         from modules.model_store.model_manager import ModelManager
 
         console.quiet_libraries()
@@ -117,17 +131,17 @@ class Webui:
         # With offload the checkpoints live in RAM and diffusers' hooks visit the GPU part by part.
         manager = ModelManager("cpu" if offload else device, self._budget("vram_budget_mb", vram),
                                self._budget("ram_budget_mb", ram))
-        return dict(device=device, dtype=devices.resolve_dtype(args.precision, device),
+        return Runtime(device=device, dtype=devices.resolve_dtype(args.precision, device),
                     vae_dtype=devices.vae_dtype(args.precision, device, args.no_half_vae),
                     attention=attention, offload=offload, manager=manager)
 
     @property
     def device(self):
-        return self.runtime()["device"]
+        return self.runtime().device
 
     @property
     def manager(self):
-        return self.runtime()["manager"]
+        return self.runtime().manager
 
     @property
     def captioning(self):
@@ -153,11 +167,11 @@ class Webui:
         """
         def run(job):
             self.runtime()
-            from modules.generation import txt2img  # noqa: F401  (imports torch, diffusers and the pipelines)
             import diffusers
+
+            from modules.generation import txt2img  # noqa: F401  (imports torch, diffusers and the pipelines)
             diffusers.StableDiffusionPipeline, diffusers.AutoencoderKL  # resolve the lazy attributes now
-            from modules.prompting import clip_tokenizer
-            from modules.prompting import prompts
+            from modules.prompting import clip_tokenizer, prompts
             prompts.token_counts("warm up", clip_tokenizer.clip_tokenizer())  # the UI's token counter
 
         return self.queue.submit(run, kind="warm-up")
@@ -235,9 +249,9 @@ class Webui:
     def generation_context(self):
         from modules.generation import GenerationContext
         rt = self.runtime()
-        return GenerationContext(registry=self.registry, manager=rt["manager"], styles=self.styles,
-                                 outputs_root=self.outputs_root(), dtype=rt["dtype"], vae_dtype=rt["vae_dtype"],
-                                 offload=rt["offload"], attention=rt["attention"], offload_device=str(rt["device"]),
+        return GenerationContext(registry=self.registry, manager=rt.manager, styles=self.styles,
+                                 outputs_root=self.outputs_root(), dtype=rt.dtype, vae_dtype=rt.vae_dtype,
+                                 offload=rt.offload, attention=rt.attention, offload_device=str(rt.device),
                                  networks=self.extra_networks, vaes=self.vaes)
 
     def outputs_root(self) -> Path:
@@ -248,51 +262,37 @@ class Webui:
                        task_id: str | None = None):
         """Validate and queue a txt2img request; returns the Job at once (raises on bad input)."""
         from modules import generation
-        req = generation.validate(req)
-        self.styles.apply(req.prompt, req.negative_prompt, req.styles)  # unknown style names fail here, not later
-        settings = self.settings_for_request(override_settings)
-        if not self.registry.find(settings.get("sd_model_checkpoint") or "") and not self.registry.list():
-            raise generation.GenerationError(
-                f"no checkpoint found: put a .safetensors file in {self.folders.checkpoint_dirs[0]} "
-                "(or start with --demo)")
-        def run(job):
-            from modules.generation import run_txt2img
-            return run_txt2img(self.generation_context(), req, job, settings)
-
-        return self.queue.submit(run, kind="txt2img", owner=owner, task_id=task_id)
+        return self._queue_generation("txt2img", generation.validate(req), generation.run_txt2img,
+                                      override_settings, owner, task_id)
 
     def submit_img2img(self, req, *, override_settings: dict | None = None, owner: str | None = None,
                        task_id: str | None = None):
-        """Validate and queue an img2img/inpaint request (modules/img2img.py); returns the Job at once."""
-        from modules import generation as generation_params
-        from modules.generation import validate_img2img
-        req = validate_img2img(req)
-        self.styles.apply(req.prompt, req.negative_prompt, req.styles)
-        settings = self.settings_for_request(override_settings)
-        if not self.registry.find(settings.get("sd_model_checkpoint") or "") and not self.registry.list():
-            raise generation_params.GenerationError(
-                f"no checkpoint found: put a .safetensors file in {self.folders.checkpoint_dirs[0]} "
-                "(or start with --demo)")
-
-        def run(job):
-            from modules.generation import run_img2img
-            return run_img2img(self.generation_context(), req, job, settings)
-
-        return self.queue.submit(run, kind="img2img", owner=owner, task_id=task_id)
+        """Validate and queue an img2img/inpaint request; returns the Job at once (raises on bad input)."""
+        from modules import generation
+        return self._queue_generation("img2img", generation.validate_img2img(req), generation.run_img2img,
+                                      override_settings, owner, task_id)
 
     def submit_img2img_batch(self, req, folders, *, owner: str | None = None):
         """Queue img2img's Batch mode (every image of `folders.input_dir` through `req`) as one job."""
-        from modules.generation import validate_img2img
+        from modules import generation
         folders.images()  # a folder without images is refused now, not in the queue
-        probe = validate_img2img(dataclasses.replace(req, init_images=[_placeholder_image()]))
-        self.styles.apply(probe.prompt, probe.negative_prompt, probe.styles)
-        settings = self.settings_for_request(None)
+        generation.validate_img2img(dataclasses.replace(req, init_images=[_placeholder_image()]))
+        return self._queue_generation(
+            "img2img", req, lambda ctx, r, job, settings: generation.run_img2img_batch(ctx, r, folders, job, settings),
+            None, owner, None)
 
-        def run(job):
-            from modules.generation import run_img2img_batch
-            return run_img2img_batch(self.generation_context(), req, folders, job, settings)
-
-        return self.queue.submit(run, kind="img2img", owner=owner)
+    def _queue_generation(self, kind: str, req, run, override_settings, owner, task_id):
+        """What every generation checks before it is queued (its styles exist, its settings are valid, there is a
+        checkpoint to run on), then the job: `run(context, req, job, settings)` on the worker."""
+        from modules import generation
+        self.styles.apply(req.prompt, req.negative_prompt, req.styles)  # unknown style names fail here, not later
+        settings = self.settings_for_request(override_settings)  # a named checkpoint is resolved here
+        if not settings.get("sd_model_checkpoint") and not self.registry.list():
+            raise generation.GenerationError(
+                f"no checkpoint found: put a .safetensors file in {self.folders.checkpoint_dirs[0]} "
+                "(or start with --demo)")
+        return self.queue.submit(lambda job: run(self.generation_context(), req, job, settings), kind=kind,
+                                 owner=owner, task_id=task_id)
 
     def load_checkpoint_now(self, name: str | None = None, timeout: float | None = None):
         """Load a checkpoint through the queue (so it never races a running job) and wait for it."""
@@ -302,8 +302,8 @@ class Webui:
 
         def load(job):
             rt = self.runtime()
-            with sd_pipelines.use_checkpoint(rt["manager"], info, dtype=rt["dtype"], vae_dtype=rt["vae_dtype"],
-                                             attention=rt["attention"]):
+            with sd_pipelines.use_checkpoint(rt.manager, info, dtype=rt.dtype, vae_dtype=rt.vae_dtype,
+                                             attention=rt.attention):
                 pass
             return info
 

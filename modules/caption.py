@@ -40,9 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from modules.captioning import (
+        BatchCaptionRequest,
+        CaptionerError,
+        CaptionerRegistry,
+        CaptionSettings,
+    )
+    from modules.captioning.service import (
+        CaptionContext,
+        check_folder,
+        normalize_extension,
+        run_batch,
+    )
     from modules.core import paths
-    from modules.captioning import BatchCaptionRequest, CaptionerError, CaptionerRegistry, CaptionSettings
-    from modules.captioning.service import CaptionContext, check_folder, normalize_extension, run_batch
 
     models_dir = Path(args.models_dir) if args.models_dir else paths.REPO_ROOT / "models"
     registry = CaptionerRegistry([models_dir / "BLIP2", models_dir / "BLIP"])

@@ -1,5 +1,6 @@
-"""What the API answers when a service fails: one map from exception types to HTTP statuses and messages, and
-the asynchronous wait for a queued job, shared by every route that runs one.
+"""What the API answers when something fails: A1111's error shape for every failure (and no tracebacks to
+clients), one map from the services' exception types to HTTP statuses and messages, and the asynchronous wait
+for a queued job, shared by every route that runs one.
 
 Waiting is asynchronous on purpose: a route that waited with `job.wait()` would hold one of the server's
 worker threads for as long as its job waits in the queue (up to `queue_max_pending` of them), and with
@@ -8,22 +9,58 @@ enough clients waiting `/progress` and `/interrupt` would find no thread left to
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from typing import Any
 
-from fastapi import HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 RETRY_AFTER = {"Retry-After": "10"}
+log = logging.getLogger("webui.api")
+
+
+def error_body(status: int, error: str, detail: Any, body: Any = None, errors: Any = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=jsonable_encoder(
+        {"error": error, "detail": detail, "body": body, "errors": errors}))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """A1111's error shape `{error, detail, body, errors}` for every failure, and no tracebacks to clients."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors)
+        body = exc.body
+        if isinstance(body, (bytes, bytearray)):
+            body = body[:1000].decode("utf-8", "replace")
+        return error_body(422, "RequestValidationError", detail or "invalid request", body, errors)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # A server-side fault: logged with its traceback here, answered with a message (never a traceback).
+        log.exception("%s %s failed", request.method, request.url.path)
+        return error_body(500, type(exc).__name__, str(exc) or "internal error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        resp = error_body(exc.status_code, "HTTPException", exc.detail)
+        for k, v in (exc.headers or {}).items():
+            resp.headers[k] = v
+        return resp
 
 
 def http_error(exc: BaseException) -> HTTPException | None:
     """The HTTP answer for a service's failure, by the exception's type; None for a server fault (a 500)."""
     from modules import generation as generation_params
     from modules.core import jobs
-    from modules.model_store import sd_vae
-    from modules.prompting import styles
-    from modules.model_store import checkpoint_files
     from modules.core.options import OptionError
+    from modules.model_store import checkpoint_files, sd_vae
+    from modules.prompting import styles
 
     if isinstance(exc, HTTPException):
         return exc

@@ -364,8 +364,8 @@ class SearchIndex:
         self.cache_file = cache_file
 
     def _read(self, model_key: str):
-        from safetensors.torch import load_file
         from safetensors import safe_open
+        from safetensors.torch import load_file
 
         if not self.cache_file.is_file():
             return {}, None
@@ -494,24 +494,24 @@ def run_evaluate(ctx: CaptionContext, req: EvaluateRequest, job=None) -> dict[st
 class Captioning:
     """What the UI and the API call: validates, queues the work on the shared job queue, waits when asked."""
 
-    def __init__(self, *, registry: CaptionerRegistry, queue, runtime: Callable[[], dict], cache_dir: Path,
+    def __init__(self, *, registry: CaptionerRegistry, queue, runtime: Callable[[], Any], cache_dir: Path,
                  default_search_folder: Callable[[], Path], models_dir: Path):
         self.registry = registry
         self.queue = queue
-        self._runtime = runtime
+        self._runtime = runtime  # the server's Runtime (device, dtype, model manager), made on first use
         self.cache_dir = cache_dir
         self.default_search_folder = default_search_folder
         self.models_dir = models_dir
 
     def context(self) -> CaptionContext:
         rt = self._runtime()
-        return CaptionContext(registry=self.registry, manager=rt["manager"], dtype=rt["dtype"])
+        return CaptionContext(registry=self.registry, manager=rt.manager, dtype=rt.dtype)
 
     def captioners(self) -> list[dict[str, Any]]:
         self.registry.refresh()
         loaded: set[str] = set()
         if "torch" in sys.modules:  # no manager before torch is imported: then nothing is loaded either
-            loaded = {r["name"] for r in self._runtime()["manager"].report() if r["kind"] == "captioner"}
+            loaded = {r["name"] for r in self._runtime().manager.report() if r["kind"] == "captioner"}
         return [{"name": i.name, "kind": i.kind, "path": str(i.path), "loaded": i.name in loaded}
                 for i in self.registry.list()]
 

@@ -50,7 +50,14 @@ QFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, inter
 
 def _bpe_tokenizer():
     """An OPT-style tokenizer: byte-level BPE, `</s>` (id 2) as BOS/EOS prepended to every text, `<pad>` id 1."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import GPT2TokenizerFast
 
     tok = Tokenizer(models.BPE())

@@ -224,7 +224,10 @@ def ldm_state_dict(components: dict[str, Any]) -> dict:
 
 
 def _is_current(path: Path) -> bool:
-    from modules.model_store.checkpoint_files import CheckpointError, read_safetensors_metadata
+    from modules.model_store.checkpoint_files import (
+        CheckpointError,
+        read_safetensors_metadata,
+    )
 
     if not path.is_file():
         return False
@@ -312,7 +315,11 @@ def write_full_size_sd15(path: Path, seed: int = FULL_SIZE_SEED) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from modules.model_store.ldm_convert import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+    from modules.model_store.ldm_convert import (
+        text_encoder_to_ldm,
+        unet_to_ldm,
+        vae_to_ldm,
+    )
 
     config_dir = SD_CONFIGS_DIR / "sd1"
     state: dict[str, torch.Tensor] = {}
@@ -402,10 +409,14 @@ def make_tiny_models(dir: str | os.PathLike, full_size: bool = False) -> dict[st
     if full_size and not _is_current(paths[SD15_RANDOM]):
         with _step("sd15-random (full SD 1.5 shapes, fp16, about 2 GB)", root):
             write_full_size_sd15(paths[SD15_RANDOM])
-    from modules.captioning.tiny import make_tiny_captioners  # BLIP2/tiny-blip2, BLIP2/tiny-blip2-itm, BLIP/tiny-blip
+    from modules.captioning.tiny import (
+        make_tiny_captioners,  # BLIP2/tiny-blip2, BLIP2/tiny-blip2-itm, BLIP/tiny-blip
+    )
     with _step("the tiny captioners (BLIP/tiny-blip, BLIP2/tiny-blip2, BLIP2/tiny-blip2-itm)", Path(dir), quiet=True):
         make_tiny_captioners(dir)
-    from modules.demo.tiny_networks import make_tiny_extra_networks  # Lora/tiny-lora, embeddings/tiny-emb*
+    from modules.demo.tiny_networks import (
+        make_tiny_extra_networks,  # Lora/tiny-lora, embeddings/tiny-emb*
+    )
     with _step("the tiny LoRAs and embeddings", Path(dir), quiet=True):
         make_tiny_extra_networks(dir)
     return paths

@@ -64,8 +64,8 @@ def make_tiny_extra_networks(dir: str | Path, components: dict | None = None) ->
     """Write the tiny LoRA and embeddings under `dir` (kept when already written by this recipe version)."""
     import torch
 
-    from modules.demo import tiny_models
     from modules.core.fileio import atomic_open
+    from modules.demo import tiny_models
     root = Path(dir)
     paths = {
         TINY_LORA: root / LORA_SUBDIR / f"{TINY_LORA}.safetensors",

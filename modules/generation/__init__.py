@@ -9,11 +9,26 @@ from __future__ import annotations
 
 import importlib
 
-from modules.generation.img2img_params import (INPAINT_AREAS, MASK_MODES, MASKED_CONTENT,  # noqa: F401
-                                               RESIZE_MODES, Img2ImgRequest, validate_img2img)
-from modules.generation.params import (HIRES_UPSCALERS, LATENT_UPSCALE_MODES, MAX_SIZE, MIN_SIZE,  # noqa: F401
-                                       PIXEL_UPSCALERS, GenerationError, Txt2ImgRequest, UnknownNameError,
-                                       hires_target_size, validate)
+from modules.generation.img2img_params import (  # noqa: F401
+    INPAINT_AREAS,
+    MASK_MODES,
+    MASKED_CONTENT,
+    RESIZE_MODES,
+    Img2ImgRequest,
+    validate_img2img,
+)
+from modules.generation.params import (  # noqa: F401
+    HIRES_UPSCALERS,
+    LATENT_UPSCALE_MODES,
+    MAX_SIZE,
+    MIN_SIZE,
+    PIXEL_UPSCALERS,
+    GenerationError,
+    Txt2ImgRequest,
+    UnknownNameError,
+    hires_target_size,
+    validate,
+)
 
 _LAZY = {
     "GenerationContext": "processing", "GenerationResult": "processing", "Processing": "processing",

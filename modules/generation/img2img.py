@@ -23,14 +23,34 @@ from modules.core import outputs, samplers
 from modules.core.jobs import Job, JobInterrupted
 from modules.generation import images as pix
 from modules.generation import outpainting
-from modules.generation.img2img_params import (INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, RESIZE_MODES,
-                                               Img2ImgRequest, validate_img2img)
+from modules.generation.img2img_params import (
+    INPAINT_AREAS,
+    MASK_MODES,
+    MASKED_CONTENT,
+    RESIZE_MODES,
+    Img2ImgRequest,
+    validate_img2img,
+)
 from modules.generation.leases import add_new, networks_applied, resolve_networks
 from modules.generation.params import GenerationError
-from modules.generation.processing import (GenerationContext, GenerationResult, Processing, base_infotext_params,
-                                           common_params, network_params, process_images, sampler_params,
-                                           vae_params)
-from modules.generation.sampling import StepTracker, make_noise, sample_latents, scheduler_order, text_conditioner
+from modules.generation.processing import (
+    GenerationContext,
+    GenerationResult,
+    Processing,
+    base_infotext_params,
+    common_params,
+    network_params,
+    process_images,
+    sampler_params,
+    vae_params,
+)
+from modules.generation.sampling import (
+    StepTracker,
+    make_noise,
+    sample_latents,
+    scheduler_order,
+    text_conditioner,
+)
 from modules.model_store import sd_pipelines
 from modules.prompting import prompts
 

@@ -5,7 +5,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from modules.generation.params import GenerationError, Txt2ImgRequest, validate as validate_txt2img
+from modules.generation.params import GenerationError, Txt2ImgRequest
+from modules.generation.params import validate as validate_txt2img
 
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
 MASK_MODES = ("Inpaint masked", "Inpaint not masked")

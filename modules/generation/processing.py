@@ -15,7 +15,7 @@ import datetime
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,13 @@ from modules.generation.leases import leased_checkpoint
 from modules.generation.sampling import decode_latents, resolve_seeds
 from modules.prompting import prompt_parser, prompts
 
+if TYPE_CHECKING:
+    from modules.model_store.checkpoints import CheckpointRegistry
+    from modules.model_store.model_manager import ModelManager
+    from modules.model_store.sd_vae import VaeRegistry
+    from modules.networks import ExtraNetworks
+    from modules.prompting.styles import StyleDatabase
+
 # A1111's always-on script hooks, in the order they run; see `Processing.run_hooks` for their arguments.
 HOOKS = ("process", "before_process_batch", "process_batch", "postprocess_batch", "postprocess_image", "postprocess")
 
@@ -35,17 +42,17 @@ HOOKS = ("process", "before_process_batch", "process_batch", "postprocess_batch"
 @dataclass
 class GenerationContext:
     """What generation needs from the running server (no globals)."""
-    registry: Any  # model_store.checkpoints.CheckpointRegistry
-    manager: Any  # model_store.model_manager.ModelManager
-    styles: Any  # prompting.styles.StyleDatabase
+    registry: CheckpointRegistry
+    manager: ModelManager
+    styles: StyleDatabase
     outputs_root: Path
     dtype: torch.dtype = torch.float32
     vae_dtype: torch.dtype | None = None
     offload: str | None = None  # None | "model" | "sequential"
     attention: str = "sdpa"  # "sdpa" | "xformers"
     offload_device: str = "cuda"  # where offloaded parts run
-    networks: Any = None  # networks.ExtraNetworks: LoRA files and embeddings (None: none of either)
-    vaes: Any = None  # model_store.sd_vae.VaeRegistry: the VAE files `sd_vae` picks from (None: built-in only)
+    networks: ExtraNetworks | None = None  # LoRA files and embeddings (None: none of either)
+    vaes: VaeRegistry | None = None  # the VAE files `sd_vae` picks from (None: the checkpoints' own only)
 
 
 @dataclass

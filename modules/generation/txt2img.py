@@ -9,12 +9,31 @@ from typing import Any
 from modules.core import samplers
 from modules.core.jobs import Job
 from modules.generation import hires
-from modules.generation.leases import MergedLoras, add_new, leased_passes, resolve_networks
+from modules.generation.leases import (
+    MergedLoras,
+    add_new,
+    leased_passes,
+    resolve_networks,
+)
 from modules.generation.params import Txt2ImgRequest, hires_target_size
-from modules.generation.processing import (GenerationContext, GenerationResult, Processing, base_infotext_params,
-                                           common_params, network_params, process_images, sampler_params,
-                                           vae_params)
-from modules.generation.sampling import StepTracker, make_noise, run_pass, scheduler_order, text_conditioner
+from modules.generation.processing import (
+    GenerationContext,
+    GenerationResult,
+    Processing,
+    base_infotext_params,
+    common_params,
+    network_params,
+    process_images,
+    sampler_params,
+    vae_params,
+)
+from modules.generation.sampling import (
+    StepTracker,
+    make_noise,
+    run_pass,
+    scheduler_order,
+    text_conditioner,
+)
 from modules.model_store import sd_pipelines
 from modules.prompting import prompts
 

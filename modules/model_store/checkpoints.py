@@ -13,9 +13,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
 from modules.model_store.checkpoint_files import CheckpointNotFoundError
 from modules.model_store.hashing import HashCache, sha256_of_file
-
 
 if TYPE_CHECKING:
     pass

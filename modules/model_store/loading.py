@@ -16,9 +16,20 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from modules.model_store.checkpoint_files import CheckpointError, DIFFUSERS_CONFIGS_METADATA_KEY, ModelArch, detect_architecture, detect_diffusers_folder, explicit_prediction_type, load_state_dict_and_extras, read_json, read_safetensors_metadata, sd2_prediction
-from modules.model_store.checkpoints import CheckpointInfo
 
+from modules.model_store.checkpoint_files import (
+    DIFFUSERS_CONFIGS_METADATA_KEY,
+    CheckpointError,
+    ModelArch,
+    detect_architecture,
+    detect_diffusers_folder,
+    explicit_prediction_type,
+    load_state_dict_and_extras,
+    read_json,
+    read_safetensors_metadata,
+    sd2_prediction,
+)
+from modules.model_store.checkpoints import CheckpointInfo
 
 if TYPE_CHECKING:
     import torch

@@ -23,10 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modules.model_store.checkpoint_files import DIFFUSERS_CONFIGS_METADATA_KEY, CheckpointError, ModelArch
-from modules.model_store.hashing import HashCache
-from modules.model_store.checkpoint_files import load_state_dict_and_extras
-from modules.model_store.hashing import sha256_of_file
+from modules.model_store.checkpoint_files import (
+    DIFFUSERS_CONFIGS_METADATA_KEY,
+    CheckpointError,
+    ModelArch,
+    load_state_dict_and_extras,
+)
+from modules.model_store.hashing import HashCache, sha256_of_file
 from modules.model_store.loading import materialized_config_dir
 
 if TYPE_CHECKING:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from modules.networks.extra_networks import ExtraNetworks, text_encoder_widths
 
+from modules.networks.extra_networks import ExtraNetworks, text_encoder_widths
 
 log = logging.getLogger("webui.extra_networks")
 
@@ -42,7 +42,10 @@ def _preview_of(path: Path) -> Path | None:
 def _header_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
     if path.suffix.lower() != ".safetensors":
         return None  # a pickle: its shapes need torch.load, which a listing does not do
-    from modules.model_store.checkpoint_files import CheckpointError, read_safetensors_shapes
+    from modules.model_store.checkpoint_files import (
+        CheckpointError,
+        read_safetensors_shapes,
+    )
     try:
         return read_safetensors_shapes(path)
     except CheckpointError as exc:

@@ -7,8 +7,8 @@ import logging
 import threading
 from pathlib import Path
 from typing import Any
-from modules.networks.hashes import file_hashes, sha256_file
 
+from modules.networks.hashes import file_hashes, sha256_file
 
 log = logging.getLogger("webui.extra_networks")
 

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from modules.prompting import prompt_parser
 from modules.networks.embeddings import Embedding, EmbeddingDatabase
 from modules.networks.lora_files import LoraFileError, load_lora
 from modules.networks.loras import LoraInfo, LoraRegistry
 from modules.networks.merge import AppliedLora
+from modules.prompting import prompt_parser
 
 log = logging.getLogger("webui.extra_networks")
 
@@ -64,7 +64,10 @@ def text_encoder_widths(info) -> set[int]:
             except (ValueError, TypeError, OSError) as exc:
                 log.warning("checkpoint %s: cannot read %s/config.json: %s", info.name, sub, exc)
     elif path.suffix == ".safetensors":
-        from modules.model_store.checkpoint_files import CheckpointError, read_safetensors_shapes
+        from modules.model_store.checkpoint_files import (
+            CheckpointError,
+            read_safetensors_shapes,
+        )
         try:
             shapes = read_safetensors_shapes(path)
         except CheckpointError as exc:

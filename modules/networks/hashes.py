@@ -10,7 +10,6 @@ import struct
 import threading
 from pathlib import Path
 
-
 log = logging.getLogger("webui.extra_networks")
 
 

@@ -9,8 +9,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from modules.networks.lycoris import LycoModule
 
+from modules.networks.lycoris import LycoModule
 
 log = logging.getLogger("webui.extra_networks")
 

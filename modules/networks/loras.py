@@ -7,8 +7,8 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from modules.networks.hashes import autov3, file_hashes, sha256_file
 
+from modules.networks.hashes import autov3, file_hashes, sha256_file
 
 log = logging.getLogger("webui.extra_networks")
 
@@ -35,7 +35,10 @@ class LoraInfo:
     def metadata(self) -> dict:
         if self.path.suffix != ".safetensors":
             return {}
-        from modules.model_store.checkpoint_files import CheckpointError, read_safetensors_metadata
+        from modules.model_store.checkpoint_files import (
+            CheckpointError,
+            read_safetensors_metadata,
+        )
         try:
             return dict(read_safetensors_metadata(self.path))
         except CheckpointError as exc:  # unreadable header: the card shows no metadata
@@ -62,7 +65,10 @@ class LoraRegistry:
                 name = path.relative_to(root).with_suffix("").as_posix()
                 alias = name
                 if path.suffix == ".safetensors":
-                    from modules.model_store.checkpoint_files import CheckpointError, read_safetensors_metadata
+                    from modules.model_store.checkpoint_files import (
+                        CheckpointError,
+                        read_safetensors_metadata,
+                    )
                     try:
                         alias = read_safetensors_metadata(path).get("ss_output_name") or name
                     except CheckpointError as exc:  # listed by its file name; using it reports the error

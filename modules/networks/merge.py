@@ -8,10 +8,10 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterator
+
 from modules.networks.lora_files import LoraModule, LoraWeights
 from modules.networks.loras import LoraInfo
 from modules.networks.lycoris import LycoModule
-
 
 log = logging.getLogger("webui.extra_networks")
 

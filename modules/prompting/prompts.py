@@ -1,6 +1,6 @@
 """Prompt text -> CLIP conditioning tensors: 75-token chunks, weights, BREAK, embeddings, schedules, AND.
 
-A1111's rules (reference/a1111-contract.md section 5) over diffusers' text encoders:
+A1111's rules (docs/a1111-compatibility.md, section 3) over diffusers' text encoders:
 - the text is split into runs of weight (`prompt_parser.parse_prompt_attention`), each run tokenized on its
   own; tokens fill chunks of 75, a full chunk moves the words after its last comma (within 20 tokens) to
   the next one, `BREAK` ends a chunk, an embedding's vectors never straddle two chunks;

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import gradio as gr
 
-from modules.ui.common import NotAnImage, UploadImage, clean_text, job_error_message, notice_html, progress_html
+from modules.ui.common import (
+    NotAnImage,
+    UploadImage,
+    clean_text,
+    job_error_message,
+    notice_html,
+    progress_html,
+)
 
 log = logging.getLogger("webui.ui")
 

@@ -22,8 +22,7 @@ def token_counter_html(text: str, webui=None) -> str:
     and an embedding of the current checkpoint counts as its number of vectors."""
     if not text:
         return '<div class="token-counter">0/75</div>'  # no tokenizer (and no transformers import) needed
-    from modules.prompting import clip_tokenizer
-    from modules.prompting import prompts
+    from modules.prompting import clip_tokenizer, prompts
     embeddings = None
     if webui is not None and getattr(webui, "extra_networks", None) is not None:
         embeddings = webui.extra_networks.embeddings_for(webui.current_checkpoint())[0]

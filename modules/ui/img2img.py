@@ -12,7 +12,13 @@ import numpy as np
 from PIL import Image
 
 from modules.generation import outpainting as img2img_scripts
-from modules.generation.img2img_params import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, RESIZE_MODES, Img2ImgRequest
+from modules.generation.img2img_params import (
+    INPAINT_AREAS,
+    MASK_MODES,
+    MASKED_CONTENT,
+    RESIZE_MODES,
+    Img2ImgRequest,
+)
 from modules.ui import common
 from modules.ui.common import NotAnImage, UploadEditor, UploadImage, notice_html
 

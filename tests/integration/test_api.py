@@ -389,3 +389,11 @@ def test_an_unloadable_default_checkpoint_is_skipped_with_a_notice(tiny_models, 
         assert not config.exists() or json.loads(config.read_text()).get("sd_model_checkpoint", "") == ""
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("field, value", [("restore_faces", True), ("tiling", True),
+                                          ("refiner_checkpoint", "some-refiner"), ("hr_checkpoint_name", "other")])
+def test_features_this_studio_lacks_are_refused_by_name(api, field, value):
+    r = api.post(api.base + "/txt2img", json={**SMALL, field: value})
+    assert r.status_code == 400 and field in r.json()["detail"] and "not available" in r.json()["detail"]
+    assert api.post(api.base + "/txt2img", json={**SMALL, field: None}).status_code == 200

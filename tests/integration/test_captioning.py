@@ -22,8 +22,8 @@ from modules.captioning import (
     EvaluateRequest,
     SearchRequest,
     VqaRequest,
+    metrics,
 )
-from modules.captioning import metrics
 from modules.captioning.service import (
     CaptionContext,
     run_batch,

@@ -4,11 +4,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, StableDiffusionPipeline)
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+)
 
 from modules import generation
-from tests.images import assert_float_images_close, assert_pixels_close, mean_abs_difference
+from tests.images import (
+    assert_float_images_close,
+    assert_pixels_close,
+    mean_abs_difference,
+)
 
 # A1111's sampler -> diffusers scheduler, written out here independently of modules/core/samplers.py.
 PLAIN_SCHEDULERS = {
@@ -139,8 +148,8 @@ def test_second_order_samplers_count_steps_and_switch_prompts_as_a1111(context, 
     """Heun calls the model twice per step (2N-1 calls): the progress still counts 1..N per pass and never
     goes back, and `[a cat:a dog:0.5]` switches half-way through the calls (A1111 doubles the schedule of
     second-order samplers), in the first pass and in the hires pass."""
-    from modules.prompting import prompts as prompts_mod
     from modules.core.jobs import Job
+    from modules.prompting import prompts as prompts_mod
     reported, used = [], []
     job = Job(lambda j: None, kind="txt2img")
     monkeypatch.setattr(job, "step", lambda step, steps, preview=None: reported.append((step, steps)))

@@ -9,12 +9,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
+from diffusers import (
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionImg2ImgPipeline,
+)
 from PIL import Image
 
 from modules import generation
-from modules.generation import img2img
 from modules.generation import images as img2img_images
+from modules.generation import img2img
 from modules.generation.img2img_params import Img2ImgRequest, validate_img2img
 from tests.images import assert_float_images_close, assert_pixels_close
 

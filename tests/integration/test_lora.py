@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from modules import networks
-from modules import generation
+from modules import generation, networks
 from tests.images import assert_pixels_close
 
 
@@ -55,8 +54,8 @@ def unet_modules(tiny_models):
 
 def unet_ldm_names():
     """flat diffusers UNet module name -> flat LDM name, by ldm_convert's own state-dict conversion."""
-    from modules.model_store.ldm_convert import UNET_PREFIX, unet_to_ldm
     from modules.demo.tiny_models import build_tiny_sd15
+    from modules.model_store.ldm_convert import UNET_PREFIX, unet_to_ldm
     unet = build_tiny_sd15()["unet"]
     converted = unet_to_ldm({k: k for k in unet.state_dict()}, unet.config)  # LDM key -> diffusers key
     flat = lambda key: key.removesuffix(".weight").replace(".", "_")  # noqa: E731

@@ -10,8 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from modules import networks
-from modules import generation
+from modules import generation, networks
 from modules.model_store import checkpoints, loading
 from tests.images import assert_pixels_close
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
+from diffusers import (
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+)
 
 from modules import generation
+from modules.model_store import checkpoint_files, loading, sd_pipelines
 from modules.prompting import prompts
-from modules.model_store import sd_pipelines
-from modules.model_store import checkpoint_files, loading
 from tests.images import assert_float_images_close, assert_pixels_close
 
 PLAIN_SCHEDULERS = {
@@ -151,9 +154,9 @@ def test_sdxl_prompt_language_hires_and_img2img(context):
                 hr_second_pass_steps=2)
     assert hires.images[0].size == (96, 96) and "Hires upscale: 1.5" in hires.infotexts[0]
 
-    from modules.generation import img2img
-    from modules.generation import img2img_params
     from PIL import Image
+
+    from modules.generation import img2img, img2img_params
     init = Image.fromarray(base)
     req = img2img_params.validate_img2img(img2img_params.Img2ImgRequest(
         prompt="a cat", init_images=[init], denoising_strength=0.6, steps=4, seed=3, width=64, height=64,

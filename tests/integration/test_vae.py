@@ -10,9 +10,12 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline
 
 from modules import generation
-from modules.model_store import sd_vae
-from modules.model_store import checkpoint_files, loading
-from tests.images import assert_float_images_close, assert_pixels_close, mean_abs_difference
+from modules.model_store import checkpoint_files, loading, sd_vae
+from tests.images import (
+    assert_float_images_close,
+    assert_pixels_close,
+    mean_abs_difference,
+)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,11 @@ import pytest
 from PIL import ExifTags, Image, PngImagePlugin
 
 from modules.core import infotext
-from modules.core.infotext import create_infotext, infotext_to_txt2img_fields, parse_infotext
+from modules.core.infotext import (
+    create_infotext,
+    infotext_to_txt2img_fields,
+    parse_infotext,
+)
 
 BASE_PARAMS = {
     "Steps": 20,

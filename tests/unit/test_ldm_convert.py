@@ -14,12 +14,17 @@ from diffusers.loaders.single_file_utils import (
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from modules.prompting.clip_tokenizer import clip_tokenizer
-from modules.model_store.ldm_convert import diffusers_to_ldm, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
 from modules.core.paths import SD_CONFIGS_DIR
-from modules.model_store.checkpoints import CheckpointInfo
-from modules.model_store.loading import checkpoint_config_dir, load_checkpoint
 from modules.demo.tiny_models import build_tiny_sd15, write_tiny_single_file
+from modules.model_store.checkpoints import CheckpointInfo
+from modules.model_store.ldm_convert import (
+    diffusers_to_ldm,
+    text_encoder_to_ldm,
+    unet_to_ldm,
+    vae_to_ldm,
+)
+from modules.model_store.loading import checkpoint_config_dir, load_checkpoint
+from modules.prompting.clip_tokenizer import clip_tokenizer
 
 
 def assert_same_tensors(original: torch.nn.Module, loaded: torch.nn.Module) -> None:

@@ -9,7 +9,11 @@ import time
 import pytest
 import torch
 
-from modules.model_store.model_manager import ModelManager, ModelOutOfMemoryError, model_bytes
+from modules.model_store.model_manager import (
+    ModelManager,
+    ModelOutOfMemoryError,
+    model_bytes,
+)
 
 GPU = "cuda:0"
 

@@ -15,7 +15,13 @@ from PIL import Image
 
 from modules.core import outputs
 from modules.core.infotext import parse_infotext, read_image_infotext
-from modules.core.outputs import InvalidImageError, decode_image_base64, encode_image_base64, make_grid, save_image
+from modules.core.outputs import (
+    InvalidImageError,
+    decode_image_base64,
+    encode_image_base64,
+    make_grid,
+    save_image,
+)
 
 INFOTEXT = "a cat, 日本語: ✓\nNegative prompt: dog\nSteps: 20, Sampler: Euler a, Seed: 1234, Size: 16x8"
 

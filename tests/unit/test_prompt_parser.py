@@ -3,8 +3,14 @@ from __future__ import annotations
 
 import pytest
 
-from modules.prompting.prompt_parser import (get_learned_conditioning_prompt_schedules, get_multicond_prompt_list,
-                                   parse_extra_networks, parse_prompt_attention, split_and, text_at_step)
+from modules.prompting.prompt_parser import (
+    get_learned_conditioning_prompt_schedules,
+    get_multicond_prompt_list,
+    parse_extra_networks,
+    parse_prompt_attention,
+    split_and,
+    text_at_step,
+)
 
 R, S = 1.1, 1 / 1.1
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from modules.prompting import prompts
 from modules.networks.embeddings import Embedding
+from modules.prompting import prompts
 
 
 @pytest.fixture(scope="module")

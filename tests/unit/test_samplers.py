@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from modules.core import samplers
+from modules.core import samplers, scheduler_classes
 from modules.core.samplers import UnknownSamplerError, make_scheduler, resolve
 
 # Stable Diffusion 1.5's scheduler_config.json, as a literal so the test needs no model files.
@@ -343,7 +343,7 @@ def test_lms_coefficients_are_the_exact_integrals():
             poly = poly / poly(sigmas[step - current])
             antiderivative = poly.integ()
             expected = antiderivative(sigmas[step + 1]) - antiderivative(sigmas[step])
-            got = samplers.lms_coefficient(sigmas, step, order, current)
+            got = scheduler_classes.lms_coefficient(sigmas, step, order, current)
             assert got == pytest.approx(expected, rel=1e-12, abs=1e-12)
 
 
@@ -385,7 +385,7 @@ def test_lms_class_is_diffusers_own_when_scipy_is_there():
 
         assert cls is diffusers.LMSDiscreteScheduler
     else:
-        assert cls is samplers.scipy_free_lms_scheduler_class()
+        assert cls is scheduler_classes.scipy_free_lms_scheduler_class()
 
 
 def test_api_lists_have_a1111s_shapes():

@@ -10,13 +10,28 @@ import threading
 import pytest
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from modules.model_store import checkpoint_files, hashing, loading
 from modules.core.paths import SD_CONFIGS_DIR
-from modules.model_store.checkpoint_files import UNET_INPUT_KEY, CheckpointError, ModelArch, UnsafeCheckpointError, UnsupportedCheckpointError, detect_architecture, load_state_dict, read_safetensors_metadata, read_safetensors_shapes
+from modules.model_store import checkpoint_files, hashing, loading
+from modules.model_store.checkpoint_files import (
+    UNET_INPUT_KEY,
+    CheckpointError,
+    ModelArch,
+    UnsafeCheckpointError,
+    UnsupportedCheckpointError,
+    detect_architecture,
+    load_state_dict,
+    read_safetensors_metadata,
+    read_safetensors_shapes,
+)
 from modules.model_store.checkpoints import CheckpointInfo, CheckpointRegistry
 from modules.model_store.hashing import HashCache
 from modules.model_store.loading import checkpoint_config_dir, load_checkpoint

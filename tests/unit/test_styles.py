@@ -7,7 +7,12 @@ import threading
 
 import pytest
 
-from modules.prompting.styles import PromptStyle, StyleDatabase, UnknownStyleError, merge_prompts
+from modules.prompting.styles import (
+    PromptStyle,
+    StyleDatabase,
+    UnknownStyleError,
+    merge_prompts,
+)
 
 A1111_FILE = (
     "\ufeffname,prompt,negative_prompt\r\n"

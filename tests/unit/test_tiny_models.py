@@ -9,12 +9,16 @@ import torch
 from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from modules.prompting.clip_tokenizer import clip_tokenizer
+from modules.demo.tiny_models import TINY_MODELS_VERSION, make_tiny_models
+from modules.model_store.checkpoint_files import (
+    ModelArch,
+    detect_architecture,
+    read_safetensors_metadata,
+)
 from modules.model_store.checkpoints import CheckpointRegistry
 from modules.model_store.hashing import HashCache
-from modules.model_store.checkpoint_files import ModelArch, detect_architecture, read_safetensors_metadata
 from modules.model_store.loading import load_checkpoint
-from modules.demo.tiny_models import TINY_MODELS_VERSION, make_tiny_models
+from modules.prompting.clip_tokenizer import clip_tokenizer
 
 
 @pytest.fixture(scope="module")

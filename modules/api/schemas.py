@@ -268,3 +268,61 @@ class PendingTask(BaseModel):
 class PendingTasksResponse(BaseModel):
     running: Optional[PendingTask] = None
     tasks: list[PendingTask]
+
+
+# --- captioning (/interrogate, /vqa, /captioners, /search) ---------------------------------------------
+
+class InterrogateRequest(_Request):
+    image: str = Field("", description="base64 image (or data URI)")
+    model: str = Field("clip", description='a captioner folder name; "clip" (A1111\'s default) = the default captioner')
+    prompt: Optional[str] = Field(None, description='text the caption continues, e.g. "a photo of"')
+    num_beams: Optional[int] = None
+    nucleus: Optional[bool] = None
+    top_p: Optional[float] = None
+    min_length: Optional[int] = None
+    max_length: Optional[int] = None
+    repetition_penalty: Optional[float] = None
+    seed: Optional[int] = None
+
+
+class InterrogateResponse(BaseModel):
+    caption: str
+
+
+class VqaRequest(_Request):
+    image: str = ""
+    question: str = ""
+    model: Optional[str] = None
+    history: list[Any] = Field(default_factory=list,
+                               description='earlier turns, oldest first: [["question", "answer"], ...] or '
+                                           '[{"question": ..., "answer": ...}, ...]')
+
+
+class VqaResponse(BaseModel):
+    answer: str
+
+
+class CaptionerItem(BaseModel):
+    name: str
+    kind: str
+    path: str
+    loaded: bool
+
+
+class SearchRequest(_Request):
+    query: str = ""
+    folder: Optional[str] = Field(None, description="folder to search (default: the outputs folder)")
+    model: Optional[str] = None
+    top_k: int = 10
+    rerank: bool = True
+
+
+class SearchHitItem(BaseModel):
+    path: str
+    score: float
+    itc: float
+    itm: Optional[float] = None
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchHitItem]

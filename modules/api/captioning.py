@@ -1,74 +1,23 @@
 """The captioning routes of /sdapi/v1: interrogate (A1111's shape), vqa, captioners, search. Thin: body -> request -> job."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Response
 from starlette.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field
 
 from modules.api.auth import current_user
 from modules.api.errors import RETRY_AFTER, job_result, raise_http
-
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # as A1111: unknown fields are ignored
-
-
-class InterrogateRequest(_Request):
-    image: str = Field("", description="base64 image (or data URI)")
-    model: str = Field("clip", description='a captioner folder name; "clip" (A1111\'s default) = the default captioner')
-    prompt: Optional[str] = Field(None, description='text the caption continues, e.g. "a photo of"')
-    num_beams: Optional[int] = None
-    nucleus: Optional[bool] = None
-    top_p: Optional[float] = None
-    min_length: Optional[int] = None
-    max_length: Optional[int] = None
-    repetition_penalty: Optional[float] = None
-    seed: Optional[int] = None
-
-
-class InterrogateResponse(BaseModel):
-    caption: str
-
-
-class VqaRequest(_Request):
-    image: str = ""
-    question: str = ""
-    model: Optional[str] = None
-    history: list[Any] = Field(default_factory=list,
-                               description='earlier turns, oldest first: [["question", "answer"], ...] or '
-                                           '[{"question": ..., "answer": ...}, ...]')
-
-
-class VqaResponse(BaseModel):
-    answer: str
-
-
-class CaptionerItem(BaseModel):
-    name: str
-    kind: str
-    path: str
-    loaded: bool
-
-
-class SearchRequest(_Request):
-    query: str = ""
-    folder: Optional[str] = Field(None, description="folder to search (default: the outputs folder)")
-    model: Optional[str] = None
-    top_k: int = 10
-    rerank: bool = True
-
-
-class SearchHitItem(BaseModel):
-    path: str
-    score: float
-    itc: float
-    itm: Optional[float] = None
-
-
-class SearchResponse(BaseModel):
-    results: list[SearchHitItem]
+from modules.api.schemas import (
+    CaptionerItem,
+    InterrogateRequest,
+    InterrogateResponse,
+    SearchHitItem,
+    SearchRequest,
+    SearchResponse,
+    VqaRequest,
+    VqaResponse,
+)
 
 
 def _decode(text: str):
@@ -115,13 +64,14 @@ async def _run(submit, owner, response: Response):
         raise_http(e)
 
 
-def build_captioning_router(webui) -> APIRouter:
+def router(webui) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1", tags=["captioning"])
 
     @router.post("/interrogate", response_model=InterrogateResponse)
     async def interrogate(body: InterrogateRequest, response: Response, user: str | None = Depends(current_user)):
-        from modules import captioning
         from dataclasses import replace
+
+        from modules import captioning
         image = await run_in_threadpool(_decode, body.image)  # decoding is CPU work: off the event loop
         fields = {k: v for k, v in body.model_dump(exclude={"image", "model"}).items() if v is not None}
         settings = replace(captioning.CaptionSettings(), **fields)

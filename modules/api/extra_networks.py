@@ -4,7 +4,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 
-def build_extra_networks_router(webui) -> APIRouter:
+def router(webui) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1", tags=["extra networks"])
 
     def lora_list() -> list[dict]:
