@@ -104,6 +104,8 @@ def main(argv=None) -> None:
     try:
         server.run()
     finally:
+        if getattr(webui, "_training", None) is not None:
+            webui._training.shutdown()  # running children save a resumable state and end
         webui.queue.shutdown(wait=False)
     if control.restart_requested:
         # a restart is a fresh process with the same command line, so every module and setting is re-read

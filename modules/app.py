@@ -159,6 +159,31 @@ class Webui:
             self._extra_networks = networks.for_folders(self.folders, demo=self.args.demo)
         return self._extra_networks
 
+    @property
+    def training(self):
+        """Training runs (modules/training/runs.py): each one the training CLI in a child process."""
+        if getattr(self, "_training", None) is None:
+            from modules.training.runs import RunManager
+
+            def park():
+                if self._runtime is not None:
+                    self.manager.park_all()
+
+            def finished(run):
+                if run.outputs:
+                    self.extra_networks.loras.refresh()
+                    self.extra_networks.embeddings.refresh()
+                    self.refresh_checkpoints()
+
+            folders = self.folders
+            self._training = RunManager(
+                folders.data_dir / "train", folders.models_dir, queue=self.queue, park=park,
+                shares_gpu=lambda: bool(self.options.get("training_shares_gpu")), on_finished=finished,
+                output_dirs={"lora": folders.lora_dir, "embedding": folders.embeddings_dir,
+                             "checkpoint": folders.checkpoint_dirs[0]},
+                default_device=self.args.device or "auto")
+        return self._training
+
     def warm_up(self):
         """Right after start-up: import torch/diffusers so the first request is quick (no model is loaded).
 

@@ -17,10 +17,11 @@ def include_routers(app, webui, server_control, *, api: bool) -> None:
         progress,
         server,
         settings,
+        training,
     )
     app.include_router(progress.internal_router(webui))
     if not api:
         return
-    for module in (generation, progress, settings, checkpoints, lists, images, captioning, extra_networks):
+    for module in (generation, progress, settings, checkpoints, lists, images, captioning, extra_networks, training):
         app.include_router(module.router(webui))
     app.include_router(server.router(webui, server_control))

@@ -111,6 +111,9 @@ def default_specs() -> dict[str, OptionSpec]:
                             "Memory", int, 0),
         "ram_budget_mb": S(0, "RAM budget for models moved off the GPU in MB (0: automatic, half the RAM)",
                            "Memory", int, 0),
+        # Training
+        "training_shares_gpu": S(False, "Let generation run while a training run uses the GPU (else requests wait "
+                                 "in the queue until the run ends)", "Training", bool, api_writable=False),
         # API and queue (server configuration: the limits protect a shared server, so clients cannot lift them)
         "queue_max_pending": S(100, "Most jobs that may wait in the queue (more are refused with HTTP 503)",
                                "API", int, 1, 100000, api_writable=False),

@@ -35,6 +35,7 @@ from typing import Any
 
 from modules.core.fileio import atomic_folder, atomic_open
 from modules.core.paths import SD_CONFIGS_DIR
+from modules.model_store.ldm_convert import diffusers_configs, ldm_state_dict
 
 log = logging.getLogger("webui.tiny_models")
 
@@ -191,36 +192,6 @@ def build_tiny_sdxl(seed: int = TINY_SDXL_SEED) -> dict[str, Any]:
         "tokenizer_2": clip_tokenizer("!"),
         "scheduler": _scheduler("sdxl"),
     }
-
-
-def diffusers_configs(components: dict[str, Any]) -> dict[str, dict]:
-    """The per-component configs as plain JSON objects, for the `diffusers_configs` metadata."""
-    configs = {
-        "unet": json.loads(components["unet"].to_json_string()),
-        "vae": json.loads(components["vae"].to_json_string()),
-        "text_encoder": components["text_encoder"].config.to_dict(),
-        "scheduler": json.loads(components["scheduler"].to_json_string()),
-    }
-    if "text_encoder_2" in components:
-        configs["text_encoder_2"] = components["text_encoder_2"].config.to_dict()
-    return configs
-
-
-def ldm_state_dict(components: dict[str, Any]) -> dict:
-    """The components as one A1111 single-file state dict (SD1 layout, or SDXL's with text_encoder_2)."""
-    from modules.model_store.ldm_convert import diffusers_to_ldm
-
-    unet, vae = components["unet"], components["vae"]
-    te2 = components.get("text_encoder_2")
-    state = diffusers_to_ldm(
-        unet.state_dict(),
-        vae.state_dict(),
-        components["text_encoder"].state_dict(),
-        unet_config=dict(unet.config),
-        vae_config=dict(vae.config),
-        text_encoder_2_state_dict=te2.state_dict() if te2 is not None else None,
-    )
-    return {k: v.detach().contiguous() for k, v in state.items()}
 
 
 def _is_current(path: Path) -> bool:

@@ -8,6 +8,7 @@ drop, because a missing tensor would only show up later as a confusing load fail
 """
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -310,3 +311,31 @@ def diffusers_to_ldm(
             raise ValueError(f"LDM key collision: {sorted(collisions)[:3]}")
         out.update(part)
     return out
+
+
+def diffusers_configs(components: dict) -> dict[str, dict]:
+    """The per-component configs as plain JSON objects, for the `diffusers_configs` metadata."""
+    configs = {
+        "unet": json.loads(components["unet"].to_json_string()),
+        "vae": json.loads(components["vae"].to_json_string()),
+        "text_encoder": components["text_encoder"].config.to_dict(),
+        "scheduler": json.loads(components["scheduler"].to_json_string()),
+    }
+    if "text_encoder_2" in components:
+        configs["text_encoder_2"] = components["text_encoder_2"].config.to_dict()
+    return configs
+
+
+def ldm_state_dict(components: dict) -> dict:
+    """The components as one A1111 single-file state dict (SD1 layout, or SDXL's with text_encoder_2)."""
+    unet, vae = components["unet"], components["vae"]
+    te2 = components.get("text_encoder_2")
+    state = diffusers_to_ldm(
+        unet.state_dict(),
+        vae.state_dict(),
+        components["text_encoder"].state_dict(),
+        unet_config=dict(unet.config),
+        vae_config=dict(vae.config),
+        text_encoder_2_state_dict=te2.state_dict() if te2 is not None else None,
+    )
+    return {k: v.detach().contiguous() for k, v in state.items()}

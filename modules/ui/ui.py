@@ -11,6 +11,7 @@ from modules.core.options import OptionError
 from modules.ui import captioning as captioning_ui
 from modules.ui import common, pnginfo, settings, txt2img
 from modules.ui import img2img as img2img_ui
+from modules.ui import train as train_ui
 
 log = logging.getLogger("webui.ui")
 
@@ -78,6 +79,8 @@ def create_ui(webui) -> gr.Blocks:
             with gr.Tab("img2img", id="img2img", elem_id="tab_img2img"):
                 i2i = img2img_ui.create_tab(webui)
             captioning_ui.create_tabs(webui)  # Caption, VQA, Image search
+            with gr.Tab("Train", id="train", elem_id="tab_train"):
+                train_ui.create_tab(webui)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 png = pnginfo.create_tab()
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):

@@ -1,6 +1,6 @@
 """The layers of `modules/`, kept by reading every module's imports (top-level and inside functions) with ast.
 
-    core  <-  prompting  <-  model_store  <-  networks  <-  services (generation, captioning)  <-  demo
+    core  <-  prompting  <-  model_store  <-  networks  <-  services (generation, captioning)  <-  training  <-  demo
           <-  app (the wiring), ui, api
 
 An import points down, or within its own package, never up. Services may call each other's public names, never
@@ -24,12 +24,14 @@ ALLOWED = {
     "generation": {"core", "model_store", "prompting", "networks", "captioning"},
     "captioning": {"core", "model_store", "prompting", "generation"},
     "caption": {"core", "model_store", "captioning"},  # the captioning CLI
+    "training": {"core", "model_store", "prompting", "networks", "generation", "captioning"},
+    "train": {"core", "training", "model_store", "captioning"},  # the training CLI
     "demo": {"core", "model_store", "prompting", "networks", "generation", "captioning"},
-    "app": {"core", "model_store", "prompting", "networks", "generation", "captioning", "demo"},
-    "ui": {"core", "model_store", "prompting", "networks", "generation", "captioning"},
-    "api": {"core", "model_store", "prompting", "networks", "generation", "captioning"},
+    "app": {"core", "model_store", "prompting", "networks", "generation", "captioning", "training", "demo"},
+    "ui": {"core", "model_store", "prompting", "networks", "generation", "captioning", "training"},
+    "api": {"core", "model_store", "prompting", "networks", "generation", "captioning", "training"},
 }
-SERVICES = {"generation", "captioning"}
+SERVICES = {"generation", "captioning", "training"}
 
 
 def package_of(module: str) -> str | None:

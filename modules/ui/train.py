@@ -1,0 +1,306 @@
+"""The Train tab: LoRA, DreamBooth and Embedding sub-tabs (basics first, the rest folded in groups with kohya's
+option names and defaults), a dataset preview before starting, Start / Stop / Resume, and the run panel (live
+loss plot, learning rate, speed, ETA, memory, sample images) with the list of past runs, whose config loads back
+into the form. It drives the same run manager as the API, which starts the training CLI. No torch here."""
+from __future__ import annotations
+
+import dataclasses
+import html
+import logging
+
+import gradio as gr
+
+from modules.training import config as train_config
+from modules.ui.common import clean_text, notice_html
+
+log = logging.getLogger("webui.ui")
+
+DEFAULTS = train_config.TrainConfig()
+BASICS = {
+    "lora": ["pretrained_model_name_or_path", "train_data_dir", "output_name", "max_train_steps", "max_train_epochs",
+             "train_batch_size", "resolution", "learning_rate", "network_dim", "network_alpha"],
+    "dreambooth": ["pretrained_model_name_or_path", "train_data_dir", "output_name", "class_prompt",
+                   "num_class_images", "max_train_steps", "max_train_epochs", "train_batch_size", "resolution",
+                   "learning_rate", "full_fine_tune", "network_dim", "network_alpha"],
+    "embedding": ["pretrained_model_name_or_path", "train_data_dir", "output_name", "token_string", "init_word",
+                  "num_vectors_per_token", "max_train_steps", "max_train_epochs", "train_batch_size", "resolution",
+                  "learning_rate"],
+}
+GROUPS = {
+    "Data and captions": ["reg_data_dir", "caption_extension", "caption_missing_with", "shuffle_caption",
+                          "keep_tokens", "caption_dropout_rate", "enable_bucket", "min_bucket_reso",
+                          "max_bucket_reso", "bucket_reso_steps", "cache_latents", "cache_latents_to_disk"],
+    "Optimizer and schedule": ["optimizer_type", "lr_scheduler", "lr_warmup_steps", "unet_lr", "text_encoder_lr",
+                               "gradient_accumulation_steps", "max_grad_norm", "min_snr_gamma", "noise_offset",
+                               "prior_loss_weight", "seed"],
+    "Network": ["network_train_unet_only", "network_train_text_encoder_only", "train_text_encoder", "clip_skip"],
+    "Saving and samples": ["output_dir", "save_every_n_steps", "save_every_n_epochs", "save_state",
+                           "sample_prompts", "sample_every_n_steps", "sample_every_n_epochs"],
+    "Memory and precision": ["mixed_precision", "gradient_checkpointing", "cache_text_encoder_outputs"],
+}
+NOT_FOR = {
+    "lora": {"class_prompt", "num_class_images", "full_fine_tune", "train_text_encoder", "token_string",
+             "init_word", "num_vectors_per_token"},
+    "dreambooth": {"token_string", "init_word", "num_vectors_per_token"},
+    "embedding": {"network_dim", "network_alpha", "network_train_unet_only", "network_train_text_encoder_only",
+                  "full_fine_tune", "train_text_encoder", "class_prompt", "num_class_images", "unet_lr",
+                  "text_encoder_lr", "prior_loss_weight", "cache_text_encoder_outputs"},
+}
+CHOICES = {"lr_scheduler": train_config.LR_SCHEDULERS, "optimizer_type": train_config.OPTIMIZERS,
+           "mixed_precision": train_config.PRECISIONS}
+
+
+def _label(name: str) -> str:
+    return name
+
+
+def _component(name: str, webui):
+    f = train_config.FIELDS[name]
+    default = f.default
+    info = f.metadata.get("help")
+    elem_id = None  # set by the caller, per method
+    if name == "pretrained_model_name_or_path":
+        names = [c.name for c in webui.registry.list()]
+        current = webui.current_checkpoint()
+        return gr.Dropdown(label="Base model (pretrained_model_name_or_path)", choices=names,
+                           value=current.name if current else None, allow_custom_value=True, info=info)
+    if name in CHOICES:
+        return gr.Dropdown(label=_label(name), choices=list(CHOICES[name]), value=default, info=info)
+    if isinstance(default, bool):
+        return gr.Checkbox(label=_label(name), value=default, info=info)
+    if isinstance(default, int):
+        return gr.Number(label=_label(name), value=default, precision=0, info=info)
+    if isinstance(default, float):
+        return gr.Number(label=_label(name), value=default, info=info)
+    return gr.Textbox(label=_label(name), value=default, info=info, elem_id=elem_id, max_lines=1)
+
+
+def _status_html(snap: dict | None) -> str:
+    if not snap:
+        return ""
+    parts = [f"<b>Run {snap['id']}</b> ({html.escape(snap['method'])}, {html.escape(str(snap['output_name']))}): "
+             f"<span class='train-state'>{html.escape(snap['state'])}</span>",
+             f"step {snap['step']}/{snap['total_steps']}, epoch {snap['epoch']}"]
+    if snap.get("loss") is not None:
+        parts.append(f"loss {snap['loss']:.4f} (smoothed {snap['loss_avg']:.4f})")
+    if snap.get("learning_rate") is not None:
+        parts.append(f"lr {snap['learning_rate']:.3g}")
+    if snap.get("it_s"):
+        parts.append(f"{snap['it_s']:.2f} it/s")
+    if snap.get("eta_s") is not None:
+        parts.append(f"ETA {snap['eta_s']:.0f} s")
+    if snap.get("peak_memory"):
+        parts.append(f"peak memory {snap['peak_memory'] / 2**20:.0f} MB")
+    text = ", ".join(parts)
+    if snap.get("outputs"):
+        text += "<br>saved: " + ", ".join(html.escape(p) for p in snap["outputs"][-3:])
+    if snap.get("error"):
+        text += notice_html(clean_text(snap["error"]))
+    return f"<div class='train-status' id='train_status_text'>{text}</div>"
+
+
+def _loss_frame(snap: dict | None):
+    import pandas as pd
+    rows = []
+    for point in (snap or {}).get("losses", []):
+        rows.append({"step": point["step"], "loss": point["loss"], "series": "loss"})
+        rows.append({"step": point["step"], "loss": point["loss_avg"], "series": "smoothed"})
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+
+
+def _run_choices(webui, owner) -> list[str]:
+    return [f"{r.id}: {r.method} {r.cfg.output_name} ({r.state})" for r in reversed(webui.training.list(owner))]
+
+
+def _run_id(choice) -> int | None:
+    try:
+        return int(str(choice).split(":", 1)[0])
+    except (TypeError, ValueError):
+        return None
+
+
+def _thumbnail(path):
+    # PIL thumbnails, not paths: Gradio serves only files under its allowed paths, and data folders may be anywhere
+    from PIL import Image
+    with Image.open(path) as im:
+        im.thumbnail((192, 192))
+        return im.convert("RGB")
+
+
+def _owner(request: gr.Request | None):
+    return getattr(request, "username", None) if request is not None else None
+
+
+def create_tab(webui) -> None:
+    """The Train tab's content (the caller opens the gr.Tab)."""
+    from modules.training.dataset import DatasetError
+
+    service = webui.training
+    forms: dict[str, dict[str, gr.components.Component]] = {}
+    buttons = {}
+    with gr.Row():
+        with gr.Column(scale=3):
+            with gr.Tabs(elem_id="train_methods"):
+                for method, title in (("lora", "LoRA"), ("dreambooth", "DreamBooth"), ("embedding", "Embedding")):
+                    with gr.Tab(title, id=f"train_{method}", elem_id=f"tab_train_{method}"):
+                        form = {}
+                        with gr.Group():
+                            for name in BASICS[method]:
+                                form[name] = _component(name, webui)
+                                form[name].elem_id = f"train_{method}_{name}"
+                        for group, names in GROUPS.items():
+                            names = [n for n in names if n not in NOT_FOR[method]]
+                            with gr.Accordion(group, open=False):
+                                for name in names:
+                                    form[name] = _component(name, webui)
+                                    form[name].elem_id = f"train_{method}_{name}"
+                        with gr.Row():
+                            preview = gr.Button("Preview dataset", elem_id=f"train_{method}_preview")
+                            start = gr.Button("Start training", variant="primary", elem_id=f"train_{method}_start")
+                        forms[method] = form
+                        buttons[method] = (preview, start)
+            notice = gr.HTML("", elem_id="train_notice")
+            preview_text = gr.HTML("", elem_id="train_preview_text")
+            preview_gallery = gr.Gallery(label="Dataset preview", columns=6, height=260, elem_id="train_preview",
+                                         visible=False)
+        with gr.Column(scale=2):
+            with gr.Row():
+                runs = gr.Dropdown(label="Runs", choices=_run_choices(webui, None), elem_id="train_runs",
+                                   interactive=True)
+                stop = gr.Button("Stop", elem_id="train_stop", variant="stop")
+                resume = gr.Button("Resume", elem_id="train_resume")
+                load = gr.Button("Load config", elem_id="train_load_config")
+            status = gr.HTML("", elem_id="train_status")
+            plot = gr.LinePlot(_loss_frame(None), x="step", y="loss", color="series", label="Loss",
+                               elem_id="train_loss_plot", height=260)
+            samples = gr.Gallery(label="Samples", columns=4, height=220, elem_id="train_samples")
+    timer = gr.Timer(1.0, active=True)
+
+    def values_of(method, args) -> dict:
+        names = list(forms[method])
+        values = {}
+        for name, value in zip(names, args):
+            kind = type(train_config.FIELDS[name].default)
+            if value is None and kind is not str:
+                continue
+            if kind is str:
+                value = "" if value is None else str(value).strip()
+            values[name] = value
+        return values
+
+    def do_preview(method, *args):
+        try:
+            _, plan = service.check(method, values_of(method, args))
+        except (train_config.TrainConfigError, DatasetError) as e:
+            gr.Warning(clean_text(str(e)))
+            return notice_html(clean_text(str(e))), "", gr.update(visible=False)
+        summary = plan.summary()
+        ds = summary["dataset"]
+        buckets = ", ".join(f"{b['size'][0]}x{b['size'][1]}: {b['count']}" for b in ds["buckets"])
+        text = (f"<div id='train_preview_summary'>{ds['images']} images ({ds['repeats_total']} with repeats, "
+                f"{ds['reg_images']} regularisation), buckets {html.escape(buckets)}; {summary['steps_per_epoch']} "
+                f"steps per epoch, <b>{summary['total_steps']} steps</b> in all"
+                + (f"; skipped: {html.escape(', '.join(s[0] for s in ds['skipped']))}" if ds["skipped"] else "")
+                + "</div>")
+        items = [(_thumbnail(item["path"]),
+                  f"{item['bucket'][0]}x{item['bucket'][1]}, x{item['repeats']}: {item['caption']}")
+                 for item in plan.data.preview()[:60]]
+        return "", text, gr.update(value=items, visible=True)
+
+    def do_start(method, *args, request: gr.Request = None):
+        owner = _owner(request)
+        try:
+            run = service.start(method, values_of(method, args), owner)
+        except Exception as e:
+            from modules.training.runs import RunBusyError
+            if not isinstance(e, (train_config.TrainConfigError, DatasetError, RunBusyError)):
+                raise
+            gr.Warning(clean_text(str(e)))
+            return notice_html(clean_text(str(e))), gr.update()
+        choices = _run_choices(webui, owner)
+        return "", gr.update(choices=choices, value=next(c for c in choices if _run_id(c) == run.id))
+
+    for method, (preview, start) in buttons.items():
+        inputs = list(forms[method].values())
+        m = gr.State(method)
+        preview.click(do_preview, [m, *inputs], [notice, preview_text, preview_gallery])
+        start.click(do_start, [m, *inputs], [notice, runs])
+
+    shown = gr.State(None)  # (run id, points plotted, samples shown, choices): only what changed is sent
+
+    def refresh(choice, last, request: gr.Request = None):
+        owner = _owner(request)
+        run_id = _run_id(choice)
+        choices = _run_choices(webui, owner)
+        last = last or (None, -1, -1, [])
+        runs_update = gr.update(choices=choices) if choices != last[3] else gr.update()
+        if run_id is None:
+            return runs_update, "", gr.update(), gr.update(), (None, -1, -1, choices)
+        try:
+            snap = service.get(run_id, owner).snapshot()
+        except LookupError:
+            return gr.update(choices=choices, value=None), "", _loss_frame(None), [], (None, -1, -1, choices)
+        if choices != last[3]:
+            runs_update = gr.update(choices=choices, value=next((c for c in choices if _run_id(c) == run_id), None))
+        same_run = last[0] == run_id
+        plot_update = gr.update() if same_run and last[1] == len(snap["losses"]) else _loss_frame(snap)
+        samples_update = gr.update() if same_run and last[2] == len(snap["samples"]) else [
+            (_thumbnail(p), f"step {p.rsplit('step', 1)[-1][:6]}") for p in snap["samples"][-12:]]
+        return (runs_update, _status_html(snap), plot_update, samples_update,
+                (run_id, len(snap["losses"]), len(snap["samples"]), choices))
+
+    timer.tick(refresh, [runs, shown], [runs, status, plot, samples, shown], show_progress="hidden")
+    runs.input(refresh, [runs, gr.State(None)], [runs, status, plot, samples, shown], show_progress="hidden")
+
+    def do_stop(choice, request: gr.Request = None):
+        run_id = _run_id(choice)
+        if run_id is None:
+            return notice_html("choose a run to stop")
+        try:
+            service.stop(run_id, _owner(request))
+        except LookupError as e:
+            return notice_html(str(e))
+        return ""
+
+    stop.click(do_stop, [runs], [notice])
+
+    def do_resume(choice, request: gr.Request = None):
+        owner = _owner(request)
+        run_id = _run_id(choice)
+        try:
+            old = service.get(run_id, owner) if run_id is not None else None
+            if old is None:
+                return notice_html("choose a stopped run to resume"), gr.update()
+            values = {k: v for k, v in dataclasses.asdict(old.cfg).items()
+                      if k not in ("run_dir", "models_dir", "method")}
+            values["resume"] = str(run_id)
+            run = service.start(old.method, values, owner)
+        except Exception as e:
+            from modules.training.runs import RunBusyError
+            if not isinstance(e, (train_config.TrainConfigError, DatasetError, RunBusyError, LookupError)):
+                raise
+            gr.Warning(clean_text(str(e)))
+            return notice_html(clean_text(str(e))), gr.update()
+        choices = _run_choices(webui, owner)
+        return "", gr.update(choices=choices, value=next(c for c in choices if _run_id(c) == run.id))
+
+    resume.click(do_resume, [runs], [notice, runs])
+
+    all_outputs = [c for method in forms for c in forms[method].values()]
+
+    def do_load(choice, request: gr.Request = None):
+        run_id = _run_id(choice)
+        try:
+            run = service.get(run_id, _owner(request)) if run_id is not None else None
+        except LookupError:
+            run = None
+        if run is None:
+            return [gr.update()] * len(all_outputs)
+        cfg = dataclasses.asdict(run.cfg)
+        out = []
+        for method in forms:
+            for name in forms[method]:
+                out.append(gr.update(value=cfg[name]) if method == run.method else gr.update())
+        return out
+
+    load.click(do_load, [runs], all_outputs)
