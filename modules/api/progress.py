@@ -15,6 +15,15 @@ def _job_belongs(job, user: str | None) -> bool:
     return job is not None and job.owner == user
 
 
+def textinfo_of(queue, job) -> str | None:
+    """The job's text; for a job waiting behind a training run (whoever's), why it waits."""
+    if job.status == "queued":
+        running = queue.current()
+        if running is not None and running.kind == "training" and running.textinfo:
+            return f"waiting: {running.textinfo}"
+    return job.textinfo
+
+
 def router(webui) -> APIRouter:
     from modules.core import outputs
 
@@ -30,7 +39,8 @@ def router(webui) -> APIRouter:
         if not skip_current_image and job.current_image is not None:
             image = outputs.encode_image_base64(job.current_image)
         return models.ProgressResponse(progress=job.progress, eta_relative=job.eta_relative or 0.0, state=state,
-                                       current_image=image, textinfo=job.textinfo, current_task=job.id)
+                                       current_image=image, textinfo=textinfo_of(webui.queue, job),
+                                       current_task=job.id)
 
     def _own_job(id_task: str, user: str | None):
         job = webui.queue.get(id_task)
@@ -109,7 +119,7 @@ def internal_router(webui) -> APIRouter:
         eta = webui.queue.estimated_wait(job.id) if queued else job.eta_relative
         return models.InternalProgressResponse(
             active=job.status == "running", queued=queued, completed=job.done, progress=job.progress, eta=eta,
-            live_preview=preview, id_live_preview=preview_id, textinfo=job.textinfo or None,
+            live_preview=preview, id_live_preview=preview_id, textinfo=textinfo_of(webui.queue, job) or None,
             queue_position=job.position if queued else None)
 
     return router

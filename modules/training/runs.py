@@ -64,6 +64,7 @@ class TrainingRun:
         self.exit_code: int | None = None
         self.proc: subprocess.Popen | None = None
         self.gate = None  # the queue job holding the GPU for the run
+        self.ending: str | None = None
         self.stop_requested = False
         self.log_tail: deque[str] = deque(maxlen=40)
         self._lock = threading.Lock()
@@ -90,10 +91,8 @@ class TrainingRun:
                 self.states.append(event["path"])
             elif kind == "error":
                 self.error = event.get("message")
-            elif kind == "stopped":
-                self.state = "stopped"
-            elif kind == "done":
-                self.state = "done"
+            elif kind in ("stopped", "done"):
+                self.ending = kind  # the state once the process has ended and its files are listed
 
     def snapshot(self, detail: bool = True) -> dict[str, Any]:
         with self._lock:
@@ -125,8 +124,8 @@ class TrainingRun:
 
 
 def _finished_state(run: TrainingRun, code: int) -> str:
-    if run.state in ("done", "stopped") and code == 0:
-        return run.state
+    if run.ending and code == 0:
+        return run.ending
     if code == 0:
         return "done"
     if run.stop_requested and code in (-signal.SIGTERM, -signal.SIGKILL):
@@ -178,7 +177,9 @@ class RunManager:
                         run.apply(json.loads(line))
                     except (ValueError, KeyError):
                         continue
-            if run.state in ACTIVE:
+            if run.ending:
+                run.state = run.ending
+            elif run.state in ACTIVE:
                 run.state = "stopped" if run.states else "failed"  # the server went away during the run
             run.finished_event.set()
             self._runs[run.id] = run
@@ -266,7 +267,7 @@ class RunManager:
         if self.park is not None:
             self.park()
         threading.Thread(target=self._run_child, args=(run,), name=f"training-{run.id}", daemon=True).start()
-        while not run.finished_event.wait(0.5):
+        while not run.finished_event.wait(0.25):
             job.textinfo = run.textinfo()
         return run.snapshot(detail=False)
 
@@ -279,6 +280,7 @@ class RunManager:
             run.state = "stopping" if run.stop_requested else "starting"
             run.started = time.time()
         log_file = open(run.run_dir / "train.log", "a", encoding="utf-8")
+        final = "failed"
         try:
             run.proc = subprocess.Popen(self._command(run), cwd=paths.REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True)
@@ -296,27 +298,28 @@ class RunManager:
                     log_file.write(line + "\n")
             code = run.proc.wait()
             err.join(5)
+            final = _finished_state(run, code)
             with run._lock:
                 run.exit_code = code
-                run.state = _finished_state(run, code)
-                if run.state == "failed" and not run.error:
+                if final == "failed" and not run.error:
                     tail = [t for t in run.log_tail if t.strip()]
                     run.error = (tail[-1] if tail else f"the training process ended with code {code}")
                     if code == -signal.SIGKILL:
                         run.error = "the training process was killed (out of memory?); the last saved state is kept"
         except OSError as e:
             with run._lock:
-                run.state, run.error = "failed", f"cannot start the training process: {e}"
+                run.error = f"cannot start the training process: {e}"
         finally:
             log_file.close()
-            with run._lock:
-                run.finished = time.time()
-            log.info("training run %s %s at step %s/%s", run.id, run.state, run.step, run.total_steps)
-            if self.on_finished is not None:
+            if self.on_finished is not None:  # the new files are listed before the run reads as ended
                 try:
                     self.on_finished(run)
                 except Exception:  # a refresh failing must not leave the run looking active
                     log.exception("after training run %s", run.id)
+            with run._lock:
+                run.state = final
+                run.finished = time.time()
+            log.info("training run %s %s at step %s/%s", run.id, run.state, run.step, run.total_steps)
             run.finished_event.set()
 
     @staticmethod

@@ -75,6 +75,30 @@ def _component(name: str, webui):
     return gr.Textbox(label=_label(name), value=default, info=info, elem_id=elem_id, max_lines=1)
 
 
+def _fields(form: dict, method: str, names: list[str], webui) -> None:
+    """Text fields one per line, numbers and switches three to a row."""
+    row: list[str] = []
+
+    def flush():
+        if row:
+            with gr.Row():
+                for n in row:
+                    form[n] = _component(n, webui)
+                    form[n].elem_id = f"train_{method}_{n}"
+            row.clear()
+
+    for name in names:
+        if isinstance(train_config.FIELDS[name].default, str) and name not in CHOICES:
+            flush()
+            form[name] = _component(name, webui)
+            form[name].elem_id = f"train_{method}_{name}"
+        else:
+            row.append(name)
+            if len(row) == 3:
+                flush()
+    flush()
+
+
 def _status_html(snap: dict | None) -> str:
     if not snap:
         return ""
@@ -99,13 +123,22 @@ def _status_html(snap: dict | None) -> str:
     return f"<div class='train-status' id='train_status_text'>{text}</div>"
 
 
+LOSS_COLORS = {"loss": "#1f77b4", "smoothed": "#ff7f0e"}
+
+
 def _loss_frame(snap: dict | None):
+    """The loss points for the plot; None while there are none (a plot that starts from an empty frame draws no
+    lines for the data it gets later)."""
     import pandas as pd
+    if not (snap or {}).get("losses"):
+        return None
     rows = []
     for point in (snap or {}).get("losses", []):
         rows.append({"step": point["step"], "loss": point["loss"], "series": "loss"})
         rows.append({"step": point["step"], "loss": point["loss_avg"], "series": "smoothed"})
-    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+    # typed even when empty: the plot reads the column kinds (numbers, not labels) from the dtypes
+    frame = pd.DataFrame(rows, columns=["step", "loss", "series"])
+    return frame.astype({"step": "int64", "loss": "float64", "series": "str"})
 
 
 def _run_choices(webui, owner) -> list[str]:
@@ -131,8 +164,8 @@ def _owner(request: gr.Request | None):
     return getattr(request, "username", None) if request is not None else None
 
 
-def create_tab(webui) -> None:
-    """The Train tab's content (the caller opens the gr.Tab)."""
+def create_tab(webui) -> gr.Textbox:
+    """The Train tab's content (the caller opens the gr.Tab); returns the box that changes when a run ends."""
     from modules.training.dataset import DatasetError
 
     service = webui.training
@@ -144,16 +177,10 @@ def create_tab(webui) -> None:
                 for method, title in (("lora", "LoRA"), ("dreambooth", "DreamBooth"), ("embedding", "Embedding")):
                     with gr.Tab(title, id=f"train_{method}", elem_id=f"tab_train_{method}"):
                         form = {}
-                        with gr.Group():
-                            for name in BASICS[method]:
-                                form[name] = _component(name, webui)
-                                form[name].elem_id = f"train_{method}_{name}"
+                        _fields(form, method, BASICS[method], webui)
                         for group, names in GROUPS.items():
-                            names = [n for n in names if n not in NOT_FOR[method]]
                             with gr.Accordion(group, open=False):
-                                for name in names:
-                                    form[name] = _component(name, webui)
-                                    form[name].elem_id = f"train_{method}_{name}"
+                                _fields(form, method, [n for n in names if n not in NOT_FOR[method]], webui)
                         with gr.Row():
                             preview = gr.Button("Preview dataset", elem_id=f"train_{method}_preview")
                             start = gr.Button("Start training", variant="primary", elem_id=f"train_{method}_start")
@@ -171,10 +198,13 @@ def create_tab(webui) -> None:
                 resume = gr.Button("Resume", elem_id="train_resume")
                 load = gr.Button("Load config", elem_id="train_load_config")
             status = gr.HTML("", elem_id="train_status")
-            plot = gr.LinePlot(_loss_frame(None), x="step", y="loss", color="series", label="Loss",
+            plot = gr.LinePlot(None, x="step", y="loss", color="series", label="Loss", color_map=LOSS_COLORS,
                                elem_id="train_loss_plot", height=260)
             samples = gr.Gallery(label="Samples", columns=4, height=220, elem_id="train_samples")
     timer = gr.Timer(1.0, active=True)
+    # "<run id>:<state>" of the shown run once it has ended: the wiring re-renders the extra-network panels on a
+    # change, so a finished run's LoRA card appears in txt2img without a click
+    ended = gr.Textbox("", visible=False, elem_id="train_ended")
 
     def values_of(method, args) -> dict:
         names = list(forms[method])
@@ -235,22 +265,25 @@ def create_tab(webui) -> None:
         last = last or (None, -1, -1, [])
         runs_update = gr.update(choices=choices) if choices != last[3] else gr.update()
         if run_id is None:
-            return runs_update, "", gr.update(), gr.update(), (None, -1, -1, choices)
+            return runs_update, "", gr.update(), gr.update(), (None, -1, -1, choices), gr.update()
         try:
             snap = service.get(run_id, owner).snapshot()
         except LookupError:
-            return gr.update(choices=choices, value=None), "", _loss_frame(None), [], (None, -1, -1, choices)
+            return (gr.update(choices=choices, value=None), "", _loss_frame(None), [], (None, -1, -1, choices),
+                    gr.update())
         if choices != last[3]:
             runs_update = gr.update(choices=choices, value=next((c for c in choices if _run_id(c) == run_id), None))
         same_run = last[0] == run_id
         plot_update = gr.update() if same_run and last[1] == len(snap["losses"]) else _loss_frame(snap)
         samples_update = gr.update() if same_run and last[2] == len(snap["samples"]) else [
             (_thumbnail(p), f"step {p.rsplit('step', 1)[-1][:6]}") for p in snap["samples"][-12:]]
+        ended_update = f"{run_id}:{snap['state']}" if snap["state"] in ("done", "stopped", "failed") else gr.update()
         return (runs_update, _status_html(snap), plot_update, samples_update,
-                (run_id, len(snap["losses"]), len(snap["samples"]), choices))
+                (run_id, len(snap["losses"]), len(snap["samples"]), choices), ended_update)
 
-    timer.tick(refresh, [runs, shown], [runs, status, plot, samples, shown], show_progress="hidden")
-    runs.input(refresh, [runs, gr.State(None)], [runs, status, plot, samples, shown], show_progress="hidden")
+    outputs = [runs, status, plot, samples, shown, ended]
+    timer.tick(refresh, [runs, shown], outputs, show_progress="hidden")
+    runs.input(refresh, [runs, gr.State(None)], outputs, show_progress="hidden")
 
     def do_stop(choice, request: gr.Request = None):
         run_id = _run_id(choice)
@@ -304,3 +337,4 @@ def create_tab(webui) -> None:
         return out
 
     load.click(do_load, [runs], all_outputs)
+    return ended

@@ -80,7 +80,7 @@ def create_ui(webui) -> gr.Blocks:
                 i2i = img2img_ui.create_tab(webui)
             captioning_ui.create_tabs(webui)  # Caption, VQA, Image search
             with gr.Tab("Train", id="train", elem_id="tab_train"):
-                train_ui.create_tab(webui)
+                train_ended = train_ui.create_tab(webui)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 png = pnginfo.create_tab()
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
@@ -98,6 +98,9 @@ def create_ui(webui) -> gr.Blocks:
             return [checkpoint_update(), notices()] + [p.render(webui, q) for p, q in zip(panels, queries)]
 
         refresh.click(on_refresh, inputs=[p.search for p in panels], outputs=[checkpoint, banner] + [p.html for p in panels])
+        # a training run ended: its LoRA, embedding or checkpoint is listed at once
+        train_ended.change(on_refresh, inputs=[p.search for p in panels],
+                           outputs=[checkpoint, banner] + [p.html for p in panels], show_progress="hidden")
 
         def on_page_load():
             # The page may be (re)loaded long after start-up: show the checkpoints, notices and settings in force
