@@ -167,6 +167,9 @@ class Trainer:
         for i, (_, encoder) in enumerate(base.encoders):
             parts["text_encoder" if i == 0 else "text_encoder_2"] = encoder
         if cfg.method == "embedding":
+            import copy
+            for i, name in enumerate(("tokenizer", "tokenizer_2")[:len(base.encoders)]):
+                comps[name] = copy.deepcopy(comps[name])  # the run's own: the shipped tokenizer is shared
             for i, (tokenizer, encoder) in enumerate(base.encoders):
                 ids = self._add_tokens(tokenizer, encoder)
                 encoder.requires_grad_(False)

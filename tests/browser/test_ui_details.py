@@ -13,10 +13,11 @@ from playwright.sync_api import Page, expect
 from tests.browser.test_ui import GEN_TIMEOUT, infotext, open_ui, set_number, small
 from tests.conftest import Server, copy_models
 
-TABS = ["txt2img", "img2img", "Caption", "VQA", "Image search", "PNG Info", "Settings"]
+TABS = ["txt2img", "img2img", "Caption", "VQA", "Image search", "Train", "PNG Info", "Settings"]
 # one element each tab shows, to know the content that came with the label
 TAB_CONTENT = {"txt2img": "#txt2img_prompt", "img2img": "#img2img_prompt", "Caption": "#caption_run",
-               "VQA": "#vqa_ask", "Image search": "#search_run", "PNG Info": "#pnginfo_image",
+               "VQA": "#vqa_ask", "Image search": "#search_run", "Train": "#train_lora_start",
+               "PNG Info": "#pnginfo_image",
                "Settings": "#settings_submit"}
 
 
@@ -32,7 +33,7 @@ def strip(page: Page) -> list[str]:
 
 
 TAB_IDS = {"txt2img": "tab_txt2img", "img2img": "tab_img2img", "Caption": "tab_caption", "VQA": "tab_vqa",
-           "Image search": "tab_search", "PNG Info": "tab_pnginfo", "Settings": "tab_settings"}
+           "Image search": "tab_search", "Train": "tab_train", "PNG Info": "tab_pnginfo", "Settings": "tab_settings"}
 
 
 def top_tab(page: Page, name: str):
@@ -43,7 +44,8 @@ def test_tabs_keep_their_label_place_and_content_in_any_order(page, server):
     open_ui(page, server)
     assert strip(page) == TABS
     for order in (TABS[2:5] + TABS[5:] + TABS[:2], list(reversed(TABS)), ["VQA", "Caption", "Settings", "Image search",
-                                                                          "PNG Info", "img2img", "VQA", "txt2img"]):
+                                                                          "Train", "PNG Info", "img2img", "Train",
+                                                                          "VQA", "txt2img"]):
         for name in order:
             top_tab(page, name).click()
             expect(top_tab(page, name)).to_have_attribute("aria-selected", "true")

@@ -260,7 +260,7 @@ def test_sdxl_lora_with_buckets_uses_kohya_sdxl_names(tiny_models, tmp_path):
     from modules import generation
     data = make_dataset(tmp_path / "data", count=3, size=[(96, 64), (64, 96), (96, 64)])
     out = tmp_path / "out"
-    args = base_args(tiny_models, data, out, "xl", "--enable_bucket", "--min_bucket_reso", "64",
+    args = base_args(tiny_models, data, out, "xl", "--enable_bucket", "--min_bucket_reso", "32",
                      "--max_bucket_reso", "128", "--bucket_reso_steps", "32", steps=3)
     args[args.index(TINY)] = "tiny-sdxl.safetensors"
     proc, events = train_cli(args)
