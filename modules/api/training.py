@@ -65,11 +65,7 @@ def router(webui) -> APIRouter:
     async def resume(run_id: int, body: dict[str, Any] = Body(default_factory=dict),
                      user: str | None = Depends(current_user)):
         """A new run continuing run `run_id` from its last state (its config, with the body's changes)."""
-        old = call(webui.training.get, run_id, user)
-        values = {k: v for k, v in vars(old.cfg).items() if k not in ("run_dir", "models_dir", "method")}
-        values.update(body)
-        values["resume"] = str(run_id)
-        run = await run_in_threadpool(call, webui.training.start, old.method, values, user)
+        run = await run_in_threadpool(call, webui.training.resume, run_id, body, user)
         return run.snapshot()
 
     return router

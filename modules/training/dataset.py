@@ -84,11 +84,23 @@ def load_image(item: ImageItem):
     with Image.open(item.path) as im:
         im = im.convert("RGB")
     w, h = im.size
-    scale = max(bw / w, bh / h)
-    rw, rh = max(bw, round(w * scale)), max(bh, round(h * scale))
+    rw, rh = _covering_size(im.size, item.bucket)
     im = im.resize((rw, rh), Image.Resampling.LANCZOS)
-    left, top = (rw - bw) // 2, (rh - bh) // 2
+    top, left = crop_for((w, h), item.bucket)
     return im.crop((left, top, left + bw, top + bh)), (top, left), (h, w)
+
+
+def _covering_size(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
+    """The size an image is resized to so that it covers the bucket."""
+    (w, h), (bw, bh) = size, bucket
+    scale = max(bw / w, bh / h)
+    return max(bw, round(w * scale)), max(bh, round(h * scale))
+
+
+def crop_for(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
+    """(top, left) of the centre crop of an image of `size` (w, h) into `bucket`, in resized pixels."""
+    rw, rh = _covering_size(size, bucket)
+    return (rh - bucket[1]) // 2, (rw - bucket[0]) // 2
 
 
 def _read_caption(path: Path, extension: str) -> str:

@@ -31,6 +31,7 @@ from modules.training.plan import RunPlan
 
 log = logging.getLogger("webui.training")
 
+ENCODER_PARTS = ("text_encoder", "text_encoder_2")  # the components' names of the text encoders, in order
 EXIT_BAD_INPUT, EXIT_NAN, EXIT_OOM, EXIT_FAILED = 2, 3, 4, 1
 STATE_FILE = "state.json"
 
@@ -165,7 +166,7 @@ class Trainer:
         te_lr = cfg.text_encoder_lr or cfg.learning_rate
         parts = {"unet": comps["unet"]}
         for i, (_, encoder) in enumerate(base.encoders):
-            parts["text_encoder" if i == 0 else "text_encoder_2"] = encoder
+            parts[ENCODER_PARTS[i]] = encoder
         if cfg.method == "embedding":
             import copy
             for i, name in enumerate(("tokenizer", "tokenizer_2")[:len(base.encoders)]):
@@ -177,7 +178,7 @@ class Trainer:
                 emb.weight.requires_grad_(True)
                 t.token_ids.append(ids)
                 t.original_embeddings.append(emb.weight.detach().clone())
-                name = "text_encoder" if i == 0 else "text_encoder_2"
+                name = ENCODER_PARTS[i]
                 t.models[name] = encoder.to(self.device, torch.float32)
                 t.groups.append({"params": [emb.weight], "lr": cfg.learning_rate})
             comps["unet"].requires_grad_(False)
@@ -234,15 +235,17 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ data
     def _vae_fingerprint(self) -> str:
+        import torch
         if self._vae_id is None:
             h = hashlib.sha256()
             for name, tensor in sorted(self.vae.state_dict().items()):
                 h.update(name.encode())
-                h.update(tensor.detach().cpu().contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy())
+                h.update(tensor.detach().cpu().contiguous().view(-1).view(dtype=torch.uint8).numpy())
             self._vae_id = h.hexdigest()[:16]
         return self._vae_id
 
     def _latent(self, item):
+        import numpy as np
         import torch
 
         key = None
@@ -252,7 +255,7 @@ class Trainer:
             if cached is not None:
                 return cached
         image, _, _ = datasets.load_image(item)
-        x = torch.from_numpy(__import__("numpy").asarray(image, dtype="float32").copy()).permute(2, 0, 1) / 127.5 - 1
+        x = torch.from_numpy(np.asarray(image, dtype="float32").copy()).permute(2, 0, 1) / 127.5 - 1
         g = torch.Generator(device="cpu").manual_seed(_seed_of("latent", item.content_hash, item.bucket))
         with torch.no_grad():
             dist = self.vae.encode(x[None].to(self.device)).latent_dist
@@ -288,7 +291,7 @@ class Trainer:
     def _encoders(self):
         encs = []
         for i, (tokenizer, encoder) in enumerate(self.base.encoders):
-            name = "text_encoder" if i == 0 else "text_encoder_2"
+            name = ENCODER_PARTS[i]
             encs.append((tokenizer, self.wrapped.get(name, encoder)))
         return encs
 
@@ -347,10 +350,9 @@ class Trainer:
         kwargs = {}
         if self.plan.family == "sdxl":
             ids = []
-            for it in items:
-                _, (top, left), (oh, ow) = datasets.load_image(it) if not cfg.cache_latents else (
-                    None, (0, 0), (it.size[1], it.size[0]))
-                ids.append([oh, ow, top, left, it.bucket[1], it.bucket[0]])
+            for it in items:  # SDXL's size conditioning: original size, crop corner, target size (no image read)
+                top, left = datasets.crop_for(it.size, it.bucket)
+                ids.append([it.size[1], it.size[0], top, left, it.bucket[1], it.bucket[0]])
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(self.weight_dtype),
                                            "time_ids": torch.tensor(ids, device=self.device, dtype=self.weight_dtype)}
         with self.accelerator.autocast():
@@ -376,7 +378,7 @@ class Trainer:
         state = {}
         if self.cfg.method == "embedding":
             for i, ids in enumerate(self.trainee.token_ids):
-                name = "text_encoder" if i == 0 else "text_encoder_2"
+                name = ENCODER_PARTS[i]
                 weight = self.trainee.models[name].get_input_embeddings().weight
                 state[f"{name}.embedding"] = weight[ids].detach().float().cpu().clone()
             return state
@@ -391,7 +393,7 @@ class Trainer:
         with torch.no_grad():
             if self.cfg.method == "embedding":
                 for i, ids in enumerate(self.trainee.token_ids):
-                    name = "text_encoder" if i == 0 else "text_encoder_2"
+                    name = ENCODER_PARTS[i]
                     weight = self.trainee.models[name].get_input_embeddings().weight
                     weight[ids] = state[f"{name}.embedding"].to(weight.device, weight.dtype)
                 return
@@ -484,7 +486,7 @@ class Trainer:
         import torch
         with torch.no_grad():
             for i, ids in enumerate(self.trainee.token_ids):
-                name = "text_encoder" if i == 0 else "text_encoder_2"
+                name = ENCODER_PARTS[i]
                 weight = self.trainee.models[name].get_input_embeddings().weight
                 keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
                 keep[ids] = False

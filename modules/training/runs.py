@@ -256,6 +256,14 @@ class RunManager:
             threading.Thread(target=self._run_child, args=(run,), name=f"training-{run_id}", daemon=True).start()
         return run
 
+    def resume(self, run_id: int, changes: dict[str, Any], owner: str | None) -> TrainingRun:
+        """A new run continuing run `run_id` from its last state: its config, with `changes` applied."""
+        old = self.get(run_id, owner)
+        values = {k: v for k, v in vars(old.cfg).items() if k not in ("run_dir", "models_dir", "method")}
+        values.update(changes)
+        values["resume"] = str(run_id)
+        return self.start(old.method, values, owner)
+
     def _run_gated(self, run: TrainingRun, job) -> dict:
         """The queue job that holds the GPU for a run: park the inference models, run, wait, show why."""
         if run.stop_requested:

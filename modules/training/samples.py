@@ -43,6 +43,11 @@ def _sampler(name: str) -> str:
     return known[mapped.lower()]
 
 
+# kohya's per-line option -> (SamplePrompt field, how its text is read)
+PROMPT_OPTIONS = {"n": ("negative_prompt", str), "w": ("width", int), "h": ("height", int), "d": ("seed", int),
+                  "l": ("cfg_scale", float), "s": ("steps", int), "ss": ("sampler", lambda v: _sampler(v))}
+
+
 def parse_prompts(text: str, resolution: int) -> list[SamplePrompt]:
     out = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -54,23 +59,11 @@ def parse_prompts(text: str, resolution: int) -> list[SamplePrompt]:
         for part in parts[1:]:
             key, _, value = part.partition(" ")
             value = value.strip()
+            if key not in PROMPT_OPTIONS:
+                raise TrainConfigError(f"sample_prompts line {number}: unknown option --{key}")
+            attr, parse = PROMPT_OPTIONS[key]
             try:
-                if key == "n":
-                    sp.negative_prompt = value
-                elif key == "w":
-                    sp.width = int(value)
-                elif key == "h":
-                    sp.height = int(value)
-                elif key == "d":
-                    sp.seed = int(value)
-                elif key == "l":
-                    sp.cfg_scale = float(value)
-                elif key == "s":
-                    sp.steps = int(value)
-                elif key == "ss":
-                    sp.sampler = _sampler(value)
-                else:
-                    raise TrainConfigError(f"sample_prompts line {number}: unknown option --{key}")
+                setattr(sp, attr, parse(value))
             except ValueError:
                 raise TrainConfigError(f"sample_prompts line {number}: --{key} needs a number, got {value!r}") from None
         out.append(sp)

@@ -50,29 +50,24 @@ CHOICES = {"lr_scheduler": train_config.LR_SCHEDULERS, "optimizer_type": train_c
            "mixed_precision": train_config.PRECISIONS}
 
 
-def _label(name: str) -> str:
-    return name
-
-
 def _component(name: str, webui):
     f = train_config.FIELDS[name]
     default = f.default
     info = f.metadata.get("help")
-    elem_id = None  # set by the caller, per method
     if name == "pretrained_model_name_or_path":
         names = [c.name for c in webui.registry.list()]
         current = webui.current_checkpoint()
         return gr.Dropdown(label="Base model (pretrained_model_name_or_path)", choices=names,
                            value=current.name if current else None, allow_custom_value=True, info=info)
     if name in CHOICES:
-        return gr.Dropdown(label=_label(name), choices=list(CHOICES[name]), value=default, info=info)
+        return gr.Dropdown(label=name, choices=list(CHOICES[name]), value=default, info=info)
     if isinstance(default, bool):
-        return gr.Checkbox(label=_label(name), value=default, info=info)
+        return gr.Checkbox(label=name, value=default, info=info)
     if isinstance(default, int):
-        return gr.Number(label=_label(name), value=default, precision=0, info=info)
+        return gr.Number(label=name, value=default, precision=0, info=info)
     if isinstance(default, float):
-        return gr.Number(label=_label(name), value=default, info=info)
-    return gr.Textbox(label=_label(name), value=default, info=info, elem_id=elem_id, max_lines=1)
+        return gr.Number(label=name, value=default, info=info)
+    return gr.Textbox(label=name, value=default, info=info, max_lines=1)
 
 
 def _fields(form: dict, method: str, names: list[str], webui) -> None:
@@ -301,13 +296,9 @@ def create_tab(webui) -> gr.Textbox:
         owner = _owner(request)
         run_id = _run_id(choice)
         try:
-            old = service.get(run_id, owner) if run_id is not None else None
-            if old is None:
+            if run_id is None:
                 return notice_html("choose a stopped run to resume"), gr.update()
-            values = {k: v for k, v in dataclasses.asdict(old.cfg).items()
-                      if k not in ("run_dir", "models_dir", "method")}
-            values["resume"] = str(run_id)
-            run = service.start(old.method, values, owner)
+            run = service.resume(run_id, {}, owner)
         except Exception as e:
             from modules.training.runs import RunBusyError
             if not isinstance(e, (train_config.TrainConfigError, DatasetError, RunBusyError, LookupError)):
