@@ -108,6 +108,14 @@ class HashCache:
                 self._write_locked()
             return digest
 
+    def record(self, file: str | os.PathLike, sha256: str) -> None:
+        """Remember the sha256 of a file as it is now, computed while it was written (a merged checkpoint), so
+        listing it never reads it again."""
+        key, st = self._key(file)
+        with self._lock:
+            self._entries[key] = {"mtime_ns": st.st_mtime_ns, "size": st.st_size, "sha256": sha256}
+            self._write_locked()
+
     def autov2(self, file: str | os.PathLike) -> str:
         """A1111's "AutoV2" model hash: the first 10 hex digits of the sha256."""
         return self.sha256(file)[:10]
