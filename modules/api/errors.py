@@ -57,7 +57,7 @@ def install_error_handlers(app: FastAPI) -> None:
 def http_error(exc: BaseException) -> HTTPException | None:
     """The HTTP answer for a service's failure, by the exception's type; None for a server fault (a 500)."""
     from modules import generation as generation_params
-    from modules.core import jobs
+    from modules.core import jobs, upscaling
     from modules.core.options import OptionError
     from modules.model_store import checkpoint_files, sd_vae
     from modules.prompting import styles
@@ -71,6 +71,10 @@ def http_error(exc: BaseException) -> HTTPException | None:
     if isinstance(exc, (generation_params.UnknownNameError, styles.UnknownStyleError, sd_vae.UnknownVaeError)):
         return HTTPException(400, str(exc))
     if isinstance(exc, generation_params.GenerationError):
+        return HTTPException(422, str(exc))
+    if isinstance(exc, upscaling.UnknownUpscalerError):
+        return HTTPException(400, str(exc))
+    if isinstance(exc, upscaling.ExtrasError):
         return HTTPException(422, str(exc))
     if isinstance(exc, OptionError):
         return HTTPException(400, f"override_settings: {exc}")

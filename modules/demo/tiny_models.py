@@ -9,6 +9,7 @@
 - Stable-diffusion/tiny-sdxl.safetensors and tiny-sdxl-diffusers/: a tiny SDXL (two text encoders, a
   pooled output and size conditioning) as an SDXL-layout single file and as a diffusers folder;
 - VAE/tiny-vae.safetensors: another VAE of the tiny SD1 shape, as VAE files come (LDM keys, no configs);
+- ESRGAN/tiny-esrgan-4x.safetensors and RealESRGAN/tiny-realesrgan-x2.pth: tiny upscalers (`tiny_upscalers`);
 - with full_size: Stable-diffusion/sd15-random.safetensors, SD 1.5's real shapes, random, fp16, and no
   embedded configs, so loading it goes through the shipped sd_configs/sd1 folder.
 
@@ -390,6 +391,11 @@ def make_tiny_models(dir: str | os.PathLike, full_size: bool = False) -> dict[st
     )
     with _step("the tiny LoRAs and embeddings", Path(dir), quiet=True):
         make_tiny_extra_networks(dir)
+    from modules.demo.tiny_upscalers import (
+        make_tiny_upscalers,  # ESRGAN/tiny-esrgan-4x, RealESRGAN/tiny-realesrgan-x2
+    )
+    with _step("the tiny upscalers (ESRGAN/tiny-esrgan-4x, RealESRGAN/tiny-realesrgan-x2)", Path(dir), quiet=True):
+        make_tiny_upscalers(dir)
     return paths
 
 

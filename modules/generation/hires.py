@@ -1,5 +1,6 @@
-"""A1111's hires fix: the first pass upscaled (in latent space or in pixels), then an img2img pass over it that
-runs exactly "Hires steps" steps; with denoising strength 0 the upscale alone."""
+"""A1111's hires fix: the first pass upscaled (in latent space, in pixels, or through a model upscaler such as
+ESRGAN), then an img2img pass over it that runs exactly "Hires steps" steps; with denoising strength 0 the
+upscale alone."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,7 +8,11 @@ from typing import Any
 import torch
 
 from modules.core import samplers
-from modules.generation.params import LATENT_UPSCALE_MODES, PIXEL_UPSCALERS
+from modules.generation.params import (
+    LATENT_UPSCALE_MODES,
+    PIXEL_UPSCALERS,
+    GenerationError,
+)
 from modules.generation.sampling import decode_latents, make_noise, run_pass
 from modules.model_store import sd_pipelines
 
@@ -21,9 +26,25 @@ def upscale(bundle, req, latents, first_pipe, hr_w, hr_h):
         return torch.nn.functional.interpolate(latents.float(), size=(hr_h // vae_scale, hr_w // vae_scale),
                                                mode=mode, **kw).to(latents.dtype)
     from PIL import Image
-    resample = PIXEL_UPSCALERS[req.hr_upscaler]
     decoded = decode_latents(first_pipe, latents)
+    if req.hr_upscaler not in PIXEL_UPSCALERS:  # a model upscaler (ESRGAN, ...), known since validation
+        return [model_upscale(req, im, hr_w, hr_h) for im in decoded]
+    resample = PIXEL_UPSCALERS[req.hr_upscaler]
     return [im.resize((hr_w, hr_h), getattr(Image.Resampling, resample or "LANCZOS")) for im in decoded]
+
+
+def model_upscale(req, image, hr_w, hr_h):
+    """One first-pass image at the hires size through the request's model upscaler (leased from the model
+    manager for it, tiled on the compute device), as A1111's resize_image does; a file that turns out not to
+    load is the request's error."""
+    from modules.core.upscaling import ExtrasError
+    if req.upscalers is None:
+        raise GenerationError(f"hr_upscaler {req.hr_upscaler!r} is a model upscaler, and this request was "
+                              "validated without the server's upscalers")
+    try:
+        return req.upscalers.resize(image, hr_w, hr_h, req.hr_upscaler)
+    except ExtrasError as e:
+        raise GenerationError(f"hr_upscaler: {e}") from None
 
 
 def hires_pass(ctx, bundle, req, latents, first_pipe, seeds, conditioning, hr_w, hr_h, hr_steps,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from modules.core import samplers
 
@@ -21,7 +22,7 @@ LATENT_UPSCALE_MODES = {
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
 PIXEL_UPSCALERS = {"None": None, "Lanczos": "LANCZOS", "Nearest": "NEAREST"}
-HIRES_UPSCALERS = tuple(LATENT_UPSCALE_MODES) + tuple(PIXEL_UPSCALERS)
+HIRES_UPSCALERS = tuple(LATENT_UPSCALE_MODES) + tuple(PIXEL_UPSCALERS)  # and the server's model upscalers
 
 
 class GenerationError(ValueError):
@@ -67,6 +68,9 @@ class Txt2ImgRequest:
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
     save_images: bool = True
+    # the server's upscalers (`model_store.upscalers.Upscalers`), through which a model hr_upscaler (ESRGAN, ...)
+    # runs; set by validate(req, upscalers=...)
+    upscalers: Any = field(default=None, repr=False, compare=False)
 
 
 def hires_target_size(req: Txt2ImgRequest) -> tuple[int, int]:
@@ -83,9 +87,10 @@ def hires_target_size(req: Txt2ImgRequest) -> tuple[int, int]:
     return int(w) // 8 * 8, int(h) // 8 * 8
 
 
-def validate(req: Txt2ImgRequest) -> Txt2ImgRequest:
+def validate(req: Txt2ImgRequest, upscalers=None) -> Txt2ImgRequest:
     """Range-check a request and resolve its sampler names; raises GenerationError with every problem
-    (UnknownNameError when one of them is a name that does not exist)."""
+    (UnknownNameError when one of them is a name that does not exist). `upscalers` (the server's, else the
+    request's own) make the model upscalers' names valid hr_upscalers."""
     problems = []
     unknown = False
     if not 1 <= req.steps <= MAX_STEPS:
@@ -122,10 +127,15 @@ def validate(req: Txt2ImgRequest) -> Txt2ImgRequest:
         problems.append(str(e))
         unknown = True
         sampler = schedule = hr_sampler = hr_schedule = None
+    upscalers = upscalers if upscalers is not None else req.upscalers
     if req.enable_hr:
         if req.hr_upscaler not in HIRES_UPSCALERS:
-            problems.append(f"hr_upscaler must be one of {list(HIRES_UPSCALERS)}, got {req.hr_upscaler!r}")
-            unknown = True
+            if upscalers is None or not upscalers.has(req.hr_upscaler):
+                names = list(HIRES_UPSCALERS) + (upscalers.model_names() if upscalers is not None else [])
+                problems.append(f"hr_upscaler must be one of {names}, got {req.hr_upscaler!r}")
+                unknown = True
+            elif problem := upscalers.problem(req.hr_upscaler):
+                problems.append(f"hr_upscaler: {problem}")
         if not 1 <= req.hr_scale <= 4 and not (req.hr_resize_x or req.hr_resize_y):
             problems.append(f"hr_scale must be between 1 and 4, got {req.hr_scale}")
         if not 0 <= req.hr_second_pass_steps <= MAX_STEPS:
@@ -142,6 +152,6 @@ def validate(req: Txt2ImgRequest) -> Txt2ImgRequest:
     if problems:
         raise (UnknownNameError if unknown else GenerationError)("; ".join(problems))
     return dataclasses.replace(req, sampler_name=sampler, scheduler=schedule,
-                               hr_sampler_name=hr_sampler, hr_scheduler=hr_schedule)
+                               hr_sampler_name=hr_sampler, hr_scheduler=hr_schedule, upscalers=upscalers)
 
 
