@@ -60,10 +60,11 @@ def create_app(args):
         # the UI's login form accepts --api-auth and --gradio-auth users alike
         app = gr.mount_gradio_app(app, blocks, path="/", auth=api_auth.gradio_auth_callback(authenticator),
                                   ssr_mode=False, show_error=True,
-                                  theme=ui.theme(), css=ui.CSS, js=ui.js(), footer_links=["api"] if args.api else [],
+                                  theme=ui.theme(), css=ui.css(webui), js=ui.js(webui), footer_links=["api"] if args.api else [],
                                   allowed_paths=[str(webui.outputs_root())])
         authenticator.attach_gradio(api_auth.mounted_gradio_app(app))
     app.state.webui = webui
+    webui.scripts.callbacks.call("app_started", blocks if not args.nowebui else None, app)
     return app, webui
 
 
@@ -107,6 +108,7 @@ def main(argv=None) -> None:
         if getattr(webui, "_training", None) is not None:
             webui._training.shutdown()  # running children save a resumable state and end
         webui.queue.shutdown(wait=False)
+        webui.scripts.callbacks.call("script_unloaded")
     if control.restart_requested:
         # a restart is a fresh process with the same command line, so every module and setting is re-read
         log.info("restarting: %s", " ".join(sys.argv))

@@ -50,9 +50,11 @@ class Folders:
     config_file: Path
     styles_file: Path
     cache_file: Path
+    upscaler_dirs: dict[str, list[Path]] = dataclasses.field(default_factory=dict)  # "ESRGAN" -> folders
 
     @classmethod
     def from_args(cls, args) -> "Folders":
+        from modules.model_store import upscalers
         data = Path(args.data_dir).resolve() if args.data_dir else paths.REPO_ROOT
         models = Path(args.models_dir).resolve() if args.models_dir else data / "models"
         ckpt_dirs = [models / "Stable-diffusion"]
@@ -68,6 +70,9 @@ class Folders:
             config_file=data / "config.json",
             styles_file=Path(args.styles_file).resolve() if args.styles_file else data / "styles.csv",
             cache_file=data / "cache.json",
+            upscaler_dirs=upscalers.folders_for(models, {kind: getattr(args, flag, None) for kind, flag in (
+                ("ESRGAN", "esrgan_models_path"), ("RealESRGAN", "realesrgan_models_path"),
+                ("SwinIR", "swinir_models_path"), ("DAT", "dat_models_path"))}),
         )
 
 
@@ -90,7 +95,10 @@ class Webui:
         specs["sd_vae"] = dataclasses.replace(specs["sd_vae"], choices=self.vaes.choices)
         self.options = Options(self.folders.config_file, specs, frozen=args.freeze_settings)
         if args.demo:
-            self.folders.checkpoint_dirs.append(self.demo_models_dir() / "Stable-diffusion")
+            demo_root = self.demo_models_dir()
+            self.folders.checkpoint_dirs.append(demo_root / "Stable-diffusion")
+            for kind in ("ESRGAN", "RealESRGAN"):  # the tiny upscalers
+                self.folders.upscaler_dirs.setdefault(kind, []).append(demo_root / kind)
         self.registry = checkpoints.CheckpointRegistry(self.folders.checkpoint_dirs, self.folders.checkpoint_files,
                                                      self.hash_cache)
         self.registry.refresh()
@@ -104,6 +112,17 @@ class Webui:
         self._ensure_current_checkpoint()
         self._runtime_lock = threading.Lock()
         self._runtime: Runtime | None = None
+        self.scripts = self._load_scripts()
+
+    def _load_scripts(self):
+        """The studio's scripts and the enabled extensions (A1111's surface: `modules.shared` views these
+        settings and flags); their settings are declared (on_ui_settings) before any UI or API reads them."""
+        from modules import shared
+        from modules.scripting.host import ScriptHost
+        shared.bind(self.options, self.args, upscalers=lambda: self.upscalers)
+        host = ScriptHost(self.folders.data_dir, self.folders.config_file, self.args).load()
+        host.callbacks.call("ui_settings")
+        return host
 
     # -- the torch side, set up on first use so the server is ready before torch is even imported ----------
     def runtime(self) -> "Runtime":
@@ -160,6 +179,16 @@ class Webui:
         return self._extra_networks
 
     @property
+    def upscalers(self):
+        """The upscalers by A1111 name (PIL ones and the model files of models/ESRGAN, ...), for the Extras tab,
+        its API routes and hires fix (modules/model_store/upscalers.py); torch-free until one runs."""
+        if getattr(self, "_upscalers", None) is None:
+            from modules.model_store import upscalers
+            self._upscalers = upscalers.Upscalers(upscalers.UpscalerRegistry(self.folders.upscaler_dirs),
+                                                  manager=lambda: self.manager, settings=self.options.snapshot)
+        return self._upscalers
+
+    @property
     def training(self):
         """Training runs (modules/training/runs.py): each one the training CLI in a child process."""
         if getattr(self, "_training", None) is None:
@@ -191,11 +220,13 @@ class Webui:
         threads at once, and a request that arrives meanwhile simply waits behind it in the queue.
         """
         def run(job):
+            from modules.core import import_lock
             self.runtime()
-            import diffusers
+            with import_lock.lock:  # the UI's token counter may import transformers meanwhile
+                import diffusers
 
-            from modules.generation import txt2img  # noqa: F401  (imports torch, diffusers and the pipelines)
-            diffusers.StableDiffusionPipeline, diffusers.AutoencoderKL  # resolve the lazy attributes now
+                from modules.generation import txt2img  # noqa: F401  (imports torch, diffusers and the pipelines)
+                diffusers.StableDiffusionPipeline, diffusers.AutoencoderKL  # resolve the lazy attributes now
             from modules.prompting import clip_tokenizer, prompts
             prompts.token_counts("warm up", clip_tokenizer.clip_tokenizer())  # the UI's token counter
 
@@ -212,6 +243,9 @@ class Webui:
             started = time.perf_counter()
             tiny_models.make_tiny_models(root)
             log.info("--demo: tiny model set ready in %.1f s", time.perf_counter() - started)
+        elif not (root / "ESRGAN").is_dir():  # a demo set made before it had upscalers
+            from modules.demo import tiny_upscalers
+            tiny_upscalers.make_tiny_upscalers(root)
         log.warning("--demo: the demo checkpoints have RANDOM weights; their images are noise, not pictures.")
         return root
 
@@ -277,25 +311,41 @@ class Webui:
         return GenerationContext(registry=self.registry, manager=rt.manager, styles=self.styles,
                                  outputs_root=self.outputs_root(), dtype=rt.dtype, vae_dtype=rt.vae_dtype,
                                  offload=rt.offload, attention=rt.attention, offload_device=str(rt.device),
-                                 networks=self.extra_networks, vaes=self.vaes)
+                                 networks=self.extra_networks, vaes=self.vaes, events=self.scripts.events)
 
     def outputs_root(self) -> Path:
         """The outputs folder of the data dir (images go to its per-tab folders unless `outdir_samples` is set)."""
         return self.folders.outputs_dir
 
     def submit_txt2img(self, req, *, override_settings: dict | None = None, owner: str | None = None,
-                       task_id: str | None = None):
-        """Validate and queue a txt2img request; returns the Job at once (raises on bad input)."""
+                       task_id: str | None = None, scripts=None):
+        """Validate and queue a txt2img request; returns the Job at once (raises on bad input). `scripts`: the
+        request's scripts (`self.scripts.bind(...)`; None: the always-on ones with their defaults)."""
         from modules import generation
-        return self._queue_generation("txt2img", generation.validate(req), generation.run_txt2img,
+        scripts = self.scripts.bind(False) if scripts is None else scripts
+        return self._queue_generation("txt2img", generation.validate(req, upscalers=self.upscalers),
+                                      self._scripted("Txt2ImgProcessing", scripts),
                                       override_settings, owner, task_id)
 
     def submit_img2img(self, req, *, override_settings: dict | None = None, owner: str | None = None,
-                       task_id: str | None = None):
+                       task_id: str | None = None, scripts=None):
         """Validate and queue an img2img/inpaint request; returns the Job at once (raises on bad input)."""
         from modules import generation
-        return self._queue_generation("img2img", generation.validate_img2img(req), generation.run_img2img,
-                                      override_settings, owner, task_id)
+        scripts = self.scripts.bind(True) if scripts is None else scripts
+        req = dataclasses.replace(req, upscalers=self.upscalers)  # scripts upscale through p.upscalers (SD upscale)
+        return self._queue_generation("img2img", generation.validate_img2img(req),
+                                      self._scripted("Img2ImgProcessing", scripts), override_settings, owner, task_id)
+
+    @staticmethod
+    def _scripted(kind: str, selection):
+        """The job's work: the request as a processing object of `kind`, made with its scripts."""
+        def run(ctx, req, job, settings):
+            from modules import generation, shared
+            from modules.scripting.host import run_with_scripts
+            p = getattr(generation, kind)(ctx, req, job, settings)
+            with shared.request_scope(p.settings, job):
+                return run_with_scripts(p, selection)
+        return run
 
     def submit_img2img_batch(self, req, folders, *, owner: str | None = None):
         """Queue img2img's Batch mode (every image of `folders.input_dir` through `req`) as one job."""
@@ -318,6 +368,33 @@ class Webui:
                 "(or start with --demo)")
         return self.queue.submit(lambda job: run(self.generation_context(), req, job, settings), kind=kind,
                                  owner=owner, task_id=task_id)
+
+    def extras_save_target(self, folder: str | Path | None = None, *, keep_names: bool = False):
+        """Where the Extras tab saves (A1111): `folder` (a batch's output directory), else the `outdir_samples`
+        setting, else outputs/extras-images; in the samples format, with the infotext when enable_pnginfo."""
+        from modules.core import upscaling
+        opts = self.options
+        target = Path(folder).expanduser() if folder else (
+            Path(opts.get("outdir_samples")).expanduser() if opts.get("outdir_samples")
+            else self.outputs_root() / upscaling.EXTRAS_FOLDER)
+        return upscaling.SaveTarget(folder=target, extension=opts.get("samples_format"),
+                                    jpeg_quality=opts.get("jpeg_quality"), pnginfo=bool(opts.get("enable_pnginfo")),
+                                    keep_names=keep_names)
+
+    def submit_extras(self, images, params, *, save=None, owner: str | None = None, keep_images: bool = True):
+        """Validate and queue an extras job (`images`: (PIL image or image file, file name or None) pairs,
+        upscaled by `params`, an `upscaling.ExtrasParams`; saved to `save`, a SaveTarget, when given) on the one
+        queue, so it never races generation on the GPU; returns the Job (its result an `upscaling.ExtrasResult`)."""
+        from modules.core import upscaling
+        images = list(images)
+        if not images:
+            raise upscaling.ExtrasError("no image: upload one (or several) first")
+        upscaling.validate(params, self.upscalers)
+        for image, _name in images:
+            upscaling.check_size(upscaling.image_size(image), params)
+        return self.queue.submit(lambda job: upscaling.run_extras(images, params, self.upscalers, save=save, job=job,
+                                                                  keep_images=keep_images),
+                                 kind="extras", owner=owner)
 
     def load_checkpoint_now(self, name: str | None = None, timeout: float | None = None):
         """Load a checkpoint through the queue (so it never races a running job) and wait for it."""

@@ -59,7 +59,7 @@ class Server:
                 r = requests.get(self.url + path, timeout=2)
                 if r.status_code < 500:
                     return time.perf_counter() - self.started
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up yet, or too busy to answer in 2 s
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")

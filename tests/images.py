@@ -10,6 +10,7 @@ tolerances apply: they are far below any change a feature makes (those move pixe
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 FLOAT_ATOL = 1e-4  # max abs difference of decoded float images in [0, 1] (1 level of 8 bits is 3.9e-3)
 PIXEL_LEVELS = 1  # max abs difference of 8-bit pixels
@@ -38,3 +39,12 @@ def assert_pixels_close(ours, theirs, levels: int = PIXEL_LEVELS) -> None:
 
 def mean_abs_difference(a, b) -> float:
     return float(np.abs(as_array(a).astype(np.float64) - as_array(b).astype(np.float64)).mean())
+
+
+def gradient(w=40, h=24) -> Image.Image:
+    """A test picture with structure in every channel: ramps in red and green, a dot grid in blue."""
+    a = np.zeros((h, w, 3), np.uint8)
+    a[..., 0] = np.linspace(0, 255, w)[None, :]
+    a[..., 1] = np.linspace(0, 255, h)[:, None]
+    a[::3, ::5, 2] = 255
+    return Image.fromarray(a)

@@ -14,6 +14,7 @@ def include_routers(app, webui, server_control, *, api: bool) -> None:
         generation,
         images,
         lists,
+        merge,
         progress,
         server,
         settings,
@@ -22,6 +23,7 @@ def include_routers(app, webui, server_control, *, api: bool) -> None:
     app.include_router(progress.internal_router(webui))
     if not api:
         return
-    for module in (generation, progress, settings, checkpoints, lists, images, captioning, extra_networks, training):
+    for module in (generation, progress, settings, checkpoints, lists, images, captioning, extra_networks, training,
+                   merge):
         app.include_router(module.router(webui))
     app.include_router(server.router(webui, server_control))

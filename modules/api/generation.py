@@ -3,6 +3,7 @@ answers in A1111's shape. The server's own API limits, the `infotext` field and 
 API are applied here; failures map to statuses by type (`errors`), and the wait holds no thread."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Any, Callable
@@ -18,14 +19,18 @@ from modules.api.image_input import decode_image_or_422
 log = logging.getLogger("webui.api")
 
 
-def check_scripts(body) -> None:
-    """Scripts arrive with their own issue: no script is installed, so any named script is unknown (400)."""
-    if body.script_name not in (None, "", "None"):
-        raise HTTPException(400, f"unknown script {body.script_name!r}: no scripts are installed (see /sdapi/v1/scripts)")
+def bind_scripts(webui, body, is_img2img: bool):
+    """The request's scripts (`script_name` + positional `script_args` in A1111's order, `alwayson_scripts`
+    {title: {"args": [...]}}), completed with the scripts' defaults; unknown names are a 400, bad arguments a
+    422, each naming the script."""
     for title, value in (body.alwayson_scripts or {}).items():
         if not isinstance(value, dict) or not isinstance(value.get("args", []), list):
             raise HTTPException(422, f"alwayson_scripts[{title!r}] must be an object like {{\"args\": [...]}}")
-        raise HTTPException(400, f"unknown alwayson script {title!r}: no scripts are installed (see /sdapi/v1/scripts)")
+    try:
+        return webui.scripts.bind(is_img2img, body.script_name, list(body.script_args or []),
+                                  body.alwayson_scripts or {})
+    except Exception as e:
+        raise_http(e)
 
 
 UNSUPPORTED = {  # request field -> what a client asked for that this studio does not have
@@ -164,23 +169,20 @@ def img2img_request(body: models.Img2ImgRequest, fields: dict, *, allow_urls: bo
 
 def queue_img2img(webui, body: models.Img2ImgRequest, response: Response, user: str | None, *, allow_urls: bool):
     """Validate and queue the request; (the job, the `parameters` its answer echoes)."""
-    from modules.generation import outpainting as img2img_scripts
-
-    check_scripts(body.model_copy(update={"script_name": None}))  # alwayson scripts: none are installed
+    selection = bind_scripts(webui, body, True)
     check_unsupported(body)
-    try:
-        img2img_scripts.find(body.script_name)
-    except ValueError as e:
-        raise HTTPException(400, f"{e} (see /sdapi/v1/scripts)") from None
     fields, overrides = fields_with_infotext(body, models.Img2ImgRequest, webui.styles)
     req = img2img_request(body, fields, allow_urls=allow_urls)
+    if selection.title:  # the script's canonical title and its completed arguments (the info names them)
+        req = dataclasses.replace(req, script_name=selection.title, script_args=selection.script[1])
     check_api_limits(req, webui.options.snapshot())
     parameters = body.model_dump()
     if not body.include_init_images:  # A1111 echoes the init images and mask only when asked to
         parameters["init_images"] = None
         parameters["mask"] = None
     job = queue_generation(webui, lambda: webui.submit_img2img(req, override_settings=overrides, owner=user,
-                                                               task_id=body.force_task_id or None),
+                                                               task_id=body.force_task_id or None,
+                                                               scripts=selection),
                            body, response, overrides)
     return job, parameters
 
@@ -210,14 +212,15 @@ def router(webui) -> APIRouter:
     @router.post("/txt2img", response_model=models.ImageResponse)
     async def txt2img(body: models.Txt2ImgRequest, response: Response, user: str | None = Depends(current_user)):
         def queue():
-            check_scripts(body)
+            selection = bind_scripts(webui, body, False)
             check_unsupported(body)
             fields, overrides = fields_with_infotext(body, models.Txt2ImgRequest, webui.styles)
             req = to_service_request(fields, body)
             check_api_limits(req, webui.options.snapshot())
             return queue_generation(
                 webui, lambda: webui.submit_txt2img(req, override_settings=overrides, owner=user,
-                                                    task_id=body.force_task_id or None), body, response, overrides)
+                                                    task_id=body.force_task_id or None, scripts=selection),
+                body, response, overrides)
 
         job = await run_in_threadpool(queue)  # validation reads files (styles, checkpoints): off the event loop
         return await generation_answer(job, body, body.model_dump())

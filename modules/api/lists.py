@@ -1,5 +1,6 @@
-"""The lists A1111 clients read at start-up: samplers, schedulers, upscalers, latent upscale modes, styles,
-scripts, and the features that do not exist here yet (answered in A1111's shapes, empty)."""
+"""The lists A1111 clients read at start-up: samplers, schedulers, upscalers (PIL ones and the model files),
+latent upscale modes, styles, scripts, and the features that do not exist here yet (answered in A1111's shapes,
+empty)."""
 from __future__ import annotations
 
 from typing import Any
@@ -11,7 +12,7 @@ from modules.api import schemas as models
 
 def router(webui) -> APIRouter:
     from modules import generation
-    from modules.core import samplers, upscaling
+    from modules.core import samplers
 
     router = APIRouter(prefix="/sdapi/v1")
 
@@ -25,7 +26,11 @@ def router(webui) -> APIRouter:
 
     @router.get("/upscalers", response_model=list[models.UpscalerItem])
     def list_upscalers():
-        return upscaling.upscaler_list()
+        return webui.upscalers.api_list()
+
+    @router.get("/realesrgan-models", response_model=list[dict[str, Any]])
+    def realesrgan_models():
+        return webui.upscalers.realesrgan_list()
 
     @router.get("/latent-upscale-modes", response_model=list[models.LatentUpscalerModeItem])
     def latent_upscale_modes():
@@ -35,26 +40,26 @@ def router(webui) -> APIRouter:
     def prompt_styles():
         return webui.styles.api_list()
 
-    # Features that do not exist here yet answer A1111's shapes, empty (clients list them at start-up).
     @router.get("/scripts", response_model=models.ScriptsList)
     def scripts():
-        from modules.generation import outpainting as img2img_scripts
-        return models.ScriptsList(img2img=[t.lower() for t in img2img_scripts.TITLES])
+        return models.ScriptsList(**webui.scripts.scripts_list())
 
     @router.get("/script-info", response_model=list[dict[str, Any]])
     def script_info():
-        return []
+        return webui.scripts.script_info()
 
     @router.get("/extensions", response_model=list[dict[str, Any]])
     def extensions():
-        return []
+        out = []
+        for ext in webui.scripts.extensions:
+            v = ext.version()
+            out.append({"name": ext.name, "remote": v["remote"], "branch": v["branch"], "commit_hash": v["commit"],
+                        "commit_date": v["date"], "version": v["commit"], "enabled": ext.enabled})
+        return out
 
+    # Features that do not exist here answer A1111's shapes, empty (clients list them at start-up).
     @router.get("/face-restorers", response_model=list[dict[str, Any]])
     def face_restorers():
-        return []
-
-    @router.get("/realesrgan-models", response_model=list[dict[str, Any]])
-    def realesrgan_models():
         return []
 
     @router.get("/hypernetworks", response_model=list[dict[str, Any]])

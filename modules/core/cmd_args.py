@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--lora-dir", default=None, help="folder of LoRA files (default: MODELS_DIR/Lora)")
     paths.add_argument("--vae-dir", default=None, help="folder of VAE files (default: MODELS_DIR/VAE)")
     paths.add_argument("--embeddings-dir", default=None, help="folder of textual inversion embeddings")
+    for arch in ("ESRGAN", "RealESRGAN", "SwinIR", "DAT"):
+        paths.add_argument(f"--{arch.lower()}-models-path", default=None,
+                           help=f"folder of {arch} upscaler models (default: MODELS_DIR/{arch})")
     paths.add_argument("--styles-file", default=None, help="styles CSV (default: DATA_DIR/styles.csv)")
     paths.add_argument("--hide-ui-dir-config", action="store_true")
     paths.add_argument("--freeze-settings", action="store_true", help="refuse settings changes from UI and API")
@@ -60,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     misc.add_argument("--skip-load-model-at-start", action="store_true",
                       help="load no checkpoint until a request needs one (the default here; kept for A1111 scripts)")
     misc.add_argument("--no-hashing", action="store_true", help="do not compute checkpoint sha256 hashes")
-    misc.add_argument("--disable-all-extensions", action="store_true")
+    misc.add_argument("--disable-all-extensions", action="store_true",
+                      help="load no extension at all, built-in ones included")
+    misc.add_argument("--disable-extra-extensions", action="store_true",
+                      help="load only the built-in extensions (extensions-builtin/)")
     misc.add_argument("--disable-safe-unpickle", action="store_true",
                       help="accepted for A1111 compatibility; .ckpt files are still loaded with weights_only=True")
     misc.add_argument("--subpath", default=None, help="serve under this URL path prefix")
@@ -74,7 +80,10 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict | None = None) -
     environ = os.environ if environ is None else environ
     argv = list(argv) if argv is not None else []
     argv += shlex.split(environ.get("COMMANDLINE_ARGS", ""))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    preload_errors = add_extension_flags(parser, argv)
+    args = parser.parse_args(argv)
+    args.preload_errors = preload_errors
     if args.use_cpu is not None and ("all" in args.use_cpu or "sd" in args.use_cpu):
         args.device = "cpu"
     if args.no_half:
@@ -84,6 +93,20 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict | None = None) -
     if args.nowebui:
         args.api = True
     return args
+
+
+def add_extension_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Run the enabled extensions' preload.py (A1111's `preload(parser)`) so their own flags parse; the errors
+    of broken ones (which are skipped)."""
+    from pathlib import Path
+
+    from modules.core import extensions, paths
+    known, _ = parser.parse_known_args(argv)
+    data_dir = Path(known.data_dir).resolve() if known.data_dir else paths.REPO_ROOT
+    disabled, config_all = extensions.disabled_in_config(data_dir / "config.json")
+    found = extensions.discover(data_dir, disabled, disable_all=known.disable_all_extensions,
+                                disable_extra=known.disable_extra_extensions, config_all=config_all)
+    return extensions.run_preloads(found, parser)
 
 
 def server_host(args: argparse.Namespace) -> str:

@@ -319,3 +319,40 @@ def collect_garbage(device: torch.device | str) -> None:
     """Drop unreachable Python objects (and with them tensors) and then the allocator's cached blocks."""
     gc.collect()
     empty_cache(device)
+
+
+class PeakMemory:
+    """The peak memory of a with-block: the CUDA allocator's peak on a CUDA device (reset at entry), else the
+    process RSS sampled every 20 ms by a helper thread. `peak` (bytes) and `what` (which of the two)."""
+
+    def __init__(self, device=None):
+        self.device = device
+        self.peak = 0
+        self.what = "process RSS"
+        self._stop = None
+
+    def __enter__(self):
+        import threading
+        if getattr(self.device, "type", None) == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.what = "CUDA allocated"
+            return self
+        self._stop = threading.Event()
+        self.peak = _process_rss()
+
+        def sample():
+            while not self._stop.wait(0.02):
+                self.peak = max(self.peak, _process_rss())
+
+        self._thread = threading.Thread(target=sample, daemon=True, name="peak-memory")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._stop is None:
+            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+            return False
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _process_rss())
+        return False

@@ -98,8 +98,24 @@ def default_specs() -> dict[str, OptionSpec]:
         "enable_pnginfo": S(True, "Save text information about generation parameters as chunks to png files",
                             "Saving images", bool),
         "jpeg_quality": S(80, "Quality for saved jpeg and webp images", "Saving images", int, 1, 100),
+        "grid_format": S("png", "File format for grids", "Saving images", choices=("png", "jpg", "jpeg", "webp")),
+        "grid_background_color": S("#ffffff", "Background colour of image grids (empty cells, legends)",
+                                   "Saving images"),
+        "grid_text_active_color": S("#000000", "Text colour of grid legends", "Saving images"),
+        "grid_text_inactive_color": S("#999999", "Text colour of a grid legend's inactive prompt parts",
+                                      "Saving images"),
+        "grid_margin": S(0, "Margin between grid cells in pixels (batch grids and Loopback; X/Y/Z plot and "
+                         "Prompt matrix have their own)", "Saving images", int, 0, 500),
+        "grid_font_size": S(0, "Legend font size in pixels (0: from the image size, as A1111)", "Saving images",
+                            int, 0, 200),
+        "xyz_record_timing": S(False, "X/Y/Z plot: write seconds per image and peak memory under each cell, and a "
+                               "CSV/JSON table beside the grid (model comparison)", "Saving images", bool),
         "outdir_samples": S("", "Output directory for images; if empty, the outputs folder's txt2img-images and "
                             "img2img-images folders", "Paths for saving", api_writable=False),
+        # Upscaling (the model upscalers of the Extras tab and hires fix: ESRGAN, Real-ESRGAN)
+        "ESRGAN_tile": S(192, "Tile size for ESRGAN upscalers (input pixels; 0 = no tiling)", "Upscaling", int, 0, 512),
+        "ESRGAN_tile_overlap": S(8, "Tile overlap for ESRGAN upscalers (pixels; low values give visible seams)",
+                                 "Upscaling", int, 0, 48),
         # UI / live previews
         "send_seed": S(True, "Send seed when sending prompt or image to other interface", "User interface", bool),
         "send_size": S(True, "Send size when sending prompt or image to another interface", "User interface", bool),
@@ -111,6 +127,11 @@ def default_specs() -> dict[str, OptionSpec]:
                             "Memory", int, 0),
         "ram_budget_mb": S(0, "RAM budget for models moved off the GPU in MB (0: automatic, half the RAM)",
                            "Memory", int, 0),
+        # Extensions (changed in the Extensions tab; applied at the next start)
+        "disabled_extensions": S(["example-extension"], "Disabled extensions", "Extensions", list,
+                                 api_writable=False, ui=False),
+        "disable_all_extensions": S("none", "Disable all extensions (applied at the next start)", "Extensions",
+                                    choices=("none", "extra", "all"), api_writable=False, ui=False),
         # Training
         "training_shares_gpu": S(False, "Let generation run while a training run uses the GPU (else requests wait "
                                  "in the queue until the run ends)", "Training", bool, api_writable=False),
@@ -159,6 +180,23 @@ class Options:
                 self._values[key] = spec.coerce(key, value)
             except OptionError as e:
                 log.warning("config.json: %s; using the default", e)
+
+    def add_spec(self, key: str, spec: OptionSpec) -> None:
+        """A setting declared after start-up (an extension's `shared.opts.add_option`): a value config.json
+        already holds for it is taken back from the unknown keys; a key the studio itself has is refused."""
+        with self._lock:
+            if key in self.specs:
+                if self.specs[key] == spec:
+                    return
+                raise OptionError(f"setting {key!r} already exists")
+            self.specs[key] = spec
+            value = spec.default
+            if key in self._extra:
+                try:
+                    value = spec.coerce(key, self._extra.pop(key))
+                except OptionError as e:
+                    log.warning("config.json: %s; using the default", e)
+            self._values[key] = value
 
     def add_listener(self, fn: Callable[[dict], None]) -> None:
         """fn(changed) runs after every successful update (e.g. to apply new memory budgets)."""

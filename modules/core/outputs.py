@@ -20,7 +20,7 @@ import uuid
 import warnings
 from datetime import date, datetime
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from PIL import ExifTags, Image, ImageColor, PngImagePlugin, UnidentifiedImageError
 
@@ -200,15 +200,19 @@ def _exif_with_comment(text: str, limit: int | None) -> bytes:
     return build(text[:low])
 
 
-def encode_image(image: Image.Image, fmt: str = "PNG", *, infotext: str | None = None, quality: int = 80) -> bytes:
-    """Image file bytes in `fmt` (PNG, JPEG, WEBP; extensions accepted), with the infotext inside when given."""
+def encode_image(image: Image.Image, fmt: str = "PNG", *, infotext: str | None = None, quality: int = 80,
+                 chunks: Mapping[str, str] | None = None) -> bytes:
+    """Image file bytes in `fmt` (PNG, JPEG, WEBP; extensions accepted), with the infotext inside when given.
+    `chunks` are more PNG text chunks (the extras tab's `extras`); other formats leave them out."""
     pil_format = image_format(fmt)
     kwargs: dict = {}
     if pil_format == "PNG":
-        if infotext:
+        texts = {**({"parameters": infotext} if infotext else {}), **{k: v for k, v in (chunks or {}).items() if v}}
+        if texts:
             info = PngImagePlugin.PngInfo()
             # Pillow writes iTXt (UTF-8) when the text is not Latin-1, so any prompt survives.
-            info.add_text("parameters", infotext)
+            for key, text in texts.items():
+                info.add_text(key, text)
             kwargs["pnginfo"] = info
     else:
         kwargs["quality"] = quality
@@ -223,9 +227,10 @@ def encode_image(image: Image.Image, fmt: str = "PNG", *, infotext: str | None =
     return buffer.getvalue()
 
 
-def encode_image_base64(image: Image.Image, fmt: str = "PNG", infotext: str | None = None) -> str:
-    """Base64 of the image file (no data: prefix), carrying the infotext when given."""
-    return base64.b64encode(encode_image(image, fmt, infotext=infotext)).decode("ascii")
+def encode_image_base64(image: Image.Image, fmt: str = "PNG", infotext: str | None = None,
+                        chunks: Mapping[str, str] | None = None) -> str:
+    """Base64 of the image file (no data: prefix), carrying the infotext (and PNG `chunks`) when given."""
+    return base64.b64encode(encode_image(image, fmt, infotext=infotext, chunks=chunks)).decode("ascii")
 
 
 def decode_image_base64(text: str | bytes, *, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
@@ -289,6 +294,7 @@ def save_image(
     extension: str = "png",
     pattern: str = DEFAULT_PATTERN,
     jpeg_quality: int = 80,
+    chunks: Mapping[str, str] | None = None,
 ) -> Path:
     """Save `image` as folder/NNNNN-<pattern>.<extension> and return the path.
 
@@ -301,23 +307,25 @@ def save_image(
     extension = extension.lower().lstrip(".")
     decoration = expand_pattern(pattern, seed=seed, prompt=prompt)
     return _write_new(image, Path(folder), extension, infotext, jpeg_quality,
-                      lambda counter: _fit_name(counter, decoration, extension), next_sequence_number)
+                      lambda counter: _fit_name(counter, decoration, extension), next_sequence_number, chunks)
 
 
 def save_image_named(image: Image.Image, folder: Path, stem: str, *, infotext: str | None, extension: str = "png",
-                     jpeg_quality: int = 80) -> Path:
+                     jpeg_quality: int = 80, chunks: Mapping[str, str] | None = None) -> Path:
     """Save `image` as folder/STEM.EXT (img2img batch outputs keep their input's name), or STEM-1.EXT, STEM-2.EXT
     ... when that name is taken: a file already there is never replaced. Written as `save_image` writes."""
     extension = extension.lower().lstrip(".")
     stem = sanitize_filename_part(stem) or "image"
     return _write_new(image, Path(folder), extension, infotext, jpeg_quality,
-                      lambda n: f"{stem}.{extension}" if n == 0 else f"{stem}-{n}.{extension}", lambda _folder: 0)
+                      lambda n: f"{stem}.{extension}" if n == 0 else f"{stem}-{n}.{extension}", lambda _folder: 0,
+                      chunks)
 
 
-def _write_new(image, folder: Path, extension: str, infotext, quality: int, name_for, first_counter) -> Path:
+def _write_new(image, folder: Path, extension: str, infotext, quality: int, name_for, first_counter,
+               chunks: Mapping[str, str] | None = None) -> Path:
     """Encode `image`, write it to a hidden temp file in `folder`, and publish it under the first free
     name_for(counter) from first_counter(folder) on."""
-    data = encode_image(image, extension, infotext=infotext, quality=quality)
+    data = encode_image(image, extension, infotext=infotext, quality=quality, chunks=chunks)
     folder.mkdir(parents=True, exist_ok=True)
     temp = folder / f".{uuid.uuid4().hex}.tmp"
     try:
@@ -377,20 +385,22 @@ def make_grid(
     rows: int | None = None,
     *,
     background: str | tuple[int, int, int] = "black",
+    margin: int = 0,
 ) -> Image.Image:
     """All images in one RGB picture, row by row; cells take the largest size, smaller images are centred.
 
-    Empty cells show `background` (black by default; A1111's "grid_background_color" setting is
-    the place to pass white).
+    Empty cells and the `margin` between cells show `background` (black by default; the settings
+    "grid_background_color" and "grid_margin" give the batch grids theirs).
     """
     images = list(images)
     row_count, col_count = grid_shape(len(images), rows)
     cell_w = max(img.width for img in images)
     cell_h = max(img.height for img in images)
     color = ImageColor.getrgb(background) if isinstance(background, str) else tuple(background)
-    grid = Image.new("RGB", (col_count * cell_w, row_count * cell_h), color=color[:3])
+    grid = Image.new("RGB", (col_count * cell_w + (col_count - 1) * margin, row_count * cell_h + (row_count - 1) * margin),
+                     color=color[:3])
     for index, img in enumerate(images):
-        x = (index % col_count) * cell_w + (cell_w - img.width) // 2
-        y = (index // col_count) * cell_h + (cell_h - img.height) // 2
+        x = (index % col_count) * (cell_w + margin) + (cell_w - img.width) // 2
+        y = (index // col_count) * (cell_h + margin) + (cell_h - img.height) // 2
         grid.paste(img.convert("RGB"), (x, y))
     return grid

@@ -29,10 +29,16 @@ from modules.generation.params import (  # noqa: F401
     hires_target_size,
     validate,
 )
+from modules.generation.results import (  # noqa: F401
+    GenerationResult,
+    ImageSaveParams,
+    PostprocessImageArgs,
+    processed,
+)
 
 _LAZY = {
-    "GenerationContext": "processing", "GenerationResult": "processing", "Processing": "processing",
-    "HOOKS": "processing", "PostprocessImageArgs": "processing", "process_images": "processing",
+    "GenerationContext": "processing", "Processing": "processing",
+    "HOOKS": "processing", "process_images": "processing",
     "local_context": "processing",
     "Txt2ImgProcessing": "txt2img", "run_txt2img": "txt2img",
     "Img2ImgProcessing": "img2img", "run_img2img": "img2img", "run_img2img_batch": "img2img",

@@ -22,7 +22,6 @@ from PIL import Image
 from modules.core import outputs, samplers
 from modules.core.jobs import Job, JobInterrupted
 from modules.generation import images as pix
-from modules.generation import outpainting
 from modules.generation.img2img_params import (
     INPAINT_AREAS,
     MASK_MODES,
@@ -141,7 +140,8 @@ class Img2ImgProcessing(Processing):
         self.init_images, self.mask = req.init_images, req.mask
         self.run_steps = min(int(self.steps * self.denoising_strength), self.steps)
         self.prepared = prepare_images(req)
-        resolved = resolve_networks(ctx, self.prompt)
+        self.network_source = self.all_prompts[0]  # the prompt whose LoRAs apply
+        resolved = resolve_networks(ctx, self.network_source)
         add_new(self.warnings, resolved.warnings)
         applied = stack.enter_context(networks_applied(ctx, bundle, resolved, self.warnings))
         self.conditioner = conditioner = text_conditioner(ctx, bundle, self.settings, self.clip_skip)
@@ -149,7 +149,7 @@ class Img2ImgProcessing(Processing):
         self.conditioning_steps = max(self.run_steps, 1) * order
         self.old_scheduling = bool(self.settings.get("use_old_scheduling", False))
         self.first_prompt = resolved.prompt
-        self.conditioning_for(self.prompt, self.negative_prompt)
+        self.conditioning_for(self.all_prompts[0], self.all_negative_prompts[0])
         self.network_params = network_params(applied, prompts.embeddings_in(
             [resolved.prompt, self.negative_prompt], conditioner.used_embeddings))
         self.pass_kind = "inpaint" if (req.mask is not None or bundle.arch.inpainting) else "img2img"
@@ -214,9 +214,7 @@ def run_img2img(ctx: GenerationContext, req: Img2ImgRequest, job: Job | None = N
                 settings: dict | None = None, *, keep_samples: bool = False,
                 scripts: list | None = None) -> GenerationResult:
     """Run every image of a validated img2img request on the current thread (the job worker). With
-    `keep_samples` the result holds the decoded float images too (before any inpainting composite). The
-    outpainting script the request names runs as a hook, before any of `scripts`."""
-    scripts = outpainting.scripts_for(req) + list(scripts or [])
+    `keep_samples` the result holds the decoded float images too (before any inpainting composite)."""
     return process_images(Img2ImgProcessing(ctx, req, job, settings, keep_samples=keep_samples, scripts=scripts))
 
 

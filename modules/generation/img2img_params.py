@@ -68,12 +68,6 @@ def validate_img2img(req: Img2ImgRequest) -> Img2ImgRequest:
         problems.append(f"inpaint_full_res_padding must be between 0 and {MAX_PADDING}, got {req.inpaint_full_res_padding}")
     if not 0 <= req.initial_noise_multiplier <= 2:
         problems.append(f"initial_noise_multiplier must be between 0 and 2, got {req.initial_noise_multiplier}")
-    if req.script_name not in (None, "", "None"):
-        from modules.generation import outpainting as img2img_scripts
-        try:
-            img2img_scripts.parse_args(req.script_name, req.script_args)
-        except ValueError as e:
-            problems.append(str(e))
     error_type = GenerationError
     try:
         # the shared checks (size, steps, sampler, seeds); hires fix does not apply to img2img

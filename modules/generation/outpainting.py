@@ -1,5 +1,6 @@
-"""img2img scripts picked by `script_name`: Poor man's outpainting and Outpainting mk2 (expand the canvas,
-mask the new border, inpaint it). Torch-free: they turn a request into an inpaint request."""
+"""What the outpainting scripts (`scripts/poor_mans_outpainting.py`, `scripts/outpainting_mk_2.py`) do to a
+request: parse their A1111 arguments, grow the canvas, mask the new border, and make it an inpaint request.
+Torch-free, so the API can check the grown size against its limits before the job is queued."""
 from __future__ import annotations
 
 import dataclasses
@@ -166,16 +167,16 @@ def infotext_params(req) -> dict[str, Any]:
             "Outpainting direction": " ".join(a["direction"])} if a else {}
 
 
-class OutpaintingScript:
-    """The two outpainting scripts as a client of the processing loop's hooks: at `process` the request becomes
-    the inpaint request on the grown canvas (size, init images, mask), and the infotext names the script."""
-
-    def process(self, p) -> None:
-        p.request = apply(p.request)
-        p.width, p.height = p.request.width, p.request.height
-        p.extra_generation_params.update(infotext_params(p.request))
-
-
-def scripts_for(req) -> list:
-    """The hook objects an img2img request's `script_name` asks for (none, or one outpainting script)."""
-    return [OutpaintingScript()] if find(req.script_name) else []
+def grow(p, title: str, args) -> Any:
+    """The processing object `p` turned into the outpainting inpaint request (its fields, as a script sets them
+    before `process_images(p)`)."""
+    req = dataclasses.replace(p.request, init_images=list(p.init_images), script_name=title, script_args=list(args))
+    grown = apply(req)
+    p.init_images, p.image_mask = grown.init_images, grown.mask
+    p.width, p.height = grown.width, grown.height
+    p.resize_mode, p.inpainting_fill = 0, grown.inpainting_fill
+    p.mask_blur_x, p.mask_blur_y = grown.mask_blur_x, grown.mask_blur_y
+    p.inpaint_full_res, p.inpainting_mask_invert = False, 0
+    p.script_name, p.script_args = title, list(args)
+    p.extra_generation_params.update(infotext_params(req))
+    return p

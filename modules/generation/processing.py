@@ -11,11 +11,12 @@ Nothing global is read or changed: a script sees only the `p` of the request it 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +26,12 @@ from modules.core import outputs, samplers
 from modules.core.jobs import Job, JobInterrupted, JobSkipped
 from modules.core.version import VERSION
 from modules.generation.leases import leased_checkpoint
+from modules.generation.params import MAX_IMAGES, GenerationError
+from modules.generation.results import (  # noqa: F401
+    GenerationResult,
+    ImageSaveParams,
+    PostprocessImageArgs,
+)
 from modules.generation.sampling import decode_latents, resolve_seeds
 from modules.prompting import prompt_parser, prompts
 
@@ -53,22 +60,7 @@ class GenerationContext:
     offload_device: str = "cuda"  # where offloaded parts run
     networks: ExtraNetworks | None = None  # LoRA files and embeddings (None: none of either)
     vaes: VaeRegistry | None = None  # the VAE files `sd_vae` picks from (None: the checkpoints' own only)
-
-
-@dataclass
-class GenerationResult:
-    images: list  # PIL images (grid first when one was made and return_grid is on)
-    infotexts: list[str]
-    info: dict
-    paths: list[Path]
-    grid_count: int = 0
-    samples: list | None = None  # float images (H x W x 3 in [0, 1]) when the run was asked to keep them
-
-
-@dataclass
-class PostprocessImageArgs:
-    """What `postprocess_image` hooks get (A1111's name): they may replace `image`."""
-    image: Any
+    events: Any = None  # scripts' callbacks: before_image_saved(params), image_saved(params), model_loaded(bundle)
 
 
 class Processing:
@@ -78,19 +70,36 @@ class Processing:
     kind = "txt2img"  # the job kind and outputs folders (`txt2img-images`, `txt2img-grids`)
 
     def __init__(self, ctx: GenerationContext, req, job: Job | None = None, settings: dict | None = None, *,
-                 keep_samples: bool = False, scripts: list | None = None):
+                 keep_samples: bool = False, scripts: list | None = None, prompts: Sequence | None = None,
+                 negative_prompts: Sequence | None = None, seeds: Sequence | None = None,
+                 subseeds: Sequence | None = None):
         self.ctx, self.request, self.job = ctx, req, job
         self.settings = settings or {}
         self.scripts = list(scripts or [])
-        self.prompt, self.negative_prompt = ctx.styles.apply(req.prompt, req.negative_prompt, req.styles)
+        self.keep_samples = keep_samples
+        # `prompt` is the request's own text (A1111's p.prompt); styles apply to `all_prompts` and `styled_prompt`
+        self.prompt, self.negative_prompt = req.prompt, req.negative_prompt
+        self.styled_prompt, self.styled_negative_prompt = ctx.styles.apply(req.prompt, req.negative_prompt,
+                                                                           req.styles)
         self.styles = list(req.styles)
         self.all_seeds, self.all_subseeds, self.seed, self.subseed = resolve_seeds(req)
         count = len(self.all_seeds)
-        self.all_prompts = [self.prompt] * count
-        self.all_negative_prompts = [self.negative_prompt] * count
-        for name in ("batch_size", "n_iter", "steps", "cfg_scale", "width", "height", "sampler_name", "scheduler",
-                     "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "denoising_strength"):
-            setattr(self, name, getattr(req, name))
+        self.all_prompts = [self.styled_prompt] * count
+        self.all_negative_prompts = [self.styled_negative_prompt] * count
+        if prompts is None and negative_prompts is not None:
+            prompts = [req.prompt] * len(negative_prompts)
+        if prompts is not None:  # a script's list of prompts (one per image, A1111's `p.prompt = [...]`)
+            count = len(prompts)
+            self.all_prompts = [ctx.styles.apply(t, "", req.styles)[0] for t in prompts]
+            negatives = list(negative_prompts) if negative_prompts is not None else [req.negative_prompt] * count
+            self.all_negative_prompts = [ctx.styles.apply("", t, req.styles)[1] for t in negatives]
+            self.all_seeds = (list(seeds) if seeds is not None else
+                              [self.seed + (i if self.request.subseed_strength == 0 else 0) for i in range(count)])
+            self.all_subseeds = list(subseeds) if subseeds is not None else [self.subseed + i for i in range(count)]
+        for f in dataclasses.fields(req):  # every request field by A1111's name, for scripts to read and change
+            if not hasattr(self, f.name):
+                setattr(self, f.name, getattr(req, f.name))
+        self.override_settings: dict[str, Any] = {}  # a script's settings for this request only
         self.extra_generation_params: dict[str, Any] = {}  # written into every image's infotext
         self.clip_skip = int(self.settings.get("CLIP_stop_at_last_layers", 1))
         self.ensd = int(self.settings.get("eta_noise_seed_delta", 0))
@@ -107,6 +116,50 @@ class Processing:
         self.tracker = None  # the current pass's StepTracker: the latest latents of a stopped batch
         self.preview_every = int(self.settings.get("show_progress_every_n_steps", 0)) \
             if self.settings.get("live_previews_enable", True) else 0
+        self._initial = {f.name: getattr(self, f.name) for f in dataclasses.fields(req)}
+
+    def derive(self) -> "Processing":
+        """A fresh processing object of the same kind from this one's fields as a script left them (A1111's
+        scripts change `p.steps`, `p.prompt` (a list: one prompt per image), `p.seed` (a list), `p.init_images`,
+        `p.override_settings`, ... then call `process_images(p)`). The request is validated again."""
+        changes = {}
+        for name, before in self._initial.items():
+            now = getattr(self, name)
+            if now is before or (not isinstance(now, (list, dict)) and _same(now, before)):
+                continue
+            changes[name] = now
+        if getattr(self, "image_mask", None) is not None:  # A1111's name for the inpainting mask
+            changes["mask"] = self.image_mask
+        if getattr(self, "mask_blur", None) is not None:
+            changes["mask_blur_x"] = changes["mask_blur_y"] = int(self.mask_blur)
+        lists = {}
+        for name, key in (("prompt", "prompts"), ("negative_prompt", "negative_prompts"), ("seed", "seeds"),
+                          ("subseed", "subseeds")):
+            value = changes.get(name)
+            if isinstance(value, (list, tuple)):
+                if not value:
+                    raise GenerationError(f"a script gave an empty list for {name}")
+                lists[key] = list(value)
+                changes[name] = value[0]
+        if "prompts" in lists and len(lists["prompts"]) > MAX_IMAGES:
+            raise GenerationError(f"at most {MAX_IMAGES} images per request")
+        req = dataclasses.replace(self.request, **changes)
+        req = validate_request(req)
+        settings = {**self.settings, **self.override_settings}
+        fresh = type(self)(self.ctx, req, self.job, settings, keep_samples=self.keep_samples, scripts=self.scripts,
+                           **lists)
+        fresh.extra_generation_params.update(self.extra_generation_params)
+        return fresh
+
+    @property
+    def outpath_samples(self) -> str:
+        """Where this request's images are saved (A1111's p.outpath_samples)."""
+        return str(outputs.samples_folder(self.ctx.outputs_root, f"{self.kind}-images", None,
+                                          self.settings.get("outdir_samples", "")))
+
+    @property
+    def outpath_grids(self) -> str:
+        return str(outputs.dated_folder(self.ctx.outputs_root, f"{self.kind}-grids"))
 
     # -- scripts ----------------------------------------------------------------------------------------------
     def run_hooks(self, name: str, *args, **kwargs) -> None:
@@ -150,7 +203,7 @@ class Processing:
         cache = self.__dict__.setdefault("_conditionings", {})
         key = prompt + "\0" + negative
         if key not in cache:
-            text = self.first_prompt if prompt == self.prompt else prompt_parser.parse_extra_networks(prompt)[0]
+            text = self.first_prompt if prompt == self.network_source else prompt_parser.parse_extra_networks(prompt)[0]
             cache[key] = prompts.build_conditioning(self.conditioner, text, negative, self.conditioning_steps,
                                                     use_old_scheduling=self.old_scheduling)
         return cache[key]
@@ -174,9 +227,9 @@ class Processing:
         vae = vae_params(self.bundle) if self.bundle is not None else {}
         count = len(self.infotexts) - grid_count
         return {
-            "prompt": self.prompt, "all_prompts": self.all_prompts[:count] or [self.prompt],
-            "negative_prompt": self.negative_prompt,
-            "all_negative_prompts": self.all_negative_prompts[:count] or [self.negative_prompt],
+            "prompt": self.all_prompts[0], "all_prompts": self.all_prompts[:count] or [self.all_prompts[0]],
+            "negative_prompt": self.all_negative_prompts[0],
+            "all_negative_prompts": self.all_negative_prompts[:count] or [self.all_negative_prompts[0]],
             "seed": self.seed, "all_seeds": self.all_seeds, "subseed": self.subseed,
             "all_subseeds": self.all_subseeds, "subseed_strength": self.subseed_strength, "width": self.width,
             "height": self.height, "sampler_name": self.sampler_name, "scheduler": self.scheduler,
@@ -203,6 +256,8 @@ def process_images(p: Processing) -> GenerationResult:
     with contextlib.ExitStack() as stack:
         bundle = p.bundle = stack.enter_context(leased_checkpoint(p.ctx, p.settings, p.warnings))
         p.sd_model_name, p.sd_model_hash = bundle.info.model_name, bundle.info.shorthash
+        if p.ctx.events is not None:
+            p.ctx.events.model_loaded(bundle)
         p.inpainting_model = bundle.arch.inpainting
         p.setup(stack, bundle)
         for it in range(p.n_iter):
@@ -235,15 +290,29 @@ def process_images(p: Processing) -> GenerationResult:
                 p.images.append(pp.image)
                 p.infotexts.append(text)
                 save_sample(p.ctx, p.settings, p.request, f"{p.kind}-images", today, pp.image, p.all_seeds[index],
-                            p.all_prompts[index], text, p.paths)
+                            p.all_prompts[index], text, p.paths, p)
             if isinstance(stopped, JobInterrupted):
                 break
     grid_count = add_grid(p.ctx, p.settings, p.request, f"{p.kind}-grids", today, p.images, p.infotexts,
-                          p.all_seeds[0], p.prompt, p.paths)
+                          p.all_seeds[0], p.all_prompts[0], p.paths, p)
     result = GenerationResult(images=p.images, infotexts=p.infotexts, info=p.info(grid_count), paths=p.paths,
                               grid_count=grid_count, samples=p.samples)
     p.run_hooks("postprocess", result)
     return result
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # values that do not compare plainly (arrays): only the same object is unchanged
+        return False
+
+
+def validate_request(req):
+    """A request a script changed, checked as the API would check it (img2img's checks for img2img)."""
+    from modules.generation.img2img_params import Img2ImgRequest, validate_img2img
+    from modules.generation.params import validate
+    return validate_img2img(req) if isinstance(req, Img2ImgRequest) else validate(req)
 
 
 def vae_params(bundle) -> dict[str, str]:
@@ -296,18 +365,32 @@ def written_schedule(sampler: str, schedule: str) -> str | None:
 
 
 def save_sample(ctx: GenerationContext, settings: dict, req, folder_name: str, today, image, seed: int, prompt: str,
-                infotext: str, paths: list) -> None:
+                infotext: str, paths: list, p=None) -> None:
     """Save one image as A1111 does (when the request and the settings say so), adding its path to `paths`."""
     if req.save_images and settings.get("samples_save", True) and not req.do_not_save_samples:
         folder = outputs.samples_folder(ctx.outputs_root, folder_name, today, settings.get("outdir_samples", ""))
-        paths.append(outputs.save_image(
-            image, folder, seed=seed, prompt=prompt,
-            infotext=infotext if settings.get("enable_pnginfo", True) else None,
-            extension=settings.get("samples_format", "png"), jpeg_quality=settings.get("jpeg_quality", 80)))
+        paths.append(save_with_callbacks(ctx, settings, p, image, folder, seed, prompt, infotext,
+                                         settings.get("samples_format", "png")))
+
+
+def save_with_callbacks(ctx: GenerationContext, settings: dict, p, image, folder, seed: int, prompt: str,
+                        infotext: str | None, extension: str):
+    """Save an image (A1111's file naming), with the scripts' before/after-saved callbacks around it."""
+    params = ImageSaveParams(image, p, str(folder), {"parameters": infotext} if infotext else {})
+    if ctx.events is not None:
+        ctx.events.before_image_saved(params)
+    text = params.pnginfo.get("parameters")
+    path = outputs.save_image(params.image, folder, seed=seed, prompt=prompt,
+                              infotext=text if settings.get("enable_pnginfo", True) else None,
+                              extension=extension, jpeg_quality=settings.get("jpeg_quality", 80))
+    params.filename = str(path)
+    if ctx.events is not None:
+        ctx.events.image_saved(params)
+    return path
 
 
 def add_grid(ctx: GenerationContext, settings: dict, req, folder_name: str, today, images: list, infotexts: list,
-             seed: int, prompt: str, paths: list) -> int:
+             seed: int, prompt: str, paths: list, p=None) -> int:
     """A1111's grid of a multi-image result: none at all with `do_not_save_grid` (which API requests without
     `save_images` set, as A1111's API does), else saved when the settings say so and put first in `images`
     (with the first image's infotext) when `return_grid` is on. Returns how many grids lead the images."""
@@ -316,12 +399,13 @@ def add_grid(ctx: GenerationContext, settings: dict, req, folder_name: str, toda
     save = req.save_images and settings.get("grid_save", True)
     if not (save or settings.get("return_grid", True)):
         return 0
-    grid = outputs.make_grid(images)
+    margin = int(settings.get("grid_margin", 0))
+    grid = outputs.make_grid(images, background=settings.get("grid_background_color", "black") if margin else "black",
+                             margin=margin)
     if save:
-        paths.append(outputs.save_image(
-            grid, outputs.dated_folder(ctx.outputs_root, folder_name, today), seed=seed, prompt=prompt,
-            infotext=infotexts[0] if settings.get("enable_pnginfo", True) else None,
-            extension=settings.get("samples_format", "png"), jpeg_quality=settings.get("jpeg_quality", 80)))
+        paths.append(save_with_callbacks(ctx, settings, p, grid, outputs.dated_folder(ctx.outputs_root, folder_name,
+                                                                                      today),
+                                         seed, prompt, infotexts[0], settings.get("grid_format", "png")))
     if not settings.get("return_grid", True):
         return 0
     images.insert(0, grid)

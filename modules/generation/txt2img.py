@@ -57,18 +57,19 @@ class Txt2ImgProcessing(Processing):
         if self.enable_hr and self.hr_eta.warning:
             add_new(self.warnings, [self.hr_eta.warning])
         # As in A1111 the styles apply to the hires prompts too; an empty one is the first pass's (styled) prompt.
-        self.hr_prompt, self.hr_negative_prompt = ctx.styles.apply(
+        self.styled_hr_prompt, self.styled_hr_negative_prompt = ctx.styles.apply(
             req.hr_prompt or req.prompt, req.hr_negative_prompt or req.negative_prompt, req.styles)
-        self.all_hr_prompts = [self.hr_prompt] * len(self.all_seeds)
-        self.all_hr_negative_prompts = [self.hr_negative_prompt] * len(self.all_seeds)
+        self.all_hr_prompts = [self.styled_hr_prompt] * len(self.all_seeds)
+        self.all_hr_negative_prompts = [self.styled_hr_negative_prompt] * len(self.all_seeds)
 
     def setup(self, stack: contextlib.ExitStack, bundle) -> None:
         req, ctx, settings = self.request, self.ctx, self.settings
         # LoRA tags come out of the text before encoding; bad ones are reported, and the image is made anyway.
         # The hires pass runs with the LoRAs of the hires prompt (the first pass's prompt when it is empty).
-        resolved = resolve_networks(ctx, self.prompt)
+        self.network_source = self.all_prompts[0]  # the prompt whose LoRAs apply
+        resolved = resolve_networks(ctx, self.network_source)
         add_new(self.warnings, resolved.warnings)
-        hr_resolved = resolve_networks(ctx, self.hr_prompt) if self.enable_hr and req.hr_prompt else resolved
+        hr_resolved = resolve_networks(ctx, self.styled_hr_prompt) if self.enable_hr and req.hr_prompt else resolved
         add_new(self.warnings, hr_resolved.warnings)
         self.applied, self.hr_applied = stack.enter_context(leased_passes(ctx, resolved, hr_resolved, self.warnings))
         self.merged = stack.enter_context(MergedLoras(bundle, self.warnings))
@@ -79,7 +80,7 @@ class Txt2ImgProcessing(Processing):
         # prompt-editing steps count model calls, as A1111's do: a second-order sampler's schedule is twice as long
         self.conditioning_steps = self.steps * scheduler_order(scheduler)
         self.first_prompt = resolved.prompt
-        self.conditioning_for(self.prompt, self.negative_prompt)  # encoded now, before the hires LoRAs merge
+        self.conditioning_for(self.all_prompts[0], self.all_negative_prompts[0])  # encoded now, before the hires LoRAs merge
         self.hr_conditioning = None
         if self.enable_hr and not self.upscale_only:
             # encoded with the hires pass's LoRAs merged (a fresh encoder: the first one caches per text)
@@ -88,12 +89,12 @@ class Txt2ImgProcessing(Processing):
             hr_order = scheduler_order(samplers.make_scheduler(req.hr_sampler_name, req.hr_scheduler,
                                                                bundle.scheduler_config))
             self.hr_conditioning = prompts.build_conditioning(
-                hr_conditioner, hr_resolved.prompt, self.hr_negative_prompt, self.steps * hr_order,
+                hr_conditioner, hr_resolved.prompt, self.styled_hr_negative_prompt, self.steps * hr_order,
                 self.hr_steps * hr_order, self.old_scheduling)
         first_names = {a.info.name for a in self.applied}
         both_passes = self.applied + [a for a in self.hr_applied if a.info.name not in first_names]
         self.network_params = network_params(both_passes, prompts.embeddings_in(
-            [resolved.prompt, self.negative_prompt, hr_resolved.prompt, self.hr_negative_prompt],
+            [resolved.prompt, self.all_negative_prompts[0], hr_resolved.prompt, self.styled_hr_negative_prompt],
             self.conditioner.used_embeddings))
         self.vae_scale = 2 ** (len(bundle.components["vae"].config.block_out_channels) - 1)
         self.latent_channels = bundle.components["unet"].config.out_channels

@@ -63,7 +63,9 @@ def clip_tokenizer(pad_token: str = EOS_TOKEN) -> "CLIPTokenizer":
     with _lock:
         tokenizer = _cache.get(pad_token)
         if tokenizer is None:
-            from transformers import CLIPTokenizer
+            from modules.core import import_lock
+            with import_lock.lock:
+                from transformers import CLIPTokenizer
 
             vocab, merges = _vocab_and_merges()
             tokenizer = CLIPTokenizer(

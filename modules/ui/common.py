@@ -368,7 +368,7 @@ class OutputPanel:
             yield update
 
     def finished(self, result, notice: str = "") -> dict:
-        first = result.grid_count
+        first = min(result.grid_count, len(result.infotexts) - 1)  # a script's answer may be its grid alone
         return {self.gallery: [(im, None) for im in result.images], self.infotexts: result.infotexts,
                 self.info_html: infotext_html(result.infotexts[first] if result.infotexts else ""),
                 self.progress: "", self.preview: gr.update(visible=False), self.job: None, self.notice: notice}

@@ -3,6 +3,7 @@ and output panel, its Interrogate button, and the "Send to img2img / inpaint" wi
 init image + mask (plain PIL) -> a job -> the result. No torch here."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,6 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from modules.generation import outpainting as img2img_scripts
 from modules.generation.img2img_params import (
     INPAINT_AREAS,
     MASK_MODES,
@@ -20,6 +20,7 @@ from modules.generation.img2img_params import (
     Img2ImgRequest,
 )
 from modules.ui import common
+from modules.ui import scripts as scripts_ui
 from modules.ui.common import NotAnImage, UploadEditor, UploadImage, notice_html
 
 log = logging.getLogger("webui.ui")
@@ -27,7 +28,6 @@ log = logging.getLogger("webui.ui")
 MODES = ("img2img", "sketch", "inpaint", "inpaint sketch", "inpaint upload", "batch")
 MODE_IDS = ("img2img_img2img_tab", "img2img_img2img_sketch_tab", "img2img_inpaint_tab",
             "img2img_inpaint_sketch_tab", "img2img_inpaint_upload_tab", "img2img_batch_tab")
-SCRIPTS = ("None",) + img2img_scripts.TITLES
 # the fields "Send to img2img / inpaint" copies from an image's infotext (A1111's paste of the generation params)
 SEND_FIELDS = ("prompt", "negative_prompt", "steps", "sampler_name", "scheduler", "cfg_scale", "seed", "width",
                "height", "subseed", "subseed_strength", "batch_size", "styles")
@@ -234,31 +234,10 @@ def create_tab(webui) -> Img2ImgTab:
             noise_mult = gr.Slider(0, 1.5, value=1.0, step=0.01, label="Initial noise multiplier",
                                    elem_id="img2img_initial_noise_multiplier")
             seeds = common.seed_controls("img2img")
-            script = gr.Dropdown(list(SCRIPTS), value="None", label="Script", elem_id="img2img_script")
-            with gr.Group(visible=False) as poor_group:
-                pm_pixels = gr.Slider(8, 256, value=128, step=8, label="Pixels to expand",
-                                      elem_id="img2img_poor_pixels")
-                pm_blur = gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id="img2img_poor_mask_blur")
-                pm_fill = gr.Radio(list(MASKED_CONTENT), value="fill", label="Masked content",
-                                   elem_id="img2img_poor_inpainting_fill")
-                pm_dirs = gr.CheckboxGroup(list(img2img_scripts.DIRECTIONS), value=list(img2img_scripts.DIRECTIONS),
-                                           label="Outpainting direction", elem_id="img2img_poor_direction")
-            with gr.Group(visible=False) as mk2_group:
-                gr.Markdown("Recommended settings: Sampling Steps: 80-100, Sampler: Euler a, Denoising strength: 0.8")
-                mk2_pixels = gr.Slider(8, 256, value=128, step=8, label="Pixels to expand",
-                                       elem_id="img2img_mk2_pixels")
-                mk2_blur = gr.Slider(0, 64, value=8, step=1, label="Mask blur", elem_id="img2img_mk2_mask_blur")
-                mk2_dirs = gr.CheckboxGroup(list(img2img_scripts.DIRECTIONS), value=list(img2img_scripts.DIRECTIONS),
-                                            label="Outpainting direction", elem_id="img2img_mk2_direction")
-                mk2_falloff = gr.Slider(0, 4, value=1.0, step=0.01, label="Fall-off exponent (lower=higher detail)",
-                                        elem_id="img2img_mk2_falloff")
-                mk2_color = gr.Slider(0, 1, value=0.05, step=0.01, label="Color variation",
-                                      elem_id="img2img_mk2_color_variation")
+            script_ui = scripts_ui.script_controls(webui, is_img2img=True)
         with gr.Column():
             panel = common.output_panel("img2img")
 
-    script.change(lambda s: (gr.update(visible=s == img2img_scripts.POOR_MANS), gr.update(visible=s == img2img_scripts.MK2)),
-                  inputs=[script], outputs=[poor_group, mk2_group], queue=False, show_progress="hidden")
     seeds.wire(panel)
     for component in (init_img, sketch, inpaint, inpaint_sketch, up_image, up_mask):
         common.refuse_non_images(component, panel.notice)
@@ -280,14 +259,11 @@ def create_tab(webui) -> Img2ImgTab:
     names = ["mode", "img2img", "sketch", "inpaint", "inpaint_sketch", "up_image", "up_mask", "b_input", "b_output",
              "b_mask", "prompt", "negative", "styles", "sampler", "scheduler", "steps", "size_by", "width", "height",
              "scale", "batch_count", "batch_size", "cfg", "denoise", "noise_mult", "seed", "extra", "subseed",
-             "subseed_strength", "resize_mode", "mask_blur", "mask_mode", "fill", "full_res", "padding", "script",
-             "pm_pixels", "pm_blur", "pm_fill", "pm_dirs", "mk2_pixels", "mk2_blur", "mk2_dirs", "mk2_falloff",
-             "mk2_color"]
+             "subseed_strength", "resize_mode", "mask_blur", "mask_mode", "fill", "full_res", "padding"]
     inputs = [mode, *images_in, b_input, b_output, b_mask, tools.prompt, tools.negative, tools.styles.dropdown,
               sampler, scheduler, steps, size_by, width, height, scale, batch_count, batch_size, cfg, denoise,
               noise_mult, seeds.seed, seeds.extra, seeds.subseed, seeds.subseed_strength, resize_mode, mask_blur,
-              mask_mode, fill, full_res, padding, script, pm_pixels, pm_blur, pm_fill, pm_dirs, mk2_pixels, mk2_blur,
-              mk2_dirs, mk2_falloff, mk2_color]
+              mask_mode, fill, full_res, padding, *script_ui.inputs]
 
     def make_request(v, init, mask) -> Img2ImgRequest:
         w = common.snap(v["width"], common.SIZE_STEP, common.MIN_SIZE, common.MAX_SIZE)
@@ -295,13 +271,6 @@ def create_tab(webui) -> Img2ImgTab:
         if v["size_by"] == 1 and init is not None:  # resize by: the init image's size times the scale (A1111)
             w = max(64, int(init.width * float(v["scale"])) // 8 * 8)
             h = max(64, int(init.height * float(v["scale"])) // 8 * 8)
-        script_name = v["script"] if v["script"] in img2img_scripts.TITLES else None
-        script_args = []
-        if script_name == img2img_scripts.POOR_MANS:
-            script_args = [int(v["pm_pixels"]), int(v["pm_blur"]), v["pm_fill"], list(v["pm_dirs"] or [])]
-        elif script_name == img2img_scripts.MK2:
-            script_args = [None, int(v["mk2_pixels"]), int(v["mk2_blur"]), list(v["mk2_dirs"] or []),
-                           float(v["mk2_falloff"]), float(v["mk2_color"])]
         sd, ss = v["seed"], v["subseed"]
         return Img2ImgRequest(
             prompt=v["prompt"] or "", negative_prompt=v["negative"] or "", styles=list(v["styles"] or []),
@@ -314,12 +283,13 @@ def create_tab(webui) -> Img2ImgTab:
             mask_blur_x=int(v["mask_blur"]), mask_blur_y=int(v["mask_blur"]),
             inpainting_fill=int(v["fill"] if v["fill"] is not None else 1),
             inpaint_full_res=bool(v["full_res"]), inpaint_full_res_padding=int(v["padding"]),
-            inpainting_mask_invert=int(v["mask_mode"] or 0), script_name=script_name, script_args=script_args)
+            inpainting_mask_invert=int(v["mask_mode"] or 0))
 
     def run(request: gr.Request, *values):
         from modules.generation import BatchFolders
         from modules.ui.extra_networks import warnings_html
         v = dict(zip(names, values))
+        script_values = values[len(names):]
         owner = common.owner_of(request)
         try:
             if v["mode"] == 5:
@@ -332,7 +302,10 @@ def create_tab(webui) -> Img2ImgTab:
             else:
                 init, mask = init_and_mask(v["mode"], *(v[n] for n in names[1:7]))
                 req = make_request(v, init, mask)
-                job = webui.submit_img2img(req, owner=owner)
+                selection = script_ui.selection(webui, script_values)
+                if selection.title:
+                    req = dataclasses.replace(req, script_name=selection.title, script_args=selection.script[1])
+                job = webui.submit_img2img(req, owner=owner, scripts=selection)
                 size, label = (req.width, req.height), ""
         except ValueError as e:
             yield panel.failed(str(e))

@@ -8,6 +8,7 @@ import gradio as gr
 
 from modules.core import samplers
 from modules.ui import common
+from modules.ui import scripts as scripts_ui
 from modules.ui.common import OutputPanel, PromptTools
 
 
@@ -46,7 +47,8 @@ def create_tab(webui) -> Txt2ImgTab:
             with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hr"):
                 enable_hr = gr.Checkbox(label="Enable hires. fix", value=False, elem_id="txt2img_enable_hr")
                 with gr.Row():
-                    hr_upscaler = gr.Dropdown(label="Upscaler", choices=list(generation.HIRES_UPSCALERS),
+                    hr_upscaler = gr.Dropdown(label="Upscaler",
+                                              choices=list(generation.HIRES_UPSCALERS) + webui.upscalers.model_names(),
                                               value="Latent", elem_id="txt2img_hr_upscaler")
                     hr_steps = gr.Slider(0, 150, value=0, step=1, label="Hires steps", elem_id="txt2img_hires_steps")
                     hr_denoise = gr.Slider(0, 1, value=0.7, step=0.01, label="Denoising strength",
@@ -71,6 +73,7 @@ def create_tab(webui) -> Txt2ImgTab:
             batch_count, batch_size = batch_controls("txt2img")
             cfg = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id="txt2img_cfg_scale")
             seeds = common.seed_controls("txt2img")
+            script_ui = scripts_ui.script_controls(webui, is_img2img=False)
         with gr.Column():
             panel = common.output_panel("txt2img")
     seeds.wire(panel)
@@ -78,11 +81,13 @@ def create_tab(webui) -> Txt2ImgTab:
     inputs = [tools.prompt, tools.negative, tools.styles.dropdown, sampler, scheduler, steps, enable_hr, hr_upscaler,
               hr_steps, hr_denoise, hr_scale, hr_resize_x, hr_resize_y, width, height, batch_count, batch_size, cfg,
               seeds.seed, seeds.extra, seeds.subseed, seeds.subseed_strength, hr_prompt, hr_negative]
+    own = len(inputs)
+    inputs += script_ui.inputs
 
     def run(request: gr.Request, *values):
         from modules.ui.extra_networks import warnings_html
         (p, n, st, smp, sch, stp, ehr, hru, hrs, hrd, hrsc, hrx, hry, w, h, bc, bs, c, sd, ex, ss, sss, hrp,
-         hrn) = values
+         hrn) = values[:own]
         w, h = (common.snap(v, common.SIZE_STEP, common.MIN_SIZE, common.MAX_SIZE) for v in (w, h))
         req = generation.Txt2ImgRequest(
             prompt=p or "", negative_prompt=n or "", styles=list(st or []), sampler_name=smp, scheduler=sch,
@@ -93,7 +98,8 @@ def create_tab(webui) -> Txt2ImgTab:
             seed=int(sd if sd is not None else -1), subseed=int(ss if (ex and ss is not None) else -1),
             subseed_strength=float(sss) if ex else 0.0, save_images=True)
         try:
-            job = webui.submit_txt2img(req, owner=common.owner_of(request))
+            selection = script_ui.selection(webui, values[own:])
+            job = webui.submit_txt2img(req, owner=common.owner_of(request), scripts=selection)
         except ValueError as e:
             yield panel.failed(str(e))
             return

@@ -10,7 +10,10 @@ import gradio as gr
 from modules.core.options import OptionError
 from modules.ui import captioning as captioning_ui
 from modules.ui import common, pnginfo, settings, txt2img
+from modules.ui import extensions as extensions_ui
+from modules.ui import extras as extras_ui
 from modules.ui import img2img as img2img_ui
+from modules.ui import merger as merger_ui
 from modules.ui import train as train_ui
 
 log = logging.getLogger("webui.ui")
@@ -19,9 +22,38 @@ CSS = common.CSS
 theme = common.theme
 
 
-def js() -> str:
-    """The page's JS (built after the UI, which registers the icon buttons' tooltips)."""
-    return common.js()
+def js(webui=None) -> str:
+    """The page's JS (built after the UI, which registers the icon buttons' tooltips), then the enabled
+    extensions' javascript/*.js files."""
+    parts = [common.js()]
+    for ext in (webui.scripts.extensions if webui is not None else []):
+        if ext.enabled:
+            for path in ext.javascript:
+                parts.append(f"// {ext.name}/{path.name}\n" + path.read_text(encoding="utf-8", errors="replace"))
+    return "\n;\n".join(parts)
+
+
+def css(webui=None) -> str:
+    """The page's CSS and the enabled extensions' style.css."""
+    parts = [CSS]
+    for ext in (webui.scripts.extensions if webui is not None else []):
+        if ext.enabled and ext.style is not None:
+            parts.append(ext.style.read_text(encoding="utf-8", errors="replace"))
+    return "\n".join(parts)
+
+
+def extension_tabs(webui) -> list[tuple]:
+    """(blocks, title, id) of every on_ui_tabs callback (made before the page, rendered inside its tabs)."""
+    tabs = []
+    for entry, made in webui.scripts.callbacks.call("ui_tabs"):
+        for item in made or []:
+            try:
+                blocks, title, elem_id = item[0], str(item[1]), str(item[2])
+            except (TypeError, IndexError):
+                webui.scripts.report_source(entry.source, None, f"on_ui_tabs returned {item!r}, not (blocks, title, id)")
+                continue
+            tabs.append((blocks, title, elem_id, entry.source))
+    return tabs
 
 
 def _banner(webui) -> str:
@@ -59,6 +91,8 @@ def create_ui(webui) -> gr.Blocks:
         return gr.update(choices=[c.display_title for c in webui.registry.list()],
                          value=info.display_title if info else None)
 
+    webui.scripts.callbacks.call("before_ui")
+    added = extension_tabs(webui)
     with gr.Blocks(title="Stable Diffusion", analytics_enabled=False) as demo:
         banner = gr.Markdown(_banner(webui), elem_id="banner_notice", visible=bool(_banner(webui)))
         with gr.Row():
@@ -78,13 +112,26 @@ def create_ui(webui) -> gr.Blocks:
                 t2i = txt2img.create_tab(webui)
             with gr.Tab("img2img", id="img2img", elem_id="tab_img2img"):
                 i2i = img2img_ui.create_tab(webui)
+            extras_ui.create_tab(webui)  # Extras (upscaling)
             captioning_ui.create_tabs(webui)  # Caption, VQA, Image search
             with gr.Tab("Train", id="train", elem_id="tab_train"):
                 train_ended = train_ui.create_tab(webui)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 png = pnginfo.create_tab()
+            with gr.Tab("Checkpoint Merger", id="modelmerger", elem_id="tab_modelmerger"):
+                merged = merger_ui.create_tab(webui)
+            for blocks, title, elem_id, source in added:  # extensions' tabs (on_ui_tabs), as A1111 places them
+                with gr.Tab(title, id=elem_id, elem_id=f"tab_{elem_id}"):
+                    try:
+                        blocks.render()
+                    except Exception as e:  # a broken extension tab is reported, the page still builds
+                        log.exception("extension tab %s failed", title)
+                        webui.scripts.report_source(source, None, f"tab {title!r}: {type(e).__name__}: {e}")
+                        gr.Markdown(f"**This extension's tab failed to build:** {type(e).__name__}: {e}")
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
                 settings_components = settings.create_tab(webui)
+            with gr.Tab("Extensions", id="extensions", elem_id="tab_extensions"):
+                extensions_ui.create_tab(webui)
         check_tab_strip(tabs)
         ready = gr.HTML("", elem_id="ui_ready", padding=False)
         panels = [t2i.tools.networks, i2i.tools.networks]
@@ -101,6 +148,9 @@ def create_ui(webui) -> gr.Blocks:
         # a training run ended: its LoRA, embedding or checkpoint is listed at once
         train_ended.change(on_refresh, inputs=[p.search for p in panels],
                            outputs=[checkpoint, banner] + [p.html for p in panels], show_progress="hidden")
+        # a merge saved a checkpoint: the checkpoint box lists it at once
+        merged.change(on_refresh, inputs=[p.search for p in panels],
+                      outputs=[checkpoint, banner] + [p.html for p in panels], show_progress="hidden")
 
         def on_page_load():
             # The page may be (re)loaded long after start-up: show the checkpoints, notices and settings in force

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import pytest
-from playwright.sync_api import sync_playwright
+from playwright.sync_api import expect, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"  # Playwright's own browser download does not work here; use the system one
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
+
+
+# Assertions wait up to 20 s (Playwright's default is 5): the page has many tabs and a busy 2-core machine can take
+# longer than 5 s to build it. Nothing here measures time; a slow page only waits longer.
+expect.set_options(timeout=20_000)
 
 
 @pytest.fixture(scope="session")

@@ -13,12 +13,13 @@ from playwright.sync_api import Page, expect
 from tests.browser.test_ui import GEN_TIMEOUT, infotext, open_ui, set_number, small
 from tests.conftest import Server, copy_models
 
-TABS = ["txt2img", "img2img", "Caption", "VQA", "Image search", "Train", "PNG Info", "Settings"]
+TABS = ["txt2img", "img2img", "Extras", "Caption", "VQA", "Image search", "Train", "PNG Info", "Checkpoint Merger", "Settings", "Extensions"]
 # one element each tab shows, to know the content that came with the label
-TAB_CONTENT = {"txt2img": "#txt2img_prompt", "img2img": "#img2img_prompt", "Caption": "#caption_run",
+TAB_CONTENT = {"txt2img": "#txt2img_prompt", "img2img": "#img2img_prompt", "Extras": "#extras_generate",
+               "Caption": "#caption_run",
                "VQA": "#vqa_ask", "Image search": "#search_run", "Train": "#train_lora_start",
-               "PNG Info": "#pnginfo_image",
-               "Settings": "#settings_submit"}
+               "PNG Info": "#pnginfo_image", "Checkpoint Merger": "#modelmerger_merge",
+               "Settings": "#settings_submit", "Extensions": "#extensions_apply"}
 
 
 @pytest.fixture
@@ -32,8 +33,10 @@ def strip(page: Page) -> list[str]:
                                                          "#tabs > .tab-wrapper button[role=tab]").all()]
 
 
-TAB_IDS = {"txt2img": "tab_txt2img", "img2img": "tab_img2img", "Caption": "tab_caption", "VQA": "tab_vqa",
-           "Image search": "tab_search", "Train": "tab_train", "PNG Info": "tab_pnginfo", "Settings": "tab_settings"}
+TAB_IDS = {"txt2img": "tab_txt2img", "img2img": "tab_img2img", "Extras": "tab_extras", "Caption": "tab_caption",
+           "VQA": "tab_vqa",
+           "Image search": "tab_search", "Train": "tab_train", "PNG Info": "tab_pnginfo",
+           "Checkpoint Merger": "tab_modelmerger", "Settings": "tab_settings", "Extensions": "tab_extensions"}
 
 
 def top_tab(page: Page, name: str):

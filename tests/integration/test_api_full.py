@@ -13,6 +13,7 @@ import requests
 from PIL import Image
 
 from tests.conftest import Server
+from tests.images import gradient
 
 SMALL = {"width": 64, "height": 64, "steps": 3}
 
@@ -27,24 +28,17 @@ def b64_image(text: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(text)))
 
 
-def gradient(w=40, h=24) -> Image.Image:
-    a = np.zeros((h, w, 3), np.uint8)
-    a[..., 0] = np.linspace(0, 255, w)[None, :]
-    a[..., 1] = np.linspace(0, 255, h)[:, None]
-    a[::3, ::5, 2] = 255
-    return Image.fromarray(a)
-
-
 @pytest.mark.parametrize("path, check", [
-    ("/upscalers", lambda v: [u["name"] for u in v] == ["None", "Lanczos", "Nearest"]),
+    ("/upscalers", lambda v: [u["name"] for u in v] == ["None", "Lanczos", "Nearest", "tiny-esrgan-4x",
+                                                        "tiny-realesrgan-x2"]),
     ("/latent-upscale-modes", lambda v: {"Latent", "Latent (nearest-exact)"} <= {m["name"] for m in v}),
     ("/sd-vae", lambda v: [x["model_name"] for x in v] == ["tiny-vae.safetensors"]),
     ("/prompt-styles", lambda v: isinstance(v, list)),
-    ("/scripts", lambda v: v == {"txt2img": [], "img2img": ["poor man's outpainting", "outpainting mk2"]}),
-    ("/script-info", lambda v: v == []),
+    ("/scripts", lambda v: "x/y/z plot" in v["txt2img"] and {"sd upscale", "outpainting mk2"} <= set(v["img2img"])),
+    ("/script-info", lambda v: {"x/y/z plot", "prompt matrix", "loopback"} <= {s["name"] for s in v}),
     ("/extensions", lambda v: v == []),
     ("/face-restorers", lambda v: v == []),
-    ("/realesrgan-models", lambda v: v == []),
+    ("/realesrgan-models", lambda v: [m["name"] for m in v] == ["tiny-realesrgan-x2"]),
     ("/hypernetworks", lambda v: v == []),
     ("/samplers", lambda v: "Euler" in [s["name"] for s in v]),
     ("/schedulers", lambda v: "Karras" in [s["label"] for s in v]),
@@ -141,12 +135,13 @@ def test_img2img_runs_and_validates(api):
     assert r.status_code == 422 and "init_images[0]" in r.json()["detail"]
     r = api.post(api.base + "/img2img", json={"init_images": [src], "sampler_name": "Nope"})
     assert r.status_code == 400
-    r = api.post(api.base + "/img2img", json={"init_images": [src], "script_name": "x/y/z plot"})
+    r = api.post(api.base + "/img2img", json={"init_images": [src], "script_name": "no such script"})
     assert r.status_code == 400 and "unknown script" in r.json()["detail"]
 
 
 @pytest.mark.parametrize("fields, status, words", [
-    ({"script_name": "X/Y/Z plot", "script_args": [1, 2]}, 400, "unknown script"),
+    ({"script_name": "Hypernetwork merger", "script_args": [1, 2]}, 400, "unknown script"),
+    ({"script_name": "X/Y/Z plot", "script_args": ["Steps", "1, x"]}, 422, "X/Y/Z plot: Steps"),
     ({"alwayson_scripts": {"ControlNet": {"args": []}}}, 400, "unknown alwayson script"),
     ({"alwayson_scripts": {"ControlNet": "on"}}, 422, "alwayson_scripts"),
     ({"script_args": "not a list"}, 422, "script_args"),
@@ -254,8 +249,12 @@ def test_webuiapi_client(api_server):
     assert client.get_options()["samples_format"] == "jpg"
     client.set_options({"samples_format": opts["samples_format"]})
     assert "Euler a" in [s["name"] for s in client.get_samplers()]
-    assert [u["name"] for u in client.get_upscalers()] == ["None", "Lanczos", "Nearest"]
-    assert client.get_scripts() == {"txt2img": [], "img2img": ["poor man's outpainting", "outpainting mk2"]}
+    assert [u["name"] for u in client.get_upscalers()][:3] == ["None", "Lanczos", "Nearest"]
+    scripts = client.get_scripts()
+    assert "x/y/z plot" in scripts["txt2img"] and "poor man's outpainting" in scripts["img2img"]
+    grid = client.txt2img(prompt="a boat", steps=2, width=64, height=64, seed=9, script_name="X/Y/Z plot",
+                          script_args=["Steps", "1, 2", [], "Nothing", "", [], "Nothing", "", []])
+    assert grid.image.size[0] == 128 and grid.image.size[1] > 64 and len(grid.info["xyz_timing"]) == 2
     progress = client.get_progress()
     assert progress["progress"] == 0 and progress["state"]["job"] == ""
     client.interrupt()

@@ -250,7 +250,8 @@ def test_outpainting_scripts_expand_and_keep_the_picture(api, script, args, size
     ({"inpainting_fill": 7}, 422, "inpainting_fill"),
     ({"resize_mode": 9}, 422, "resize_mode"),
     ({"script_name": "outpainting mk2", "script_args": ["", 4000]}, 422, "pixels"),
-    ({"script_name": "X/Y/Z plot"}, 400, "unknown script"),
+    ({"script_name": "No such script"}, 400, "unknown script"),
+    ({"script_name": "X/Y/Z plot", "script_args": [1]}, 422, "X/Y/Z plot"),
 ])
 def test_bad_input_is_a_4xx_with_a_message(api, fields, status, words):
     body = {**SMALL, "init_images": [b64(picture())], **fields}

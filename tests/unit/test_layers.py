@@ -1,6 +1,7 @@
 """The layers of `modules/`, kept by reading every module's imports (top-level and inside functions) with ast.
 
     core  <-  prompting  <-  model_store  <-  networks  <-  services (generation, captioning)  <-  training  <-  demo
+          <-  scripting (+ A1111's module names for extensions: scripts, shared, processing, ...)
           <-  app (the wiring), ui, api
 
 An import points down, or within its own package, never up. Services may call each other's public names, never
@@ -15,6 +16,7 @@ from pathlib import Path
 
 MODULES = Path(__file__).resolve().parents[2] / "modules"
 
+A1111_NAMES = {"scripts", "script_callbacks", "shared", "processing", "images"}
 # package -> the packages it may import (its own always)
 ALLOWED = {
     "core": set(),
@@ -27,11 +29,16 @@ ALLOWED = {
     "training": {"core", "model_store", "prompting", "networks", "generation", "captioning"},
     "train": {"core", "training", "model_store", "captioning"},  # the training CLI
     "demo": {"core", "model_store", "prompting", "networks", "generation", "captioning"},
-    "app": {"core", "model_store", "prompting", "networks", "generation", "captioning", "training", "demo"},
-    "ui": {"core", "model_store", "prompting", "networks", "generation", "captioning", "training"},
+    # scripts and extensions (A1111's Script API), and A1111's module names they import, thin views over it
+    "scripting": {"core", "model_store", "prompting", "networks", "generation", "captioning", *A1111_NAMES},
+    **{name: {"core", "model_store", "prompting", "networks", "generation", "scripting", *A1111_NAMES}
+       for name in A1111_NAMES},
+    "app": {"core", "model_store", "prompting", "networks", "generation", "captioning", "training", "demo",
+            "scripting", "shared"},
+    "ui": {"core", "model_store", "prompting", "networks", "generation", "captioning", "training", "scripting"},
     "api": {"core", "model_store", "prompting", "networks", "generation", "captioning", "training"},
 }
-SERVICES = {"generation", "captioning", "training"}
+SERVICES = {"generation", "captioning", "training", "scripting"}
 
 
 def package_of(module: str) -> str | None:

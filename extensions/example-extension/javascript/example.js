@@ -1,0 +1,2 @@
+// Loaded into the page with the studio's own scripts.
+window.exampleExtensionLoaded = true;
