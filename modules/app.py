@@ -119,7 +119,9 @@ class Webui:
         settings and flags); their settings are declared (on_ui_settings) before any UI or API reads them."""
         from modules import shared
         from modules.scripting.host import ScriptHost
-        shared.bind(self.options, self.args, upscalers=lambda: self.upscalers)
+        shared.bind(self.options, self.args, upscalers=lambda: self.upscalers,
+                    lists={"checkpoints": lambda: [c.name for c in self.registry.list()],
+                           "vaes": lambda: list(self.vaes.choices()), "styles": self.styles.names})
         host = ScriptHost(self.folders.data_dir, self.folders.config_file, self.args).load()
         host.callbacks.call("ui_settings")
         return host

@@ -19,7 +19,7 @@ from modules.core.options import OptionError, OptionSpec
 cmd_opts = argparse.Namespace()
 sd_model = None  # A1111's loaded LDM model: not available (diffusers pipelines run here)
 _local = threading.local()
-_server: dict[str, Any] = {"options": None, "upscalers": None}
+_server: dict[str, Any] = {"options": None, "upscalers": None, "lists": {}}
 
 
 class OptionInfo:
@@ -193,11 +193,18 @@ def upscaler_names() -> list[str]:
     return list(ups().names()) if ups is not None else list(upscaling.UPSCALERS)
 
 
-def bind(options, args, upscalers=None) -> None:
+def names_of(kind: str) -> list[str]:
+    """The server's names of `kind` ("checkpoints", "vaes", "styles") for a script's dropdowns; [] unbound."""
+    fn = _server["lists"].get(kind)
+    return list(fn()) if fn is not None else []
+
+
+def bind(options, args, upscalers=None, lists: dict | None = None) -> None:
     """Point `opts` at the server's settings and `cmd_opts` at its command line (done once at start-up);
-    `upscalers()` gives the server's upscalers."""
+    `upscalers()` gives the server's upscalers, `lists[kind]()` its checkpoint, VAE and style names."""
     _server["options"] = options
     _server["upscalers"] = upscalers
+    _server["lists"] = dict(lists or {})
     cmd_opts.__dict__.clear()
     cmd_opts.__dict__.update(vars(args) if args is not None else {})
 

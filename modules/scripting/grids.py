@@ -43,10 +43,24 @@ def image_grid(images: list, rows: int | None = None, cols: int | None = None, *
     return grid
 
 
+def _split_long(draw: ImageDraw.ImageDraw, word: str, fnt, width: int) -> list[str]:
+    """A word wider than `width` (a checkpoint name) in pieces that fit."""
+    pieces, piece = [], ""
+    for ch in word:
+        if piece and draw.textlength(piece + ch, font=fnt) > width:
+            pieces.append(piece)
+            piece = ch
+        else:
+            piece += ch
+    return pieces + [piece]
+
+
 def _wrap(draw: ImageDraw.ImageDraw, text: str, fnt, width: int) -> list[str]:
     lines = []
     for paragraph in str(text).split("\n"):
-        words, line = paragraph.split(" "), ""
+        words, line = [], ""
+        for word in paragraph.split(" "):
+            words += _split_long(draw, word, fnt, width) if draw.textlength(word, font=fnt) > width else [word]
         for word in words:
             candidate = f"{line} {word}".strip()
             if line and draw.textlength(candidate, font=fnt) > width:
@@ -81,7 +95,7 @@ def draw_grid_annotations(im: Image.Image, width: int, height: int, hor_texts: l
 
     pad_left = 0 if not any(any((t.text if isinstance(t, GridAnnotation) else t) for t in v) for v in ver_texts) \
         else width * 3 // 4
-    hor = [lines_of(t, width) for t in hor_texts]
+    hor = [lines_of(t, max(width - spacing, 10)) for t in hor_texts]
     ver = [lines_of(t, max(pad_left - 2 * spacing, 10)) for t in ver_texts]
     line_h = size + spacing
     pad_top = 0 if not any(hor) else max(len(lines) for lines in hor) * line_h + spacing * 2

@@ -152,6 +152,12 @@ def _format_nothing(p, axis, x) -> str:
 
 
 PERMUTATIONS = "permutations"
+
+
+def _names(kind: str) -> list[str]:
+    from modules import shared
+    return shared.names_of(kind)
+
 _upscalers = lambda: __import__("modules.generation.params", fromlist=["HIRES_UPSCALERS"]).HIRES_UPSCALERS  # noqa: E731
 
 AXES: list[Axis] = [
@@ -171,7 +177,8 @@ AXES: list[Axis] = [
          format=_format_name, choices=samplers.sampler_names),
     Axis("Sampler", str, _field("sampler_name"), tab="img2img", confirm=_confirm_samplers, format=_format_name,
          choices=samplers.sampler_names),
-    Axis("Checkpoint name", str, _checkpoint, confirm=_confirm_checkpoints, format=_format_name, cost=1.0),
+    Axis("Checkpoint name", str, _checkpoint, confirm=_confirm_checkpoints, format=_format_name, cost=1.0,
+         choices=lambda: _names("checkpoints")),
     Axis("Negative Guidance minimum sigma", float, None),
     Axis("Sigma Churn", float, None),
     Axis("Sigma min", float, None),
@@ -192,8 +199,8 @@ AXES: list[Axis] = [
     Axis("Hires upscaler", str, _field("hr_upscaler"), tab="txt2img", confirm=_confirm_upscalers,
          format=_format_name, choices=lambda: list(_upscalers())),
     Axis("Cond. Image Mask Weight", float, None, tab="img2img"),
-    Axis("VAE", str, _vae, confirm=_confirm_vae, format=_format_name, cost=0.7),
-    Axis("Styles", str, _styles, confirm=_confirm_styles, format=_format_name),
+    Axis("VAE", str, _vae, confirm=_confirm_vae, format=_format_name, cost=0.7, choices=lambda: _names("vaes")),
+    Axis("Styles", str, _styles, confirm=_confirm_styles, format=_format_name, choices=lambda: _names("styles")),
     Axis("UniPC Order", int, None, cost=0.5),
     Axis("Face restore", str, None),
     Axis("Token merging ratio", float, None),
