@@ -1,6 +1,11 @@
-"""Headless training: `python -m modules.train lora|dreambooth|embedding [flags]` (kohya sd-scripts' flag names;
-`--help` after the method lists them). The Train tab and the API start this same command as a child process and
-read its progress: JSON lines on stdout (also kept in RUN_DIR/progress.jsonl). Multi-process runs:
+"""Headless training: `python -m modules.train lora|dreambooth|embedding|captioner [flags]` (kohya sd-scripts' flag
+names; `--help` after the method lists them). `captioner` fine-tunes a BLIP / BLIP-2 captioner on captioned images:
+
+    python -m modules.train captioner --base blip2-opt-2.7b --train_data_dir DIR --val_split 0.1 \
+        --output_name my-captioner --max_train_epochs 5 --learning_rate 1e-5 --mixed_precision bf16
+
+The Train tab and the API start this same command as a child process and read its progress: JSON lines on stdout
+(also kept in RUN_DIR/progress.jsonl). Multi-process runs:
 
     torchrun --standalone --nproc_per_node 2 -m modules.train lora ...
     accelerate launch --multi_gpu --num_processes 2 -m modules.train lora ...
@@ -135,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = replace(cfg, reg_data_dir=str(folder))
             if cfg.num_class_images or cfg.caption_missing_with:
                 plan = make_plan(cfg, world, class_images_made=bool(cfg.num_class_images))
-        trainer = engine.Trainer(plan)
+        if cfg.method == "captioner":
+            from modules.training.captioner import CaptionerTrainer
+            trainer = CaptionerTrainer(plan)
+        else:
+            trainer = engine.Trainer(plan)
         engine.install_stop_handler(trainer)
         sampler = samples.Sampler(prompts, plan.run_dir / "samples") if prompts else None
         result = trainer.run(sampler)

@@ -1,4 +1,5 @@
-"""The captioning routes of /sdapi/v1: interrogate (A1111's shape), vqa, captioners, search. Thin: body -> request -> job."""
+"""The captioning routes of /sdapi/v1: interrogate (A1111's shape), vqa, captioners, search, and the retrieval
+embeddings of images and texts. Thin: body -> request -> job."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,11 +11,14 @@ from modules.api.auth import current_user
 from modules.api.errors import RETRY_AFTER, job_result, raise_http
 from modules.api.schemas import (
     CaptionerItem,
+    EmbeddingsResponse,
+    ImageEmbeddingsRequest,
     InterrogateRequest,
     InterrogateResponse,
     SearchHitItem,
     SearchRequest,
     SearchResponse,
+    TextEmbeddingsRequest,
     VqaRequest,
     VqaResponse,
 )
@@ -89,7 +93,7 @@ def router(webui) -> APIRouter:
                                     history=_history(body.history))
         return VqaResponse(answer=await _run(lambda owner: webui.captioning.submit_vqa(req, owner), user, response))
 
-    @router.get("/captioners", response_model=list[CaptionerItem])
+    @router.get("/captioners", response_model=list[CaptionerItem], response_model_exclude_none=True)
     def captioners():
         return webui.captioning.captioners()
 
@@ -104,4 +108,48 @@ def router(webui) -> APIRouter:
         return SearchResponse(results=[SearchHitItem(path=str(h.path), itc=h.itc, itm=h.itm,
                                                      score=h.itm if h.itm is not None else h.itc) for h in hits])
 
+    @router.post("/embeddings/image", response_model=EmbeddingsResponse)
+    async def image_embeddings(body: ImageEmbeddingsRequest, response: Response,
+                               user: str | None = Depends(current_user)):
+        """The ITC embeddings the Image search tab ranks with: per image one vector per query token."""
+        from modules import captioning
+        if not body.images:
+            raise HTTPException(422, "images is empty: send a list of base64-encoded images")
+        if len(body.images) > 256:
+            raise HTTPException(422, f"at most 256 images per request, got {len(body.images)}")
+
+        def decode_all():
+            out = []
+            for n, text in enumerate(body.images):
+                try:
+                    out.append(_decode(text))
+                except HTTPException as e:
+                    raise HTTPException(422, f"images[{n}]: {e.detail}") from None
+            return out
+        images = await run_in_threadpool(decode_all)
+        req = captioning.EmbeddingsRequest(images=tuple(images), model=body.model)
+        result = await _run(lambda owner: webui.captioning.submit_embeddings(req, owner), user, response)
+        return _embeddings_response(result)
+
+    @router.post("/embeddings/text", response_model=EmbeddingsResponse)
+    async def text_embeddings(body: TextEmbeddingsRequest, response: Response,
+                              user: str | None = Depends(current_user)):
+        """The ITC embeddings of texts (the search query's): one vector per text."""
+        from modules import captioning
+        if not body.texts:
+            raise HTTPException(422, "texts is empty: send a list of texts")
+        req = captioning.EmbeddingsRequest(texts=tuple(body.texts), model=body.model)
+        result = await _run(lambda owner: webui.captioning.submit_embeddings(req, owner), user, response)
+        return _embeddings_response(result)
+
     return router
+
+
+def _embeddings_response(result: dict) -> EmbeddingsResponse:
+    rows = result["embeddings"]
+    shape = [len(rows)]
+    inner = rows[0] if rows else []
+    while isinstance(inner, list):
+        shape.append(len(inner))
+        inner = inner[0] if inner else None
+    return EmbeddingsResponse(model=result["model"], kind=result["kind"], shape=shape, embeddings=rows)

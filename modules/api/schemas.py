@@ -307,6 +307,7 @@ class CaptionerItem(BaseModel):
     kind: str
     path: str
     loaded: bool
+    trained_from: Optional[str] = Field(None, description="a fine-tuned captioner: the base it was trained from")
 
 
 class SearchRequest(_Request):
@@ -326,3 +327,23 @@ class SearchHitItem(BaseModel):
 
 class SearchResponse(BaseModel):
     results: list[SearchHitItem]
+
+
+# --- retrieval embeddings (/embeddings/image, /embeddings/text) -------------------------------------------
+
+class ImageEmbeddingsRequest(_Request):
+    images: list[str] = Field(default_factory=list, description="base64 images (or data URIs)")
+    model: Optional[str] = Field(None, description="a BLIP-2 retrieval model (blip2-itm); default: the first one")
+
+
+class TextEmbeddingsRequest(_Request):
+    texts: list[str] = Field(default_factory=list)
+    model: Optional[str] = Field(None, description="a BLIP-2 retrieval model (blip2-itm); default: the first one")
+
+
+class EmbeddingsResponse(BaseModel):
+    model: str
+    kind: str = Field(description="image or text")
+    shape: list[int] = Field(description="[N, num_query_tokens, D] for images, [N, D] for texts")
+    embeddings: list[Any] = Field(description="L2-normalised; an image's similarity to a text is the largest "
+                                              "dot product over its query-token vectors (BLIP-2's ITC)")

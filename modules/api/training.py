@@ -1,5 +1,7 @@
-"""The training routes of /sdapi/v1: start a run (`POST /train/{lora,dreambooth,embedding}` with the CLI's option
-names as JSON keys), list and read runs, stop one (it keeps a resumable state), resume one, and preview a dataset.
+"""The training routes of /sdapi/v1: start a run (`POST /train/{lora,dreambooth,embedding,captioner}` with the CLI's
+option names as JSON keys; a captioner run's base may be given as `base`), list and read runs (a captioner run's
+snapshot has its evaluations, `evals`, and example captions, `examples`), stop one (it keeps a resumable state),
+resume one, and preview a dataset.
 A run belongs to the user who started it: others get a 404 for it, as if it did not exist."""
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ def router(webui) -> APIRouter:
     @router.post("/train/{method}")
     async def start(method: str, body: dict[str, Any] = Body(default_factory=dict),
                     user: str | None = Depends(current_user)):
-        """Start a run: `method` is lora, dreambooth or embedding; the body holds options by the CLI's names."""
+        """Start a run: `method` is lora, dreambooth, embedding or captioner; the body holds options by the CLI's
+        names."""
         run = await run_in_threadpool(call, webui.training.start, method, body, user)
         return run.snapshot()
 

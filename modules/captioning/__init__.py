@@ -17,6 +17,7 @@ from modules.captioning.service import (  # noqa: F401
     Captioning,
     CaptionRequest,
     CaptionSettings,
+    EmbeddingsRequest,
     EvaluateRequest,
     SearchHit,
     SearchRequest,

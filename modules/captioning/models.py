@@ -3,6 +3,12 @@
 A captioner is a transformers folder (config.json + weights + processor files). Its kind comes from the
 config's architecture: "blip2" (Blip2ForConditionalGeneration: captions and VQA; OPT or FlanT5 language
 model), "blip2-itm" (Blip2ForImageTextRetrieval: search) or "blip" (BlipForConditionalGeneration, BLIP v1).
+
+A fine-tuned captioner (`python -m modules.train captioner`) is either a whole transformers folder like any other,
+or -- for a large base -- only what was trained: `captioner.json` (the base's name, sha256 and size, what trained,
+the LoRA's rank and alpha) beside `trained.safetensors` and the processor files. Such a folder is listed under
+its own name with its base's kind, and loads as the base with the trained tensors put in (LoRA pairs merged into
+their layers), through the same model manager.
 Nothing here imports torch or transformers at module import time: listing models stays cheap.
 """
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,12 +60,22 @@ class CaptionerDownloadError(RuntimeError):
     """A download that could not run (offline, unknown name, network failure)."""
 
 
+MANIFEST_FILE = "captioner.json"  # written by the captioner trainer beside what it saved
+TRAINED_WEIGHTS_FILE = "trained.safetensors"
+
+
 @dataclass(frozen=True)
 class CaptionerInfo:
     name: str  # the folder name: what the UI lists and the API's `model` field names
     kind: str  # KIND_BLIP2, KIND_BLIP2_ITM or KIND_BLIP
     path: Path
     language_model: str  # "opt", "t5", "bert" (BLIP v1's decoder) or "" (retrieval)
+    base_path: Path | None = None  # saved as trained tensors only: the base folder they are combined with
+    trained_from: str = ""  # made by the captioner trainer: the base's name
+
+    @property
+    def is_fine_tuned(self) -> bool:
+        return bool(self.trained_from)
 
     @property
     def can_caption(self) -> bool:
@@ -75,11 +91,38 @@ class CaptionerInfo:
         return "Short answer:" if self.language_model == "t5" else "Answer:"
 
 
+def read_manifest(folder: Path) -> dict | None:
+    """The trainer's captioner.json of a folder, or None."""
+    try:
+        data = json.loads((Path(folder) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weights of a transformers folder (one safetensors file or its shards; .bin where there is no other)."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    files = [f for f in files if f.name != TRAINED_WEIGHTS_FILE] or sorted(folder.glob("pytorch_model*.bin"))
+    return files
+
+
+def weights_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in weight_files(folder))
+
+
 def read_captioner_info(folder: Path) -> CaptionerInfo | None:
-    """The CaptionerInfo of a transformers folder, or None when it is not a captioner we can run."""
+    """The CaptionerInfo of a transformers folder, or None when it is not a captioner we can run. A folder of
+    trained tensors only gets its base's kind here; the registry finds the base (`base_path`)."""
+    manifest = read_manifest(folder)
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        if manifest and manifest.get("format") == "trained" and manifest.get("kind") in (KIND_BLIP2, KIND_BLIP):
+            return CaptionerInfo(name=folder.name, kind=manifest["kind"], path=folder.resolve(),
+                                 language_model=str(manifest.get("language_model", "")),
+                                 trained_from=str(manifest.get("base", "")))
         return None
     kinds = [_ARCHITECTURES[a] for a in config.get("architectures") or [] if a in _ARCHITECTURES]
     if not kinds:
@@ -90,7 +133,8 @@ def read_captioner_info(folder: Path) -> CaptionerInfo | None:
     kind = kinds[0]
     text = config.get("text_config") or {}
     lm = {KIND_BLIP2: text.get("model_type", "opt"), KIND_BLIP: "bert", KIND_BLIP2_ITM: ""}[kind]
-    return CaptionerInfo(name=folder.name, kind=kind, path=folder.resolve(), language_model=lm)
+    return CaptionerInfo(name=folder.name, kind=kind, path=folder.resolve(), language_model=lm,
+                         trained_from=str((manifest or {}).get("base", "")))
 
 
 class CaptionerRegistry:
@@ -110,7 +154,26 @@ class CaptionerRegistry:
                 info = read_captioner_info(folder)
                 if info is not None and info.name not in found:
                     found[info.name] = info
+        for name, info in list(found.items()):  # trained tensors only: listed once their base is found
+            if (info.path / "config.json").is_file() or not info.trained_from:
+                continue
+            base = self._find_base(info, found)
+            if base is None:
+                log.warning("captioner %s: its base %r is not found; it is not listed", name, info.trained_from)
+                del found[name]
+            else:
+                found[name] = replace(info, base_path=base.path)
         self._items = found
+
+    @staticmethod
+    def _find_base(info: CaptionerInfo, found: dict[str, CaptionerInfo]) -> CaptionerInfo | None:
+        base = found.get(info.trained_from)
+        if base is None:  # a base outside the model folders: the path the trainer wrote down
+            stored = (read_manifest(info.path) or {}).get("base_path")
+            base = read_captioner_info(Path(stored)) if stored and Path(stored).is_dir() else None
+        if base is None or base.kind != info.kind or not (base.path / "config.json").is_file():
+            return None
+        return base
 
     def list(self, kind: str | None = None) -> list[CaptionerInfo]:
         return [i for i in self._items.values() if kind is None or i.kind == kind]
@@ -199,11 +262,62 @@ def bitsandbytes_available(device) -> tuple[bool, str]:
     return True, ""
 
 
+def apply_trained_weights(model, folder: Path, manifest: dict | None = None) -> None:
+    """Put a fine-tuned captioner's trained tensors into `model` (its base, loaded): each tensor replaces the
+    parameter of its name; a LoRA pair `M.lora_A.weight` / `M.lora_B.weight` is merged into layer M's weight as
+    W + alpha / rank * B @ A (computed in fp32, stored in the layer's dtype)."""
+    import torch
+    from safetensors.torch import load_file
+
+    manifest = manifest or read_manifest(folder) or {}
+    tensors = load_file(str(Path(folder) / manifest.get("weights", TRAINED_WEIGHTS_FILE)))
+    lora = manifest.get("lora") or {}
+    scale = float(lora.get("alpha", 1.0)) / float(lora.get("rank", 1)) if lora else 1.0
+    pairs: dict[str, dict[str, Any]] = {}
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            if key.endswith((".lora_A.weight", ".lora_B.weight")):
+                module, _, part = key.rpartition(".lora_")
+                pairs.setdefault(module, {})[part.split(".")[0]] = tensor
+                continue
+            try:
+                target = model.get_parameter(key)
+            except AttributeError:
+                target = model.get_buffer(key)
+            if target.shape != tensor.shape:
+                raise CaptionerError(f"{folder}: {key} has shape {tuple(tensor.shape)}, the base's "
+                                     f"{tuple(target.shape)}: trained on another base?")
+            target.copy_(tensor.to(target.device, target.dtype))
+        for module, pair in pairs.items():
+            weight = model.get_submodule(module).weight
+            delta = pair["B"].float() @ pair["A"].float()
+            weight.copy_((weight.float() + scale * delta.to(weight.device)).to(weight.dtype))
+
+
+def _check_base(info: CaptionerInfo, manifest: dict) -> None:
+    expected = manifest.get("base_bytes")
+    if expected is not None and info.base_path is not None and weights_size(info.base_path) != int(expected):
+        raise CaptionerError(f"{info.name} was trained on {manifest.get('base')} (sha256 "
+                             f"{str(manifest.get('base_sha256', ''))[:12]}), but the weights in {info.base_path} "
+                             "are not that base any more: put the original base back, or train again")
+
+
 def load_captioner(info: CaptionerInfo, dtype, *, int8: bool = False, device=None) -> LoadedCaptioner:
-    """Load model + processor from the folder, on the CPU in `dtype` (the manager moves it), or 8-bit on the GPU."""
+    """Load model + processor from the folder, on the CPU in `dtype` (the manager moves it), or 8-bit on the GPU.
+    A captioner saved as trained tensors only is its base with them put in."""
     from transformers import AutoProcessor
 
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
+    if info.base_path is not None:
+        if int8:
+            raise CaptionerError(f"{info.name} is saved as trained weights over {info.trained_from}: 8-bit loading "
+                                 "cannot combine them; load it in 16 or 32 bit")
+        manifest = read_manifest(info.path) or {}
+        _check_base(info, manifest)
+        processor = AutoProcessor.from_pretrained(info.path, local_files_only=True)
+        model = _model_class(info.kind).from_pretrained(info.base_path, **kwargs)
+        apply_trained_weights(model, info.path, manifest)
+        return LoadedCaptioner(info, model.eval(), processor, quantized=False)
     if int8:
         ok, why = bitsandbytes_available(device)
         if not ok:
@@ -216,7 +330,13 @@ def load_captioner(info: CaptionerInfo, dtype, *, int8: bool = False, device=Non
 
 
 def captioner_key(info: CaptionerInfo, dtype, int8: bool) -> str:
-    return f"captioner:{info.path}:{'int8' if int8 else str(dtype).removeprefix('torch.')}"
+    key = f"captioner:{info.path}:{'int8' if int8 else str(dtype).removeprefix('torch.')}"
+    if info.is_fine_tuned:  # trained again under the same name: a new key, so the old weights are not reused
+        try:
+            key += f":{(info.path / MANIFEST_FILE).stat().st_mtime_ns}"
+        except OSError:
+            pass
+    return key
 
 
 def use_captioner(manager, info: CaptionerInfo, dtype, *, int8: bool = False):

@@ -144,6 +144,15 @@ class SearchHit:
 
 
 @dataclass(frozen=True)
+class EmbeddingsRequest:
+    """Retrieval embeddings of images (PIL) or of texts, in the space the Image search tab ranks in."""
+    images: tuple = ()
+    texts: tuple[str, ...] = ()
+    model: str | None = None  # a blip2-itm folder name; None -> the first one
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
 class EvaluateRequest:
     folder: Path  # images with reference captions beside them (same stem + extension), one per line
     model: str | None = None
@@ -454,6 +463,26 @@ def run_search(ctx: CaptionContext, req: SearchRequest, cache_dir: Path, job=Non
     return hits
 
 
+def run_embeddings(ctx: CaptionContext, req: EmbeddingsRequest, job=None) -> dict[str, Any]:
+    """{"model", "kind", "embeddings"}: images -> [N, num_query_tokens, D] (one vector per query token, as the
+    search index keeps them), texts -> [N, D]; every vector L2-normalised."""
+    info = ctx.registry.resolve(req.model, purpose="search")
+    with use_captioner(ctx.manager, info, ctx.dtype) as loaded:
+        if req.images:
+            rows = []
+            for start in range(0, len(req.images), req.batch_size):
+                if job is not None:
+                    job.step(start, len(req.images))
+                rows += list(image_embeddings(loaded, list(req.images[start:start + req.batch_size])))
+            return {"model": info.name, "kind": "image", "embeddings": [r.tolist() for r in rows]}
+        vectors = []
+        for n, text in enumerate(req.texts):
+            if job is not None:
+                job.step(n, len(req.texts))
+            vectors.append(text_embedding(loaded, text).tolist())
+        return {"model": info.name, "kind": "text", "embeddings": vectors}
+
+
 # --------------------------------------------------------------------------------------- evaluation
 
 def run_evaluate(ctx: CaptionContext, req: EvaluateRequest, job=None) -> dict[str, Any]:
@@ -512,8 +541,8 @@ class Captioning:
         loaded: set[str] = set()
         if "torch" in sys.modules:  # no manager before torch is imported: then nothing is loaded either
             loaded = {r["name"] for r in self._runtime().manager.report() if r["kind"] == "captioner"}
-        return [{"name": i.name, "kind": i.kind, "path": str(i.path), "loaded": i.name in loaded}
-                for i in self.registry.list()]
+        return [{"name": i.name, "kind": i.kind, "path": str(i.path), "loaded": i.name in loaded,
+                 "trained_from": i.trained_from or None} for i in self.registry.list()]
 
     def submit_caption(self, req: CaptionRequest, owner: str | None = None):
         if req.image is None:
@@ -549,6 +578,17 @@ class Captioning:
             Path(self.default_search_folder()).mkdir(parents=True, exist_ok=True)  # no image made yet: nothing found
         req = replace(req, folder=check_folder(req.folder or self.default_search_folder(), "search folder"))
         return self.queue.submit(lambda job: run_search(self.context(), req, self.cache_dir, job), kind="search",
+                                 owner=owner)
+
+    def submit_embeddings(self, req: EmbeddingsRequest, owner: str | None = None):
+        if bool(req.images) == bool(req.texts):
+            raise CaptionerError("give a non-empty list of images or of texts (one of the two)")
+        if len(req.images) + len(req.texts) > 256:
+            raise CaptionerError(f"at most 256 items per request, got {len(req.images) + len(req.texts)}")
+        if any(not (t or "").strip() for t in req.texts):
+            raise CaptionerError("a text is empty: every text needs some words")
+        self.registry.resolve(req.model, purpose="search")
+        return self.queue.submit(lambda job: run_embeddings(self.context(), req, job), kind="embeddings",
                                  owner=owner)
 
     def submit_evaluate(self, req: EvaluateRequest, owner: str | None = None):

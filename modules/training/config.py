@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("lora", "dreambooth", "embedding")
+METHODS = ("lora", "dreambooth", "embedding", "captioner")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("AdamW", "AdamW8bit", "SGD", "Adafactor", "Prodigy")
 PRECISIONS = ("no", "fp16", "bf16")
+CAPTIONER_OUTPUT_FORMATS = ("auto", "full", "trained")
+# other names an option is known by (the API's JSON and the CLI): `--base` is the captioner method's spelling
+ALIASES = {"base": "pretrained_model_name_or_path"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
 
 
@@ -26,9 +29,10 @@ class TrainConfigError(ValueError):
 @dataclass
 class TrainConfig:
     """Every option of a run (kohya's names where kohya has the option); `help` metadata documents each."""
-    method: str = field(default="lora", metadata={"help": "lora, dreambooth or embedding"})
+    method: str = field(default="lora", metadata={"help": "lora, dreambooth, embedding or captioner"})
     pretrained_model_name_or_path: str = field(default="", metadata={
-        "help": "the base model: a checkpoint file, a diffusers folder, or a name from the checkpoint list"})
+        "help": "the base model (also --base): a checkpoint file, a diffusers folder, or a name from the checkpoint "
+                "list; for captioner a BLIP or BLIP-2 captioner of the Caption tab (its name or its folder)"})
     train_data_dir: str = field(default="", metadata={
         "help": "the images: kohya's N_token class sub-folders (N repeats; the words are the caption when an "
                 "image has no caption file), or images directly"})
@@ -93,6 +97,26 @@ class TrainConfig:
     num_vectors_per_token: int = field(default=1, metadata={"help": "embedding: vectors of the embedding"})
     caption_missing_with: str = field(default="", metadata={
         "help": "caption images without a caption file first, with this captioner (a Caption tab name)"})
+    val_split: float = field(default=0.0, metadata={
+        "help": "captioner: share of the captioned images held out for the evaluation runs (0: none)"})
+    val_data_dir: str = field(default="", metadata={
+        "help": "captioner: a folder of captioned images to evaluate on instead of a split"})
+    train_vision_encoder: bool = field(default=False, metadata={
+        "help": "captioner, BLIP v1: train the vision encoder too (BLIP-2's always stays frozen)"})
+    lora_language_model: bool = field(default=False, metadata={
+        "help": "captioner, BLIP-2: LoRA layers (network_dim, network_alpha) on the frozen language model too"})
+    eval_every_n_epochs: int = field(default=1, metadata={
+        "help": "captioner: evaluate after every N epochs (0: only before and at the end)"})
+    eval_num_beams: int = field(default=3, metadata={"help": "captioner: beams of the evaluation captions"})
+    eval_max_length: int = field(default=30, metadata={
+        "help": "captioner: at most this many new tokens per evaluation caption"})
+    eval_examples: int = field(default=4, metadata={
+        "help": "captioner: example captions kept (reference vs before vs now)"})
+    output_format: str = field(default="auto", metadata={
+        "help": "captioner: full (a whole transformers folder), trained (only what trained, combined with the "
+                "base at load time) or auto (full for bases up to 2 GiB of weights)"})
+    memory_budget_mb: float = field(default=0.0, metadata={
+        "help": "captioner: refuse a run whose estimated memory exceeds this (0: the device's memory)"})
     run_dir: str = field(default="", metadata={"help": "the run's folder (config, log, states, samples)"})
     models_dir: str = field(default="", metadata={"help": "the models folder (checkpoint names, LoRA output)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
@@ -127,16 +151,18 @@ def _types(name: str):
 
 def parser(method: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m modules.train" + (f" {method}" if method else ""),
-                                description="Train a LoRA, a DreamBooth model or a textual inversion embedding.")
+                                description="Train a LoRA, a DreamBooth model, a textual inversion embedding or a "
+                                            "BLIP / BLIP-2 captioner.")
     p.add_argument("--config_file", help="a TOML file with these options' names as keys (flags given here win)")
     for name, f in FIELDS.items():
         if name == "method":
             continue
         kind = _types(name)
+        flags = [f"--{name}"] + [f"--{alias}" for alias, target in ALIASES.items() if target == name]
         if kind is bool:
-            p.add_argument(f"--{name}", action="store_true", default=None, help=f.metadata.get("help"))
+            p.add_argument(*flags, dest=name, action="store_true", default=None, help=f.metadata.get("help"))
         else:
-            p.add_argument(f"--{name}", type=kind, default=None, help=f.metadata.get("help"))
+            p.add_argument(*flags, dest=name, type=kind, default=None, help=f.metadata.get("help"))
     return p
 
 
@@ -157,11 +183,23 @@ def parse_args(argv: list[str]) -> TrainConfig:
     return from_dict({**values, "method": method})
 
 
+def _unalias(values: dict[str, Any]) -> dict[str, Any]:
+    out = dict(values)
+    for alias, name in ALIASES.items():
+        if alias in out:
+            value = out.pop(alias)
+            if out.get(name) not in (None, "", value):
+                raise TrainConfigError(f"{alias} and {name} name the same option: give one")
+            out[name] = value
+    return out
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise TrainConfigError(f"cannot read the config file {path}: {e}") from None
+    data = _unalias(data)
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise TrainConfigError(f"unknown options in {path.name}: {', '.join(unknown)}")
@@ -170,6 +208,7 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 def from_dict(values: dict[str, Any]) -> TrainConfig:
     """A TrainConfig from option values (the API's JSON, the UI's form); unknown keys and wrong types are named."""
+    values = _unalias(values)
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise TrainConfigError(f"unknown options: {', '.join(unknown)}")
@@ -245,6 +284,47 @@ def check(cfg: TrainConfig) -> TrainConfig:
         problems.append("num_class_images needs a class_prompt to generate them with")
     if cfg.method != "dreambooth" and (cfg.full_fine_tune or cfg.train_text_encoder):
         problems.append("full_fine_tune and train_text_encoder are dreambooth options")
+    problems += _captioner_problems(cfg)
     if problems:
         raise TrainConfigError("; ".join(problems))
     return cfg
+
+
+# the options of the image-generation methods that a captioner run would silently ignore, and the other way round
+NOT_FOR_CAPTIONER = ("reg_data_dir", "enable_bucket", "unet_lr", "text_encoder_lr", "network_train_unet_only",
+                     "network_train_text_encoder_only", "cache_latents", "cache_latents_to_disk",
+                     "cache_text_encoder_outputs", "min_snr_gamma", "noise_offset", "shuffle_caption",
+                     "caption_dropout_rate", "sample_prompts", "sample_every_n_steps", "sample_every_n_epochs",
+                     "class_prompt", "num_class_images", "token_string", "num_vectors_per_token",
+                     "caption_missing_with")
+CAPTIONER_ONLY = ("val_split", "val_data_dir", "train_vision_encoder", "lora_language_model", "output_format",
+                  "memory_budget_mb", "eval_num_beams", "eval_max_length", "eval_examples", "eval_every_n_epochs")
+
+
+def _captioner_problems(cfg: TrainConfig) -> list[str]:
+    problems = []
+    defaults = TrainConfig()
+    if cfg.method != "captioner":
+        changed = [n for n in CAPTIONER_ONLY if getattr(cfg, n) != getattr(defaults, n)]
+        if changed:
+            problems.append(f"{', '.join(changed)}: captioner options (python -m modules.train captioner)")
+        return problems
+    changed = [n for n in NOT_FOR_CAPTIONER if getattr(cfg, n) != getattr(defaults, n)]
+    if changed:
+        problems.append(f"{', '.join(changed)}: not options of a captioner run (python -m modules.train captioner "
+                        "--help lists them)")
+    if math.isnan(cfg.val_split) or not 0 <= cfg.val_split < 1:
+        problems.append(f"val_split must be in [0, 1), got {cfg.val_split}")
+    if cfg.val_split and cfg.val_data_dir:
+        problems.append("give val_split (a held-out share) or val_data_dir (a folder of its own), not both")
+    if cfg.output_format not in CAPTIONER_OUTPUT_FORMATS:
+        problems.append(f"output_format must be one of {', '.join(CAPTIONER_OUTPUT_FORMATS)}")
+    for name in ("eval_num_beams", "eval_max_length"):
+        if not 1 <= getattr(cfg, name) <= (16 if name == "eval_num_beams" else 512):
+            problems.append(f"{name} must be 1..{16 if name == 'eval_num_beams' else 512}, got {getattr(cfg, name)}")
+    for name in ("eval_examples", "eval_every_n_epochs", "memory_budget_mb"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"{name} must not be negative, got {getattr(cfg, name)}")
+    if not math.isfinite(cfg.memory_budget_mb):
+        problems.append(f"memory_budget_mb must be a number of MB, got {cfg.memory_budget_mb}")
+    return problems

@@ -508,6 +508,7 @@ class Trainer:
         plan, cfg, acc = self.plan, self.cfg, self.accelerator
         self.started_at = time.time()
         step, loss_avg = 0, None
+        info = None
         if cfg.resume:
             info = self._resume()
             step, loss_avg = info["step"], info.get("loss_avg")
@@ -522,6 +523,7 @@ class Trainer:
             m.train()
         accum = cfg.gradient_accumulation_steps
         micro = step * accum
+        self._on_start(step, info)
         first_step, t0 = step, time.perf_counter()
         epoch = micro // plan.batches_per_epoch
         last_epoch_saved = epoch
@@ -553,8 +555,11 @@ class Trainer:
                                    loss=value, loss_avg=loss_avg, lr=self.lr_scheduler.get_last_lr()[0],
                                    it_s=rate, eta_s=(plan.total_steps - step) / rate if rate else None,
                                    peak_memory=_peak_memory(self.device))
-                extra = {"loss_avg": loss_avg, "started_at": self.started_at, "epoch": epoch_now}
                 epoch_done = epoch_now > last_epoch_saved
+                if epoch_done:
+                    self._on_epoch(step, epoch_now)
+                extra = {"loss_avg": loss_avg, "started_at": self.started_at, "epoch": epoch_now,
+                         **self._state_extra()}
                 due_state = cfg.save_state and (
                     (cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0) or
                     (cfg.save_every_n_epochs and epoch_done and epoch_now % cfg.save_every_n_epochs == 0))
@@ -585,7 +590,8 @@ class Trainer:
                 raise self._oom(e) from None
             raise
         epoch_now = micro // plan.batches_per_epoch
-        extra = {"loss_avg": loss_avg, "started_at": self.started_at, "epoch": epoch_now}
+        self._on_end(step, epoch_now)
+        extra = {"loss_avg": loss_avg, "started_at": self.started_at, "epoch": epoch_now, **self._state_extra()}
         if cfg.save_state:
             self.save_state(step, micro, extra)
         if sampler is not None and (cfg.sample_every_n_steps or cfg.sample_every_n_epochs):
@@ -593,6 +599,20 @@ class Trainer:
         path = self.save_output(step, epoch_now, final=True)
         self.progress.emit("done", step=step, output=str(path) if path else None, outputs=outputs_written)
         return {"state": "done", "step": step, "output": str(path) if path else None}
+
+    # hooks of the loop (the captioner trainer evaluates in them; nothing happens here)
+    def _on_start(self, step: int, resumed: dict | None) -> None:
+        """Before the first step (of this process's share of the run); `resumed` is the state's info."""
+
+    def _on_epoch(self, step: int, epoch: int) -> None:
+        """After the update that completed epoch `epoch` (before that step's saves)."""
+
+    def _on_end(self, step: int, epoch: int) -> None:
+        """After the last update, before the final state and result are saved."""
+
+    def _state_extra(self) -> dict:
+        """What a state keeps besides the weights, optimizer and step (read back by `_on_start`)."""
+        return {}
 
     def _sample(self, sampler, step: int) -> None:
         self.accelerator.wait_for_everyone()

@@ -74,6 +74,9 @@ def _check_optimizer(cfg: TrainConfig) -> None:
 def make_plan(cfg: TrainConfig, world_size: int = 1, *, class_images_made: bool = False) -> RunPlan:
     """Check a run against the disk and the model; TrainConfigError / DatasetError name the problem.
     `class_images_made`: reg_data_dir is the folder of the class images generated for num_class_images."""
+    if cfg.method == "captioner":  # a BLIP / BLIP-2 captioner, not a Stable Diffusion checkpoint
+        from modules.training import captioner
+        return captioner.make_plan(cfg, world_size)
     info = models.find_base(cfg)
     family = models.family_of(info)
     for name in SDXL_ONLY:

@@ -57,6 +57,8 @@ class TrainingRun:
         self.loss = self.loss_avg = self.lr = self.it_s = self.eta_s = None
         self.peak_memory = None
         self.losses: list[tuple[int, float, float]] = []
+        self.evals: list[dict] = []  # captioner runs: (tag, step, epoch, BLEU-1..4, ROUGE-L, CIDEr) per evaluation
+        self.examples: list[dict] = []  # the latest evaluation's example captions (reference, before, now)
         self.samples: list[str] = []
         self.outputs: list[str] = []
         self.states: list[str] = []
@@ -85,6 +87,10 @@ class TrainingRun:
                 self.losses.append((event["step"], event["loss"], event["loss_avg"]))
             elif kind == "sample":
                 self.samples.append(event["path"])
+            elif kind == "eval":
+                self.evals.append({"tag": event.get("tag"), "step": event["step"], "epoch": event.get("epoch"),
+                                   **event["metrics"]})
+                self.examples = list(event.get("examples") or [])
             elif kind == "saved":
                 self.outputs.append(event["path"])
             elif kind == "state":
@@ -108,6 +114,8 @@ class TrainingRun:
             }
             if detail:
                 out["losses"] = [{"step": s, "loss": v, "loss_avg": a} for s, v, a in self.losses]
+                out["evals"] = [dict(e) for e in self.evals]
+                out["examples"] = [dict(e) for e in self.examples]
                 out["config"] = {k: v for k, v in vars(self.cfg).items()}
                 out["plan"] = self.plan
                 out["log_tail"] = list(self.log_tail)
@@ -214,7 +222,8 @@ class RunManager:
                 raise train_config.TrainConfigError(f"{key} is set by the server")
         cfg = train_config.from_dict({"device": self.default_device, **values, "method": method,
                                       "models_dir": str(self.models_dir)})
-        kind = "embedding" if cfg.method == "embedding" else ("lora" if cfg.is_lora else "checkpoint")
+        kind = ("captioner" if cfg.method == "captioner" else "embedding" if cfg.method == "embedding"
+                else "lora" if cfg.is_lora else "checkpoint")
         if not cfg.output_dir and kind in self.output_dirs:
             cfg = replace(cfg, output_dir=str(self.output_dirs[kind]))
         if cfg.resume:

@@ -84,7 +84,7 @@ def create_tabs(webui) -> None:
             return None, job_error_message(e)
 
     # --------------------------------------------------------------------------------------- Caption
-    with gr.Tab("Caption", id="caption", elem_id="tab_caption"):
+    with gr.Tab("Caption", id="caption", elem_id="tab_caption") as caption_tab:
         with gr.Row():
             with gr.Column():
                 cap_image = UploadImage(label="Image", type="pil", format="png", sources=["upload", "clipboard"],
@@ -238,12 +238,14 @@ def create_tabs(webui) -> None:
     d_run.click(on_download, inputs=[d_name], outputs=[d_status, cap_model])
 
     # ------------------------------------------------------------------------------------------- VQA
-    with gr.Tab("VQA", id="vqa", elem_id="tab_vqa"):
+    with gr.Tab("VQA", id="vqa", elem_id="tab_vqa") as vqa_tab:
         with gr.Row():
             with gr.Column():
                 vqa_image = UploadImage(label="Image", type="pil", format="png", sources=["upload", "clipboard"],
                                      elem_id="vqa_image", height=320)
-                vqa_model = model_dropdown("vqa", "vqa_model")
+                with gr.Row():
+                    vqa_model = model_dropdown("vqa", "vqa_model")
+                    vqa_refresh = gr.Button("🔄", elem_id="vqa_refresh", scale=0, min_width=50)
             with gr.Column():
                 vqa_chat = gr.Chatbot(label="Conversation", elem_id="vqa_chat", height=320)
                 vqa_question = gr.Textbox(label="Question", placeholder="Ask about the image and press Enter",
@@ -271,6 +273,17 @@ def create_tabs(webui) -> None:
         turns.append((question, clean_text(answer)))
         chat = [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
         return chat, "", turns, ""
+
+    def relist(purpose: str, current):
+        """The model list again (a captioner trained meanwhile appears), the choice kept while it exists."""
+        choices = names(purpose)
+        return gr.update(choices=choices, value=current if current in choices else default(purpose))
+
+    # opening the tab lists the captioners on disk now: a fine-tuned one appears without a restart or a click
+    caption_tab.select(lambda current: relist("caption", current), inputs=[cap_model], outputs=[cap_model],
+                       queue=False)
+    vqa_tab.select(lambda current: relist("vqa", current), inputs=[vqa_model], outputs=[vqa_model], queue=False)
+    vqa_refresh.click(lambda current: relist("vqa", current), inputs=[vqa_model], outputs=[vqa_model], queue=False)
 
     ask_io = dict(inputs=[vqa_image, vqa_model, vqa_question, vqa_turns],
                   outputs=[vqa_chat, vqa_question, vqa_turns, vqa_error], concurrency_limit=None)

@@ -1,7 +1,8 @@
-"""The Train tab: LoRA, DreamBooth and Embedding sub-tabs (basics first, the rest folded in groups with kohya's
-option names and defaults), a dataset preview before starting, Start / Stop / Resume, and the run panel (live
-loss plot, learning rate, speed, ETA, memory, sample images) with the list of past runs, whose config loads back
-into the form. It drives the same run manager as the API, which starts the training CLI. No torch here."""
+"""The Train tab: LoRA, DreamBooth, Embedding and Captioner sub-tabs (basics first, the rest folded in groups with
+kohya's option names and defaults), a dataset preview before starting, Start / Stop / Resume, and the run panel (live
+loss plot, learning rate, speed, ETA, memory, sample images; for a captioner run the evaluation plot of BLEU-4,
+ROUGE-L and CIDEr and example captions, reference vs before vs now) with the list of past runs, whose config loads
+back into the form. It drives the same run manager as the API, which starts the training CLI. No torch here."""
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +26,9 @@ BASICS = {
     "embedding": ["pretrained_model_name_or_path", "train_data_dir", "output_name", "token_string", "init_word",
                   "num_vectors_per_token", "max_train_steps", "max_train_epochs", "train_batch_size", "resolution",
                   "learning_rate"],
+    "captioner": ["pretrained_model_name_or_path", "train_data_dir", "val_data_dir", "output_name", "val_split",
+                  "max_train_steps", "max_train_epochs", "train_batch_size", "learning_rate", "lora_language_model",
+                  "train_vision_encoder"],
 }
 GROUPS = {
     "Data and captions": ["reg_data_dir", "caption_extension", "caption_missing_with", "shuffle_caption",
@@ -38,6 +42,16 @@ GROUPS = {
                            "sample_prompts", "sample_every_n_steps", "sample_every_n_epochs"],
     "Memory and precision": ["mixed_precision", "gradient_checkpointing", "cache_text_encoder_outputs"],
 }
+# the captioner sub-tab's groups (the image-generation options mean nothing to a captioner)
+CAPTIONER_GROUPS = {
+    "Data and captions": ["caption_extension", "seed"],
+    "Optimizer and schedule": ["optimizer_type", "lr_scheduler", "lr_warmup_steps", "gradient_accumulation_steps",
+                               "max_grad_norm"],
+    "LoRA on the language model (BLIP-2)": ["network_dim", "network_alpha"],
+    "Evaluation": ["eval_every_n_epochs", "eval_num_beams", "eval_max_length", "eval_examples"],
+    "Saving": ["output_dir", "output_format", "save_every_n_steps", "save_every_n_epochs", "save_state"],
+    "Memory and precision": ["mixed_precision", "gradient_checkpointing", "memory_budget_mb"],
+}
 NOT_FOR = {
     "lora": {"class_prompt", "num_class_images", "full_fine_tune", "train_text_encoder", "token_string",
              "init_word", "num_vectors_per_token"},
@@ -47,13 +61,28 @@ NOT_FOR = {
                   "text_encoder_lr", "prior_loss_weight", "cache_text_encoder_outputs"},
 }
 CHOICES = {"lr_scheduler": train_config.LR_SCHEDULERS, "optimizer_type": train_config.OPTIMIZERS,
-           "mixed_precision": train_config.PRECISIONS}
+           "mixed_precision": train_config.PRECISIONS, "output_format": train_config.CAPTIONER_OUTPUT_FORMATS}
 
 
-def _component(name: str, webui):
+def _captioner_bases(webui) -> list[str]:
+    """The captioners a run can start from: BLIP / BLIP-2 captioners that are whole folders."""
+    try:
+        registry = webui.captioning.registry
+        registry.refresh()
+        return [i.name for i in registry.list() if i.can_caption and i.base_path is None]
+    except Exception:  # no captioner folders: the box still takes a typed name or folder
+        log.exception("listing the captioners for the Train tab")
+        return []
+
+
+def _component(name: str, webui, method: str = ""):
     f = train_config.FIELDS[name]
     default = f.default
     info = f.metadata.get("help")
+    if name == "pretrained_model_name_or_path" and method == "captioner":
+        names = _captioner_bases(webui)
+        return gr.Dropdown(label="Base captioner (--base)", choices=names, value=names[0] if names else None,
+                           allow_custom_value=True, info="a BLIP or BLIP-2 captioner of the Caption tab")
     if name == "pretrained_model_name_or_path":
         names = [c.name for c in webui.registry.list()]
         current = webui.current_checkpoint()
@@ -78,14 +107,14 @@ def _fields(form: dict, method: str, names: list[str], webui) -> None:
         if row:
             with gr.Row():
                 for n in row:
-                    form[n] = _component(n, webui)
+                    form[n] = _component(n, webui, method)
                     form[n].elem_id = f"train_{method}_{n}"
             row.clear()
 
     for name in names:
         if isinstance(train_config.FIELDS[name].default, str) and name not in CHOICES:
             flush()
-            form[name] = _component(name, webui)
+            form[name] = _component(name, webui, method)
             form[name].elem_id = f"train_{method}_{name}"
         else:
             row.append(name)
@@ -136,6 +165,38 @@ def _loss_frame(snap: dict | None):
     return frame.astype({"step": "int64", "loss": "float64", "series": "str"})
 
 
+EVAL_METRICS = ("CIDEr", "BLEU-4", "ROUGE-L", "BLEU-1")
+EVAL_COLORS = {"CIDEr": "#2ca02c", "BLEU-4": "#d62728", "ROUGE-L": "#9467bd", "BLEU-1": "#8c564b"}
+
+
+def _eval_frame(snap: dict | None):
+    """The evaluation scores by step for the plot (a captioner run's); None while there are none."""
+    import pandas as pd
+    evals = (snap or {}).get("evals") or []
+    if not evals:
+        return None
+    rows = [{"step": e["step"], "score": float(e[m]), "metric": m} for e in evals for m in EVAL_METRICS if m in e]
+    frame = pd.DataFrame(rows, columns=["step", "score", "metric"])
+    return frame.astype({"step": "int64", "score": "float64", "metric": "str"})
+
+
+def _examples_html(snap: dict | None) -> str:
+    snap = snap or {}
+    examples, evals = snap.get("examples") or [], snap.get("evals") or []
+    if not examples and not evals:
+        return ""
+    rows = "".join(f"<tr><td>{html.escape(e['tag'] or '')}</td><td>{e['step']}</td>"
+                   + "".join(f"<td>{e[m]:.3f}</td>" for m in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr")) + "</tr>"
+                   for e in evals)
+    table = (f"<table class='train-eval-table' style='width:100%;font-size:smaller'><tr><th>evaluation</th><th>step</th><th>BLEU-1</th><th>BLEU-4</th>"
+             f"<th>ROUGE-L</th><th>CIDEr</th></tr>{rows}</table>") if evals else ""
+    cells = "".join(f"<tr><td>{html.escape(clean_text(x['reference']))}</td><td>{html.escape(clean_text(x['before']))}"
+                    f"</td><td>{html.escape(clean_text(x['now']))}</td></tr>" for x in examples)
+    sample = (f"<table class='train-eval-examples' style='width:100%;font-size:smaller'><tr><th>reference</th><th>before training</th><th>now</th></tr>"
+              f"{cells}</table>") if examples else ""
+    return f"<div id='train_eval_text'>{table}{sample}</div>"
+
+
 def _run_choices(webui, owner) -> list[str]:
     return [f"{r.id}: {r.method} {r.cfg.output_name} ({r.state})" for r in reversed(webui.training.list(owner))]
 
@@ -169,13 +230,16 @@ def create_tab(webui) -> gr.Textbox:
     with gr.Row():
         with gr.Column(scale=3):
             with gr.Tabs(elem_id="train_methods"):
-                for method, title in (("lora", "LoRA"), ("dreambooth", "DreamBooth"), ("embedding", "Embedding")):
+                for method, title in (("lora", "LoRA"), ("dreambooth", "DreamBooth"), ("embedding", "Embedding"),
+                                      ("captioner", "Captioner")):
                     with gr.Tab(title, id=f"train_{method}", elem_id=f"tab_train_{method}"):
                         form = {}
                         _fields(form, method, BASICS[method], webui)
-                        for group, names in GROUPS.items():
+                        groups = CAPTIONER_GROUPS if method == "captioner" else GROUPS
+                        for group, names in groups.items():
                             with gr.Accordion(group, open=False):
-                                _fields(form, method, [n for n in names if n not in NOT_FOR[method]], webui)
+                                _fields(form, method, [n for n in names if n not in NOT_FOR.get(method, ())],
+                                        webui)
                         with gr.Row():
                             preview = gr.Button("Preview dataset", elem_id=f"train_{method}_preview")
                             start = gr.Button("Start training", variant="primary", elem_id=f"train_{method}_start")
@@ -187,14 +251,20 @@ def create_tab(webui) -> gr.Textbox:
                                          visible=False)
         with gr.Column(scale=2):
             with gr.Row():
+                # a custom value passes: a label whose state has changed meanwhile ("3: lora x (queued)" while the
+                # list says "(starting)") still names its run, and the next refresh puts the current label in
                 runs = gr.Dropdown(label="Runs", choices=_run_choices(webui, None), elem_id="train_runs",
-                                   interactive=True)
+                                   interactive=True, allow_custom_value=True)
                 stop = gr.Button("Stop", elem_id="train_stop", variant="stop")
                 resume = gr.Button("Resume", elem_id="train_resume")
                 load = gr.Button("Load config", elem_id="train_load_config")
             status = gr.HTML("", elem_id="train_status")
             plot = gr.LinePlot(None, x="step", y="loss", color="series", label="Loss", color_map=LOSS_COLORS,
                                elem_id="train_loss_plot", height=260)
+            eval_plot = gr.LinePlot(None, x="step", y="score", color="metric", color_map=EVAL_COLORS, height=220,
+                                    label="Evaluation on the held-out captions (captioner runs)",
+                                    elem_id="train_eval_plot")
+            eval_text = gr.HTML("", elem_id="train_eval")
             samples = gr.Gallery(label="Samples", columns=4, height=220, elem_id="train_samples")
     timer = gr.Timer(1.0, active=True)
     # "<run id>:<state>" of the shown run once it has ended: the wiring re-renders the extra-network panels on a
@@ -222,6 +292,18 @@ def create_tab(webui) -> gr.Textbox:
         summary = plan.summary()
         ds = summary["dataset"]
         buckets = ", ".join(f"{b['size'][0]}x{b['size'][1]}: {b['count']}" for b in ds["buckets"])
+        if method == "captioner":
+            held = (f"{summary['val_images']} held out for the evaluations ({html.escape(summary['val_source'])})"
+                    if summary["val_images"] else "none held out (no evaluation: give val_split or val_data_dir)")
+            text = (f"<div id='train_preview_summary'>{ds['images']} captioned images ({ds['repeats_total']} with "
+                    f"repeats), {held}; {summary['steps_per_epoch']} steps per epoch, <b>{summary['total_steps']} "
+                    f"steps</b> in all; {summary['trainable_params'] / 1e6:.2f}M of {summary['total_params'] / 1e6:.2f}M "
+                    f"parameters train, about {summary['memory_estimate_mb']} MB; the result is saved "
+                    f"{'whole' if summary['output_format'] == 'full' else 'as the trained tensors only'}"
+                    + (f"; {html.escape('; '.join(ds['warnings'][:5]))}" if ds["warnings"] else "") + "</div>")
+            items = [(_thumbnail(item["path"]), f"x{item['repeats']}: {item['caption']}")
+                     for item in plan.data.preview()[:60]]
+            return "", text, gr.update(value=items, visible=True)
         text = (f"<div id='train_preview_summary'>{ds['images']} images ({ds['repeats_total']} with repeats, "
                 f"{ds['reg_images']} regularisation), buckets {html.escape(buckets)}; {summary['steps_per_epoch']} "
                 f"steps per epoch, <b>{summary['total_steps']} steps</b> in all"
@@ -251,32 +333,38 @@ def create_tab(webui) -> gr.Textbox:
         preview.click(do_preview, [m, *inputs], [notice, preview_text, preview_gallery])
         start.click(do_start, [m, *inputs], [notice, runs])
 
-    shown = gr.State(None)  # (run id, points plotted, samples shown, choices): only what changed is sent
+    # (run id, points plotted, samples shown, choices, evaluations plotted): only what changed is sent
+    shown = gr.State(None)
 
     def refresh(choice, last, request: gr.Request = None):
         owner = _owner(request)
         run_id = _run_id(choice)
         choices = _run_choices(webui, owner)
-        last = last or (None, -1, -1, [])
+        last = last or (None, -1, -1, [], -1)
         runs_update = gr.update(choices=choices) if choices != last[3] else gr.update()
         if run_id is None:
-            return runs_update, "", gr.update(), gr.update(), (None, -1, -1, choices), gr.update()
+            return (runs_update, "", gr.update(), gr.update(), (None, -1, -1, choices, -1), gr.update(), gr.update(),
+                    gr.update())
         try:
             snap = service.get(run_id, owner).snapshot()
         except LookupError:
-            return (gr.update(choices=choices, value=None), "", _loss_frame(None), [], (None, -1, -1, choices),
-                    gr.update())
-        if choices != last[3]:
+            return (gr.update(choices=choices, value=None), "", _loss_frame(None), [], (None, -1, -1, choices, -1),
+                    gr.update(), _eval_frame(None), "")
+        if choices != last[3] or choice not in choices:
             runs_update = gr.update(choices=choices, value=next((c for c in choices if _run_id(c) == run_id), None))
         same_run = last[0] == run_id
         plot_update = gr.update() if same_run and last[1] == len(snap["losses"]) else _loss_frame(snap)
         samples_update = gr.update() if same_run and last[2] == len(snap["samples"]) else [
             (_thumbnail(p), f"step {p.rsplit('step', 1)[-1][:6]}") for p in snap["samples"][-12:]]
         ended_update = f"{run_id}:{snap['state']}" if snap["state"] in ("done", "stopped", "failed") else gr.update()
+        evals_same = same_run and len(last) > 4 and last[4] == len(snap["evals"])
+        eval_update = gr.update() if evals_same else _eval_frame(snap)
+        eval_text_update = gr.update() if evals_same else _examples_html(snap)
         return (runs_update, _status_html(snap), plot_update, samples_update,
-                (run_id, len(snap["losses"]), len(snap["samples"]), choices), ended_update)
+                (run_id, len(snap["losses"]), len(snap["samples"]), choices, len(snap["evals"])), ended_update,
+                eval_update, eval_text_update)
 
-    outputs = [runs, status, plot, samples, shown, ended]
+    outputs = [runs, status, plot, samples, shown, ended, eval_plot, eval_text]
     timer.tick(refresh, [runs, shown], outputs, show_progress="hidden")
     runs.input(refresh, [runs, gr.State(None)], outputs, show_progress="hidden")
 
