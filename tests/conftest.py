@@ -48,7 +48,11 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, str(REPO / "webui.py"), "--port", str(self.port), "--data-dir", str(data_dir), *args],
             cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
-        self.ready_seconds = self._wait_ready(ready_path)
+        try:
+            self.ready_seconds = self._wait_ready(ready_path)
+        except BaseException:  # a server that never became ready must not outlive the test that started it
+            self.stop()
+            raise
 
     def _wait_ready(self, path: str, timeout: float = 120) -> float:
         deadline = time.time() + timeout
