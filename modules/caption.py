@@ -75,7 +75,6 @@ def evaluate_main(argv: list[str]) -> int:
         EvaluateRequest,
     )
     from modules.captioning.service import (
-        CaptionContext,
         check_folder,
         normalize_extension,
         run_evaluate,
@@ -101,13 +100,7 @@ def evaluate_main(argv: list[str]) -> int:
     except CaptionerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from modules.core import devices
-    from modules.model_store.model_manager import ModelManager
-
-    device = devices.resolve_device(args.device)
-    vram, ram = devices.default_budgets(device)
-    ctx = CaptionContext(registry=registry, manager=ModelManager(device, vram, ram),
-                         dtype=devices.resolve_dtype(args.precision, device))
+    ctx = local_context(registry, args)
     started = time.perf_counter()
     try:
         result = run_evaluate(ctx, req)
@@ -125,6 +118,18 @@ def evaluate_main(argv: list[str]) -> int:
     return 0
 
 
+def local_context(registry, args):
+    """A captioning context of the command's own: a model manager on --device with the default budgets."""
+    from modules.captioning.service import CaptionContext
+    from modules.core import devices
+    from modules.model_store.model_manager import ModelManager
+
+    device = devices.resolve_device(args.device)
+    vram, ram = devices.default_budgets(device)
+    return CaptionContext(registry=registry, manager=ModelManager(device, vram, ram),
+                          dtype=devices.resolve_dtype(args.precision, device))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "evaluate":
@@ -137,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
         CaptionSettings,
     )
     from modules.captioning.service import (
-        CaptionContext,
         check_folder,
         normalize_extension,
         run_batch,
@@ -158,13 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     except CaptionerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from modules.core import devices
-    from modules.model_store.model_manager import ModelManager
-
-    device = devices.resolve_device(args.device)
-    vram, ram = devices.default_budgets(device)
-    ctx = CaptionContext(registry=registry, manager=ModelManager(device, vram, ram),
-                         dtype=devices.resolve_dtype(args.precision, device))
+    ctx = local_context(registry, args)
     started = time.perf_counter()
     summary = run_batch(ctx, req)
     print(summary.text())

@@ -36,6 +36,7 @@ torch is imported inside the functions that need it: the UI reads this module's 
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import logging
@@ -135,22 +136,23 @@ def _torch_dtypes() -> dict[str, "torch.dtype"]:
     return table
 
 
-class _Source:
-    """The tensors of one file, by key: their shapes and dtypes at once, their values one at a time."""
+class _Source(abc.ABC):
+    """The tensors of one file, by key: their shapes and dtypes at once, their values one at a time. Made by
+    `_SafetensorsSource` (streamed), `_DictSource` (a .ckpt loaded whole) and `_Renamed` (a VAE's keys mapped)."""
     path: Path
     metadata: dict[str, str]
 
-    def keys(self) -> list[str]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def keys(self) -> list[str]: ...
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def shape(self, key: str) -> tuple[int, ...]: ...
 
-    def dtype(self, key: str) -> "torch.dtype":
-        raise NotImplementedError
+    @abc.abstractmethod
+    def dtype(self, key: str) -> "torch.dtype": ...
 
-    def get(self, key: str) -> "torch.Tensor":
-        raise NotImplementedError
+    @abc.abstractmethod
+    def get(self, key: str) -> "torch.Tensor": ...
 
     def close(self) -> None:
         pass
