@@ -162,7 +162,12 @@ def test_live_preview_shows_over_the_gallery_at_the_result_size(page, server):
     # it covers the gallery's box (where the result will appear), not a thumbnail beside it
     assert abs(block["width"] - gallery["width"]) < 40 and abs(block["y"] - gallery["y"]) < 40, (block, gallery)
     assert shown["height"] > 0.9 * gallery["height"], (shown, gallery)
-    natural = preview.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    # the preview's src changes with every step: wait for one that has finished decoding
+    natural = page.wait_for_function(
+        "() => { const i = document.querySelector('#txt2img_preview img');"
+        " return i && i.complete && i.naturalWidth > 0 && [i.naturalWidth, i.naturalHeight]; }",
+        timeout=GEN_TIMEOUT,
+    ).json_value()
     assert natural == [64, 64]  # the cheap latent preview (8x8), upscaled to the result's size
     page.click("#txt2img_interrupt")
     expect(page.locator("#txt2img_preview")).to_be_hidden(timeout=GEN_TIMEOUT)
