@@ -2,7 +2,7 @@
 loop written the way diffusers' own training example does it, on the same model, data, batch, rank and precision.
 
     python benchmarks/train.py [--steps 6] [--warmup 2] [--size 256] [--rank 16] [--tiny]
-    python benchmarks/train.py --case captioner [--steps 6] [--warmup 2] [--batch 2] [--tiny]
+    python benchmarks/train.py --case captioner [--steps 6] [--warmup 2] [--batch 2] [--repeat 1] [--threads 0] [--tiny]
 
 Default: the full-size random SD 1.5 (SD 1.5's real shapes, made once by the tiny-model maker under
 benchmarks/.out/models, about 2 GB) at 256x256, batch 1, LoRA rank 16 on the UNet, fp32 on the CPU (or the GPU
@@ -15,6 +15,8 @@ a plain transformers + accelerate loop on the same model, images, captions and b
 processor's inputs with the caption's tokens as labels, accelerator.backward, clipping, AdamW. The model is a
 random BLIP-2 of moderate size made once under benchmarks/.out/models/BLIP2 (ViT 384x6 at 224 px, Q-Former 384x6
 with 32 queries, OPT 512x6; about 60M parameters; `--tiny`: the test suite's tiny BLIP-2). No evaluation runs.
+On a small shared machine one run's median moves by 10% from one process to the next; use
+`--steps 20 --repeat 3` (the variants alternate) and, on 2 cores, `--threads 1`, and read the paired ratios.
 """
 from __future__ import annotations
 
@@ -276,7 +278,7 @@ WORKERS = {"ours": worker_ours, "plain": worker_plain, "ours-captioner": worker_
 def run_worker(kind: str, args, extra: list[str] = ()) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--size", str(args.size), "--rank", str(args.rank), "--batch", str(args.batch),
-           *(["--tiny"] if args.tiny else []), *extra]
+           "--threads", str(args.threads), *(["--tiny"] if args.tiny else []), *extra]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{proc.stderr[-3000:]}")
@@ -294,9 +296,15 @@ def main() -> None:
     p.add_argument("--case", choices=["lora", "captioner"], default="lora")
     p.add_argument("--batch", type=int, default=2, help="captioner: images per step")
     p.add_argument("--repeat", type=int, default=1, help="captioner: alternated runs of each variant")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads in each worker (0: torch's default). 1 steadies the figures on a small "
+                        "shared machine, where two threads contend with everything else running")
     p.add_argument("--worker", choices=list(WORKERS))
     args = p.parse_args()
     if args.worker:
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
         print(json.dumps(WORKERS[args.worker](args)))
         return
     if args.case == "captioner":
@@ -336,6 +344,10 @@ def captioner_case(args) -> None:
     print(f"ratio ours/plain: {med['ours'] / med['plain']:.3f} (target <= 1.05); fastest steps: "
           f"{min(steps['ours']) / min(steps['plain']):.3f}; CPU time per step (median, what other processes on a "
           f"shared machine disturb least): {cpu['ours']:.3f} / {cpu['plain']:.3f} = {cpu['ours'] / cpu['plain']:.3f}")
+    paired = [statistics.median(o["per_step"]) / statistics.median(q["per_step"])
+              for o, q in zip(runs["ours"], runs["plain"])]
+    print(f"ratio of each back-to-back pair of runs: {', '.join(f'{x:.3f}' for x in paired)} "
+          f"(median {statistics.median(paired):.3f})")
 
 
 if __name__ == "__main__":
