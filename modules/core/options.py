@@ -82,6 +82,9 @@ def default_specs() -> dict[str, OptionSpec]:
         "CLIP_stop_at_last_layers": S(1, "Clip skip", "Stable Diffusion", int, 1, 12),
         "sdxl_clip_l_skip": S(False, "Clip skip SDXL: apply Clip skip to SDXL's CLIP-L encoder (else both SDXL "
                               "encoders always use their penultimate layer)", "Stable Diffusion", bool),
+        "sd_prediction_type": S("Automatic", "Prediction type (Automatic: what the checkpoint says or its weights "
+                                "show; set epsilon or v_prediction when an SD2 model gives grey or noisy images)",
+                                "Stable Diffusion", choices=("Automatic", "epsilon", "v_prediction")),
         "emphasis": S("Original", "Emphasis mode: (word:1.2) weights, rescaled to the original mean or not",
                       "Stable Diffusion", choices=("Original", "No norm")),
         "comma_padding_backtrack": S(20, "Prompt word wrap length limit (tokens moved to the next chunk after a "

@@ -8,6 +8,12 @@
 - Stable-diffusion/tiny-sd15-inpainting.safetensors: the same recipe with a 9-channel UNet;
 - Stable-diffusion/tiny-sdxl.safetensors and tiny-sdxl-diffusers/: a tiny SDXL (two text encoders, a
   pooled output and size conditioning) as an SDXL-layout single file and as a diffusers folder;
+- Stable-diffusion/tiny-sd2.safetensors and tiny-sd2-diffusers/ (epsilon, as SD 2.x-base 512),
+  tiny-sd2-v.safetensors and tiny-sd2-v-diffusers/ (v-prediction, as SD 2.x 768-v) and
+  tiny-sd2-inpainting.safetensors (SD 2's inpainting layout: 9 UNet input channels): SD2's layout, an
+  OpenCLIP-H-shaped text encoder (exact GELU, "!" padding, the penultimate layer's output: the single files
+  hold one more text layer than the encoder uses, as SD2's 24 of which diffusers' config keeps 23), linear
+  attention projections in the UNet, and DDIM with the prediction type in the configs;
 - VAE/tiny-vae.safetensors: another VAE of the tiny SD1 shape, as VAE files come (LDM keys, no configs);
 - ESRGAN/tiny-esrgan-4x.safetensors and RealESRGAN/tiny-realesrgan-x2.pth: tiny upscalers (`tiny_upscalers`);
 - with full_size: Stable-diffusion/sd15-random.safetensors, SD 1.5's real shapes, random, fp16, and no
@@ -51,6 +57,11 @@ TINY_SD15_DIFFUSERS = "tiny-sd15-diffusers"
 TINY_SD15_INPAINTING = "tiny-sd15-inpainting"
 TINY_SDXL = "tiny-sdxl"
 TINY_SDXL_DIFFUSERS = "tiny-sdxl-diffusers"
+TINY_SD2 = "tiny-sd2"
+TINY_SD2_DIFFUSERS = "tiny-sd2-diffusers"
+TINY_SD2_V = "tiny-sd2-v"
+TINY_SD2_V_DIFFUSERS = "tiny-sd2-v-diffusers"
+TINY_SD2_INPAINTING = "tiny-sd2-inpainting"
 SD15_RANDOM = "sd15-random"
 TINY_VAE_FILE = "tiny-vae"  # VAE/tiny-vae.safetensors: another VAE of the tiny models' shape
 
@@ -59,6 +70,9 @@ TINY_INPAINTING_SEED = 1
 FULL_SIZE_SEED = 2
 TINY_SDXL_SEED = 3
 TINY_VAE_SEED = 4
+TINY_SD2_SEED = 5
+TINY_SD2_V_SEED = 6
+TINY_SD2_INPAINTING_SEED = 7
 
 TINY_UNET = dict(
     sample_size=8,  # 8 latent pixels -> 64x64 images by default
@@ -126,6 +140,12 @@ TINY_SDXL_UNET = dict(
 )
 TINY_SDXL_VAE = dict(TINY_VAE, scaling_factor=0.13025)
 
+# SD2: OpenCLIP-H's text encoder (exact GELU; 40 wide here, 1024 in SD2) feeds the UNet's cross-attention, whose
+# projections are linear layers (use_linear_projection), with heads per level as SD2's config lists them.
+TINY_SD2_TEXT_ENCODER = dict(TINY_TEXT_ENCODER, hidden_size=40, intermediate_size=47, hidden_act="gelu",
+                             projection_dim=40)
+TINY_SD2_UNET = dict(TINY_UNET, cross_attention_dim=40, attention_head_dim=(2, 4), use_linear_projection=True)
+
 
 def _seeded(seed: int):
     import torch
@@ -133,13 +153,13 @@ def _seeded(seed: int):
     torch.manual_seed(seed)
 
 
-def _scheduler(family: str = "sd1"):
-    from diffusers import EulerDiscreteScheduler, PNDMScheduler
+def _scheduler(family: str = "sd1", **overrides):
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
 
     # The real model's own scheduler config: SD 1.5's PNDM (scaled_linear 0.00085..0.012, steps_offset 1,
-    # ...), SDXL's Euler.
-    cls = EulerDiscreteScheduler if family == "sdxl" else PNDMScheduler
-    return cls.from_pretrained(SD_CONFIGS_DIR / family, subfolder="scheduler", local_files_only=True)
+    # ...), SDXL's Euler, SD 2.1's DDIM, SD2-inpainting's PNDM.
+    cls = {"sdxl": EulerDiscreteScheduler, "sd2": DDIMScheduler}.get(family, PNDMScheduler)
+    return cls.from_pretrained(SD_CONFIGS_DIR / family, subfolder="scheduler", local_files_only=True, **overrides)
 
 
 def build_tiny_sd15(seed: int = TINY_SEED, in_channels: int = 4) -> dict[str, Any]:
@@ -164,6 +184,51 @@ def build_tiny_sd15(seed: int = TINY_SEED, in_channels: int = 4) -> dict[str, An
         "tokenizer": clip_tokenizer(),
         "scheduler": _scheduler(),
     }
+
+
+def build_tiny_sd2(seed: int = TINY_SD2_SEED, prediction_type: str = "epsilon",
+                   in_channels: int = 4) -> dict[str, Any]:
+    """Tiny SD2 components (unet, vae, text_encoder, tokenizer, scheduler) from a seed, in float32."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from modules.prompting.clip_tokenizer import clip_tokenizer
+
+    _seeded(seed)
+    unet = UNet2DConditionModel(**{**TINY_SD2_UNET, "in_channels": in_channels})
+    _seeded(seed + 1000)
+    vae = AutoencoderKL(**TINY_VAE)
+    _seeded(seed + 2000)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_SD2_TEXT_ENCODER))
+    for model in (unet, vae, text_encoder):
+        model.eval()
+    family = "sd2-inpainting" if in_channels == 9 else "sd2"
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": clip_tokenizer("!"),  # OpenCLIP pads with "!" (id 0)
+        "scheduler": _scheduler(family, prediction_type=prediction_type),
+    }
+
+
+def _unused_last_text_layer(components: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The OpenCLIP resblock after the last one the encoder runs: SD2 files hold all 24 layers of OpenCLIP-H and
+    condition on the penultimate one's output, which is why diffusers' SD2 config has 23. Random, never read."""
+    import torch
+
+    from modules.model_store.ldm_convert import SD2_OPEN_CLIP_PREFIX
+
+    config = components["text_encoder"].config
+    width, inner = config.hidden_size, config.intermediate_size
+    generator = torch.Generator().manual_seed(seed + 3000)
+    block = f"{SD2_OPEN_CLIP_PREFIX}transformer.resblocks.{config.num_hidden_layers}."
+    shapes = {"attn.in_proj_weight": (3 * width, width), "attn.in_proj_bias": (3 * width,),
+              "attn.out_proj.weight": (width, width), "attn.out_proj.bias": (width,),
+              "ln_1.weight": (width,), "ln_1.bias": (width,), "ln_2.weight": (width,), "ln_2.bias": (width,),
+              "mlp.c_fc.weight": (inner, width), "mlp.c_fc.bias": (inner,),
+              "mlp.c_proj.weight": (width, inner), "mlp.c_proj.bias": (width,)}
+    return {block + name: torch.randn(shape, generator=generator) * 0.02 for name, shape in shapes.items()}
 
 
 def build_tiny_sdxl(seed: int = TINY_SDXL_SEED) -> dict[str, Any]:
@@ -251,11 +316,12 @@ def _write_safetensors(path: Path, state: dict, metadata: dict[str, str]) -> Non
             f.write(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def write_tiny_single_file(path: Path, components: dict[str, Any]) -> None:
-    """A single file of the components (SD1 or SDXL layout), carrying their configs in its metadata."""
+def write_tiny_single_file(path: Path, components: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """A single file of the components (SD1, SD2 or SDXL layout; `extra` tensors added as they are), carrying
+    their configs in its metadata."""
     _write_safetensors(
         path,
-        ldm_state_dict(components),
+        {**ldm_state_dict(components), **(extra or {})},
         {"diffusers_configs": json.dumps(diffusers_configs(components), sort_keys=True)},
     )
 
@@ -352,6 +418,15 @@ def make_tiny_models(dir: str | os.PathLike, full_size: bool = False) -> dict[st
         TINY_SDXL: root / f"{TINY_SDXL}.safetensors",
         TINY_SDXL_DIFFUSERS: root / TINY_SDXL_DIFFUSERS,
     }
+    sd2 = {  # name -> (seed, prediction type, UNet input channels, with a diffusers folder)
+        TINY_SD2: (TINY_SD2_SEED, "epsilon", 4, True),
+        TINY_SD2_V: (TINY_SD2_V_SEED, "v_prediction", 4, True),
+        TINY_SD2_INPAINTING: (TINY_SD2_INPAINTING_SEED, "epsilon", 9, False),
+    }
+    for name, (_, _, _, folder) in sd2.items():
+        paths[name] = root / f"{name}.safetensors"
+        if folder:
+            paths[f"{name}-diffusers"] = root / f"{name}-diffusers"
     if full_size:
         paths[SD15_RANDOM] = root / f"{SD15_RANDOM}.safetensors"
 
@@ -374,6 +449,16 @@ def make_tiny_models(dir: str | os.PathLike, full_size: bool = False) -> dict[st
                 write_tiny_single_file(paths[TINY_SDXL], components)
             if not _folder_is_current(paths[TINY_SDXL_DIFFUSERS]):
                 write_diffusers_folder(paths[TINY_SDXL_DIFFUSERS], components)
+    for name, (seed, prediction, in_channels, folder) in sd2.items():
+        folder_path = paths.get(f"{name}-diffusers")
+        if _is_current(paths[name]) and (folder_path is None or _folder_is_current(folder_path)):
+            continue
+        with _step(f"{name} ({prediction}{', single file and diffusers folder' if folder else ''})", root):
+            components = build_tiny_sd2(seed, prediction, in_channels)
+            if not _is_current(paths[name]):
+                write_tiny_single_file(paths[name], components, _unused_last_text_layer(components, seed))
+            if folder_path is not None and not _folder_is_current(folder_path):
+                write_diffusers_folder(folder_path, components)
     vae_file = Path(dir) / "VAE" / f"{TINY_VAE_FILE}.safetensors"
     if not _is_current(vae_file):
         with _step("VAE/tiny-vae", vae_file.parent):

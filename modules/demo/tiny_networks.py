@@ -5,6 +5,8 @@
   effect on an image is plain to see;
 - DIR/Lora/tiny-xl-lora.safetensors: the same for the tiny SDXL, in kohya's SDXL layout (`lora_te1_*`,
   `lora_te2_*`, UNet modules by their LDM names);
+- DIR/Lora/tiny-sd2-lora.safetensors: the same for the tiny SD2 (kohya's SD2 names are SD1's: `lora_te_*` over
+  the transformers layout of OpenCLIP), with kohya's `ss_v2` metadata;
 - DIR/embeddings/tiny-emb.safetensors: a 2-vector embedding (`emb_params`) for the tiny text encoder (width 32);
 - DIR/embeddings/tiny-emb-pt.pt: a 1-vector embedding in A1111's own `.pt` layout (`string_to_param`);
 - DIR/embeddings/tiny-emb-xl.safetensors: a 2-vector SDXL embedding (`clip_l` width 32, `clip_g` width 48)
@@ -21,6 +23,7 @@ TINY_EMBEDDING = "tiny-emb"
 TINY_EMBEDDING_PT = "tiny-emb-pt"
 TINY_EMBEDDING_XL = "tiny-emb-xl"
 TINY_XL_LORA = "tiny-xl-lora"  # not "tiny-lora-xl": searching "tiny-lora" should find one card
+TINY_SD2_LORA = "tiny-sd2-lora"
 LORA_RANK = 4
 LORA_SEED = 10
 EMBEDDING_SEED = 11
@@ -70,6 +73,7 @@ def make_tiny_extra_networks(dir: str | Path, components: dict | None = None) ->
     paths = {
         TINY_LORA: root / LORA_SUBDIR / f"{TINY_LORA}.safetensors",
         TINY_XL_LORA: root / LORA_SUBDIR / f"{TINY_XL_LORA}.safetensors",
+        TINY_SD2_LORA: root / LORA_SUBDIR / f"{TINY_SD2_LORA}.safetensors",
         TINY_EMBEDDING: root / EMBEDDINGS_SUBDIR / f"{TINY_EMBEDDING}.safetensors",
         TINY_EMBEDDING_PT: root / EMBEDDINGS_SUBDIR / f"{TINY_EMBEDDING_PT}.pt",
         TINY_EMBEDDING_XL: root / EMBEDDINGS_SUBDIR / f"{TINY_EMBEDDING_XL}.safetensors",
@@ -82,6 +86,10 @@ def make_tiny_extra_networks(dir: str | Path, components: dict | None = None) ->
         tiny_models._write_safetensors(paths[TINY_XL_LORA], kohya_lora_state(tiny_models.build_tiny_sdxl()),
                                        {"ss_network_module": "networks.lora", "ss_network_dim": str(LORA_RANK),
                                         "ss_base_model_version": "sdxl_base_v1-0"})
+    if not tiny_models._is_current(paths[TINY_SD2_LORA]):
+        tiny_models._write_safetensors(paths[TINY_SD2_LORA], kohya_lora_state(tiny_models.build_tiny_sd2()),
+                                       {"ss_network_module": "networks.lora", "ss_network_dim": str(LORA_RANK),
+                                        "ss_v2": "True", "ss_base_model_version": "sd_v2"})
     dim = tiny_models.TINY_TEXT_ENCODER["hidden_size"]
     g = torch.Generator("cpu").manual_seed(EMBEDDING_SEED)
     emb = torch.randn(2, dim, generator=g)

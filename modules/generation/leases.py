@@ -50,8 +50,10 @@ def leased_checkpoint(ctx: GenerationContext, settings: dict, warnings: list[str
                                   "with --demo)" if not skipped else "no checkpoint can be loaded: " + "; ".join(
                                       f"{n}: {why}" for n, why in skipped.items()))
         vae = ctx.vaes.choose(settings.get("sd_vae"), info.filename) if ctx.vaes is not None else None
-        yield stack.enter_context(sd_pipelines.use_vae(ctx.manager, bundle, vae, dtype=ctx.vae_dtype or ctx.dtype,
-                                                       attention=ctx.attention))
+        bundle = stack.enter_context(sd_pipelines.use_vae(ctx.manager, bundle, vae, dtype=ctx.vae_dtype or ctx.dtype,
+                                                          attention=ctx.attention))
+        prediction = settings.get("sd_prediction_type") or "Automatic"
+        yield bundle if prediction == "Automatic" else bundle.with_prediction_type(prediction)
 
 
 def resolve_networks(ctx, prompt: str) -> networks.ResolvedNetworks:

@@ -5,6 +5,7 @@ torch is imported inside the functions that need it, so detection by header stay
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -128,6 +129,34 @@ def explicit_prediction_type(keys: Iterable[str], metadata: Mapping[str, str] | 
     return None
 
 
+def sidecar_config(path: str | os.PathLike) -> Path | None:
+    """A1111's per-checkpoint config: `NAME.yaml` beside `NAME.safetensors` / `NAME.ckpt`, if there is one."""
+    path = Path(path)
+    if path.is_dir():
+        return None
+    yaml_path = path.with_suffix(".yaml")
+    return yaml_path if yaml_path.is_file() else None
+
+
+def sidecar_prediction_type(path: str | os.PathLike) -> str | None:
+    """The prediction type an A1111 sidecar config gives (`model.params.parameterization: "v"` is
+    v-prediction; LDM's default, as in SD 1's v1-inference.yaml, is epsilon), or None without one. It is how
+    A1111 users tell an SD2 768-v model from a 512-base one, so it outranks every guess."""
+    yaml_path = sidecar_config(path)
+    if yaml_path is None:
+        return None
+    import yaml
+    try:
+        config = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise CheckpointError(f"Cannot read the config {yaml_path.name} beside the checkpoint: {e}") from e
+    params = ((config or {}).get("model") or {}).get("params") or {} if isinstance(config, dict) else {}
+    value = str(params.get("parameterization", "eps")).strip().lower() if isinstance(params, dict) else "eps"
+    if value not in ("eps", "v"):
+        raise CheckpointError(f"{yaml_path.name}: parameterization {value!r} is not supported (eps or v).")
+    return "v_prediction" if value == "v" else "epsilon"
+
+
 def _describe_unknown(keys: list[str]) -> str:
     """A short guess at what a non-SD file is, for the error message."""
     if any(k.startswith("lora_") or ".lora_" in k or ".lora." in k for k in keys):
@@ -155,7 +184,8 @@ def detect_architecture(
     (OpenCLIP) is SD2, `cond_stage_model.transformer.*` (OpenAI CLIP) is SD1. Inpainting: the UNet's
     first convolution takes 9 channels (4 latent + 1 mask + 4 masked-image latent).
 
-    Prediction type: an explicit marker wins (see `explicit_prediction_type`). Otherwise SD1, SDXL and
+    Prediction type: an A1111 sidecar config (`NAME.yaml`, see `sidecar_prediction_type`) wins, then an
+    explicit marker in the file (see `explicit_prediction_type`). Otherwise SD1, SDXL and
     every inpainting model are epsilon, and SD2 defaults to v_prediction: the flagship SD 2.0-v / 2.1
     releases and most SD2 fine-tunes are 768-v models, and diffusers makes the same default (an SD2
     single file maps to stabilityai/stable-diffusion-2-1). Shapes cannot tell 512-base from 768-v (the
@@ -167,9 +197,12 @@ def detect_architecture(
             return detect_diffusers_folder(path)
         if path.suffix.lower() == ".safetensors":
             file_shapes, file_metadata = read_safetensors_header(path)
-            return detect_architecture(file_shapes, metadata={**file_metadata, **(metadata or {})})
-        state_dict, _ = load_state_dict_and_extras(path)
-        return detect_architecture(state_dict, metadata=metadata)
+            arch = detect_architecture(file_shapes, metadata={**file_metadata, **(metadata or {})})
+        else:
+            state_dict, _ = load_state_dict_and_extras(path)
+            arch = detect_architecture(state_dict, metadata=metadata)
+        sidecar = sidecar_prediction_type(path)
+        return dataclasses.replace(arch, prediction_type=sidecar) if sidecar else arch
 
     keys = list(shapes.keys())
     if UNET_INPUT_KEY not in shapes:
@@ -240,8 +273,10 @@ def detect_diffusers_folder(folder: Path) -> ModelArch:
     else:
         cross_attention_dim = unet.get("cross_attention_dim")
         text_encoder_config = folder / "text_encoder" / "config.json"
-        hidden = read_json(text_encoder_config).get("hidden_size") if text_encoder_config.is_file() else None
-        family = "sd2" if 1024 in (hidden, cross_attention_dim) else "sd1"
+        text_config = read_json(text_encoder_config) if text_encoder_config.is_file() else {}
+        # SD2's OpenCLIP-H encoder: 1024 wide, and exact GELU where SD1's OpenAI CLIP uses quick_gelu
+        open_clip = text_config.get("hidden_act") == "gelu"
+        family = "sd2" if open_clip or 1024 in (text_config.get("hidden_size"), cross_attention_dim) else "sd1"
     scheduler_config = folder / "scheduler" / "scheduler_config.json"
     prediction = "epsilon"
     if scheduler_config.is_file():

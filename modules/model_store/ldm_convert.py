@@ -1,4 +1,4 @@
-"""Writing diffusers weights back into the original (LDM / A1111 single-file) key layout: SD1 and SDXL.
+"""Writing diffusers weights back into the original (LDM / A1111 single-file) key layout: SD1, SD2 and SDXL.
 
 diffusers ships only the LDM -> diffusers direction. This is the inverse for UNet2DConditionModel,
 AutoencoderKL and CLIPTextModel state dicts, driven by the models' configs so that it works for any
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer.text_model."
+SD2_OPEN_CLIP_PREFIX = "cond_stage_model.model."
 SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer.text_model."
 SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
@@ -291,11 +292,15 @@ def diffusers_to_ldm(
     unet_config: Mapping,
     vae_config: Mapping,
     text_encoder_2_state_dict: Mapping[str, "Tensor"] | None = None,
+    open_clip: bool = False,
 ) -> dict[str, "Tensor"]:
     """One single-file state dict (the layout A1111 and `from_single_file` read) from the
-    diffusers/transformers state dicts and the UNet/VAE configs they were built from: SD1-family with
-    one text encoder, SDXL (CLIP-L as `conditioner.embedders.0`, OpenCLIP-G as `.1`) with two."""
-    if text_encoder_2_state_dict is None:
+    diffusers/transformers state dicts and the UNet/VAE configs they were built from: SD1 with one OpenAI
+    CLIP encoder, SD2 (`open_clip`) with one OpenCLIP encoder (`cond_stage_model.model.*`), SDXL (CLIP-L as
+    `conditioner.embedders.0`, OpenCLIP-G as `.1`) with two."""
+    if text_encoder_2_state_dict is None and open_clip:
+        text_parts = [open_clip_to_ldm(text_encoder_state_dict, SD2_OPEN_CLIP_PREFIX)]
+    elif text_encoder_2_state_dict is None:
         text_parts = [text_encoder_to_ldm(text_encoder_state_dict)]
     else:
         text_parts = [text_encoder_to_ldm(text_encoder_state_dict, SDXL_CLIP_L_PREFIX),
@@ -326,8 +331,15 @@ def diffusers_configs(components: dict) -> dict[str, dict]:
     return configs
 
 
+def is_open_clip(text_encoder) -> bool:
+    """An OpenCLIP text encoder in transformers' CLIP classes (SD2's, SDXL's second): it uses exact GELU, where
+    OpenAI's CLIP (SD1's, SDXL's first) uses quick_gelu."""
+    return getattr(text_encoder.config, "hidden_act", "quick_gelu") == "gelu"
+
+
 def ldm_state_dict(components: dict) -> dict:
-    """The components as one A1111 single-file state dict (SD1 layout, or SDXL's with text_encoder_2)."""
+    """The components as one A1111 single-file state dict: SD1's layout, SD2's (an OpenCLIP text encoder) or
+    SDXL's (with text_encoder_2)."""
     unet, vae = components["unet"], components["vae"]
     te2 = components.get("text_encoder_2")
     state = diffusers_to_ldm(
@@ -337,5 +349,6 @@ def ldm_state_dict(components: dict) -> dict:
         unet_config=dict(unet.config),
         vae_config=dict(vae.config),
         text_encoder_2_state_dict=te2.state_dict() if te2 is not None else None,
+        open_clip=te2 is None and is_open_clip(components["text_encoder"]),
     )
     return {k: v.detach().contiguous() for k, v in state.items()}

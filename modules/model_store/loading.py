@@ -28,6 +28,7 @@ from modules.model_store.checkpoint_files import (
     read_json,
     read_safetensors_metadata,
     sd2_prediction,
+    sidecar_prediction_type,
 )
 from modules.model_store.checkpoints import CheckpointInfo
 
@@ -199,7 +200,10 @@ def _load_single_file(info: CheckpointInfo, torch_dtype, vae_dtype) -> LoadedChe
     _normalize_ldm_keys(state_dict)
     metadata = extras.get("metadata", {})
     arch = detect_architecture(state_dict, metadata=metadata)
-    if arch.family == "sd2" and not arch.inpainting and explicit_prediction_type(state_dict.keys(), metadata) is None:
+    sidecar = sidecar_prediction_type(info.filename)
+    if sidecar:
+        arch = ModelArch(arch.family, arch.inpainting, sidecar)
+    elif arch.family == "sd2" and not arch.inpainting and explicit_prediction_type(state_dict.keys(), metadata) is None:
         refined = sd2_prediction(state_dict, extras.get("global_step"))
         if refined:
             arch = ModelArch(arch.family, arch.inpainting, refined)

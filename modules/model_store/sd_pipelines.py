@@ -40,6 +40,15 @@ class CheckpointBundle:
         view.vae_info = vae_info
         return view
 
+    def with_prediction_type(self, prediction_type: str) -> "CheckpointBundle":
+        """A view of this checkpoint whose samplers predict `prediction_type` (epsilon or v_prediction) instead
+        of what the checkpoint says: the fix for a model whose type was guessed wrong."""
+        if prediction_type == self.scheduler_config.get("prediction_type", "epsilon"):
+            return self
+        view = copy.copy(self)
+        view.scheduler_config = {**self.scheduler_config, "prediction_type": prediction_type}
+        return view
+
     def modules(self) -> list[torch.nn.Module]:
         return [m for m in self.components.values() if isinstance(m, torch.nn.Module)]
 

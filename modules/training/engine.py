@@ -455,7 +455,9 @@ class Trainer:
             f"{cfg.output_name}-step{step:06d}.safetensors")
         if plan.output_kind == "lora":
             meta = outputs.lora_metadata(cfg, plan.data, plan.family, plan.base, step=step, epoch=epoch,
-                                         started_at=self.started_at)
+                                         started_at=self.started_at,
+                                         v_parameterization=self.noise_scheduler.config.prediction_type
+                                         == "v_prediction")
             parts = {n: self.accelerator.unwrap_model(m) for n, m in self.trainee.models.items()}
             outputs.save_lora(path, parts, plan.family, cfg, meta)
         elif plan.output_kind == "embedding":

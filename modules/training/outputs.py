@@ -94,7 +94,8 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> No
         f.write(data)
 
 
-def lora_metadata(cfg, plan, family: str, base_info, *, step: int, epoch: int, started_at: float) -> dict[str, str]:
+def lora_metadata(cfg, plan, family: str, base_info, *, step: int, epoch: int, started_at: float,
+                  v_parameterization: bool = False) -> dict[str, str]:
     """kohya's training metadata (`ss_*`) for a LoRA file."""
     try:
         base_hash = base_info.sha256
@@ -102,6 +103,8 @@ def lora_metadata(cfg, plan, family: str, base_info, *, step: int, epoch: int, s
         base_hash = ""
     meta = {
         "ss_base_model_version": BASE_MODEL_VERSIONS[family],
+        "ss_v2": str(family == "sd2"),
+        "ss_v_parameterization": str(v_parameterization),
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(cfg.network_dim),
         "ss_network_alpha": str(float(cfg.network_alpha)),

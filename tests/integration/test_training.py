@@ -279,6 +279,38 @@ def test_sdxl_lora_with_buckets_uses_kohya_sdxl_names(tiny_models, tmp_path):
     assert np.abs(lora - base).max() > 0.0
 
 
+def test_sd2_v_prediction_lora_and_full_fine_tune_stay_sd2(tiny_models, tmp_path):
+    """On the tiny SD2 768-v model: the LoRA says so in kohya's metadata (ss_v2, ss_v_parameterization) and
+    changes the image; a full fine-tune is written in SD2's layout (OpenCLIP keys) and loads as a v-prediction
+    SD2 model again."""
+    from modules import generation
+    from modules.model_store import checkpoint_files
+    data = make_dataset(tmp_path / "data", folder="1_sks cube")
+    args = base_args(tiny_models, data, tmp_path / "lora", "v2", steps=2)
+    args[args.index(TINY)] = "tiny-sd2-v.safetensors"
+    proc, _ = train_cli(args)
+    assert proc.returncode == 0, proc.stderr
+    tensors, meta = safetensors_file(tmp_path / "lora" / "v2.safetensors")
+    assert (meta["ss_base_model_version"], meta["ss_v2"], meta["ss_v_parameterization"]) == ("sd_v2", "True", "True")
+    assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in tensors)
+    args = base_args(tiny_models, data, tmp_path / "ckpt", "v2-full", "--full_fine_tune", method="dreambooth",
+                     steps=1)
+    args[args.index(TINY)] = "tiny-sd2-v.safetensors"
+    proc, _ = train_cli(args)
+    assert proc.returncode == 0, proc.stderr
+    written = tmp_path / "ckpt" / "v2-full.safetensors"
+    arch = checkpoint_files.detect_architecture(written)
+    assert (arch.family, arch.prediction_type) == ("sd2", "v_prediction")
+    ctx = generation.local_context([tiny_models / "Stable-diffusion", tmp_path / "ckpt"], tmp_path / "gen",
+                                   lora_dirs=[tmp_path / "lora"])
+    base, _ = txt2img(ctx, "sks cube", "tiny-sd2-v.safetensors")
+    lora, res = txt2img(ctx, "sks cube <lora:v2:1>", "tiny-sd2-v.safetensors")
+    assert not res.info.get("warnings"), res.info
+    assert np.abs(lora - base).max() > 0.0
+    trained, _ = txt2img(ctx, "sks cube", "v2-full.safetensors")
+    assert np.abs(trained - base).max() > 0.0
+
+
 def test_dreambooth_prior_preservation_makes_class_images_once(tiny_models, tmp_path):
     data = make_dataset(tmp_path / "data", folder="1_sks cube")
     runs = tmp_path / "runs"

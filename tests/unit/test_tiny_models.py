@@ -38,12 +38,18 @@ def registry(models_dir, tmp_path_factory):
 def test_layout_and_registry(models_dir, registry):
     root, paths = models_dir
     assert set(paths) == {"tiny-sd15", "tiny-sd15-diffusers", "tiny-sd15-inpainting", "tiny-sdxl",
-                          "tiny-sdxl-diffusers"}
+                          "tiny-sdxl-diffusers", "tiny-sd2", "tiny-sd2-diffusers", "tiny-sd2-v",
+                          "tiny-sd2-v-diffusers", "tiny-sd2-inpainting"}
     assert all(p.parent == root / "Stable-diffusion" and p.exists() for p in paths.values())
     assert [i.name for i in registry.list()] == [
         "tiny-sd15-diffusers",
         "tiny-sd15-inpainting.safetensors",
         "tiny-sd15.safetensors",
+        "tiny-sd2-diffusers",
+        "tiny-sd2-inpainting.safetensors",
+        "tiny-sd2-v-diffusers",
+        "tiny-sd2-v.safetensors",
+        "tiny-sd2.safetensors",
         "tiny-sdxl-diffusers",
         "tiny-sdxl.safetensors",
     ]
@@ -58,6 +64,11 @@ def test_detected_architectures(models_dir):
     assert detect_architecture(paths["tiny-sd15-inpainting"]) == ModelArch("sd1", True, "epsilon")
     assert detect_architecture(paths["tiny-sd15-diffusers"]) == ModelArch("sd1", False, "epsilon")
     assert detect_architecture(paths["tiny-sdxl"]) == ModelArch("sdxl", False, "epsilon")
+    assert detect_architecture(paths["tiny-sd2"]) == ModelArch("sd2", False, "epsilon")
+    assert detect_architecture(paths["tiny-sd2-diffusers"]) == ModelArch("sd2", False, "epsilon")
+    assert detect_architecture(paths["tiny-sd2-v"]) == ModelArch("sd2", False, "v_prediction")
+    assert detect_architecture(paths["tiny-sd2-v-diffusers"]) == ModelArch("sd2", False, "v_prediction")
+    assert detect_architecture(paths["tiny-sd2-inpainting"]) == ModelArch("sd2", True, "epsilon")
     assert detect_architecture(paths["tiny-sdxl-diffusers"]) == ModelArch("sdxl", False, "epsilon")
 
 

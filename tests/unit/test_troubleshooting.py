@@ -15,6 +15,7 @@ MESSAGES = [
     ("modules/model_store/checkpoint_files.py", "was refused: it is a pickle that holds more than tensors"),
     ("modules/model_store/checkpoint_files.py", "Convert it to .safetensors with a tool you trust"),
     ("modules/model_store/checkpoint_files.py", "Cannot read "),
+    ("modules/model_store/checkpoint_files.py", "is not supported (eps or v)."),
     ("modules/model_store/upscalers.py", "the file was refused: a pickle holding more than tensors"),
     ("modules/core/cmd_args.py", "accepted for A1111 compatibility; .ckpt files are still loaded with weights_only=True"),
     ("modules/model_store/model_manager.py", "even after freeing every model"),
