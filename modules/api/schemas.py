@@ -28,6 +28,7 @@ class _GenerationRequest(_Request):
     n_iter: int = 1
     steps: int = 50
     cfg_scale: float = 7.0
+    distilled_cfg_scale: float = 3.5  # Forge's field: FLUX.1-dev's distilled guidance
     width: int = 512
     height: int = 512
     restore_faces: Optional[bool] = None

@@ -271,6 +271,7 @@ _INT_FIELDS = {
 }
 _FLOAT_FIELDS = {
     "CFG scale": "cfg_scale",
+    "Distilled CFG Scale": "distilled_cfg_scale",  # Forge's name (FLUX)
     "Variation seed strength": "subseed_strength",
     "Denoising strength": "denoising_strength",
     "Eta": "eta",

@@ -85,6 +85,8 @@ def default_specs() -> dict[str, OptionSpec]:
         "sd_prediction_type": S("Automatic", "Prediction type (Automatic: what the checkpoint says or its weights "
                                 "show; set epsilon or v_prediction when an SD2 model gives grey or noisy images)",
                                 "Stable Diffusion", choices=("Automatic", "epsilon", "v_prediction")),
+        "flow_shift": S(0.0, "Shift for SD3 and FLUX (the flow-matching timestep shift; 0: the model's own, FLUX.1-dev's "
+                        "grows with the image size)", "Stable Diffusion", float, 0.0, 100.0),
         "emphasis": S("Original", "Emphasis mode: (word:1.2) weights, rescaled to the original mean or not",
                       "Stable Diffusion", choices=("Original", "No norm")),
         "comma_padding_backtrack": S(20, "Prompt word wrap length limit (tokens moved to the next chunk after a "

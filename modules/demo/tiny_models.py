@@ -14,6 +14,8 @@
   OpenCLIP-H-shaped text encoder (exact GELU, "!" padding, the penultimate layer's output: the single files
   hold one more text layer than the encoder uses, as SD2's 24 of which diffusers' config keeps 23), linear
   attention projections in the UNet, and DDIM with the prediction type in the configs;
+- Stable-diffusion/tiny-flux-diffusers/ and tiny-sd3-diffusers/: tiny FLUX.1-dev- and SD3-style folders
+  (`tiny_flow`);
 - VAE/tiny-vae.safetensors: another VAE of the tiny SD1 shape, as VAE files come (LDM keys, no configs);
 - ESRGAN/tiny-esrgan-4x.safetensors and RealESRGAN/tiny-realesrgan-x2.pth: tiny upscalers (`tiny_upscalers`);
 - with full_size: Stable-diffusion/sd15-random.safetensors, SD 1.5's real shapes, random, fp16, and no
@@ -459,6 +461,10 @@ def make_tiny_models(dir: str | os.PathLike, full_size: bool = False) -> dict[st
                 write_tiny_single_file(paths[name], components, _unused_last_text_layer(components, seed))
             if folder_path is not None and not _folder_is_current(folder_path):
                 write_diffusers_folder(folder_path, components)
+    from modules.demo.tiny_flow import (
+        make_tiny_flow_models,  # tiny-flux-diffusers, tiny-sd3-diffusers
+    )
+    paths.update(make_tiny_flow_models(root))
     vae_file = Path(dir) / "VAE" / f"{TINY_VAE_FILE}.safetensors"
     if not _is_current(vae_file):
         with _step("VAE/tiny-vae", vae_file.parent):

@@ -136,6 +136,9 @@ class Img2ImgProcessing(Processing):
             float(self.settings.get("initial_noise_multiplier", 1.0))
 
     def setup(self, stack: contextlib.ExitStack, bundle) -> None:
+        if bundle.arch.is_flow:
+            raise GenerationError(f"img2img and inpainting are not available for {bundle.arch.family.upper()} "
+                                  "checkpoints yet: use txt2img, or an SD 1.x/2.x/XL checkpoint here")
         req, ctx = self.request, self.ctx  # the request as the `process` hooks left it (outpainting grows it)
         self.init_images, self.mask = req.init_images, req.mask
         self.run_steps = min(int(self.steps * self.denoising_strength), self.steps)

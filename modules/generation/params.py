@@ -51,6 +51,9 @@ class Txt2ImgRequest:
     n_iter: int = 1
     steps: int = 50
     cfg_scale: float = 7.0
+    # Forge's "Distilled CFG Scale": the guidance FLUX.1-dev was distilled to take as an input (CFG Scale then
+    # turns on real classifier-free guidance with the negative prompt when above 1); other models ignore it
+    distilled_cfg_scale: float = 3.5
     width: int = 512
     height: int = 512
     eta: float | None = None
@@ -109,6 +112,8 @@ def validate(req: Txt2ImgRequest, upscalers=None) -> Txt2ImgRequest:
         problems.append(f"at most {MAX_IMAGES} images per request")
     if not 0 <= req.cfg_scale <= 100 or math.isnan(req.cfg_scale):
         problems.append(f"cfg_scale must be between 0 and 100, got {req.cfg_scale}")
+    if not 0 <= req.distilled_cfg_scale <= 30 or math.isnan(req.distilled_cfg_scale):
+        problems.append(f"distilled_cfg_scale must be between 0 and 30, got {req.distilled_cfg_scale}")
     if not 0 <= req.subseed_strength <= 1:
         problems.append(f"subseed_strength must be between 0 and 1, got {req.subseed_strength}")
     if req.seed < -1 or req.seed >= 2**32 or req.subseed < -1 or req.subseed >= 2**32:

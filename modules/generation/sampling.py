@@ -94,6 +94,9 @@ def decode_latents(pipe, latents: torch.Tensor, samples: list | None = None) -> 
     vae = pipe.vae
     with torch.no_grad():
         scaled = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift:  # SD3's and FLUX's VAEs centre their latents too
+            scaled = scaled + shift
         image = vae.decode(scaled, return_dict=False)[0]
     arrays = pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True] * image.shape[0])
     if samples is not None:

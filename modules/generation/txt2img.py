@@ -8,7 +8,7 @@ from typing import Any
 
 from modules.core import samplers
 from modules.core.jobs import Job
-from modules.generation import hires
+from modules.generation import flow, hires
 from modules.generation.leases import (
     MergedLoras,
     add_new,
@@ -63,6 +63,9 @@ class Txt2ImgProcessing(Processing):
         self.all_hr_negative_prompts = [self.styled_hr_negative_prompt] * len(self.all_seeds)
 
     def setup(self, stack: contextlib.ExitStack, bundle) -> None:
+        if bundle.arch.is_flow:  # FLUX and SD3: their own pipelines and encoders (see flow.py)
+            flow.setup(self, stack, bundle)
+            return
         req, ctx, settings = self.request, self.ctx, self.settings
         # LoRA tags come out of the text before encoding; bad ones are reported, and the image is made anyway.
         # The hires pass runs with the LoRAs of the hires prompt (the first pass's prompt when it is empty).
@@ -104,6 +107,8 @@ class Txt2ImgProcessing(Processing):
         self.steps_per_batch = self.steps + (self.hr_steps if self.enable_hr and not self.upscale_only else 0)
 
     def sample(self, batch_number: int, seeds: list[int], subseeds: list[int]):
+        if self.bundle.arch.is_flow:
+            return flow.sample(self, batch_number, seeds, subseeds)
         self.merged.use(self.applied)  # the first pass's LoRAs again after the previous batch's hires pass
         bundle = self.bundle
         shape = (self.latent_channels, self.height // self.vae_scale, self.width // self.vae_scale)
@@ -139,6 +144,8 @@ class Txt2ImgProcessing(Processing):
         params.update(sampler_params(self.sampler_name, self.eta, self.ensd))
         params.update(vae_params(self.bundle))
         params.update(common_params(self))
+        if self.bundle.arch.is_flow:
+            params.update(flow.image_params(self))
         return params
 
     def info_params(self) -> dict[str, Any]:

@@ -63,21 +63,28 @@ class UnsafeCheckpointError(CheckpointError):
 # Architecture
 
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
+FLOW_FAMILIES = ("sd3", "flux")  # rectified-flow transformers: flow-matching samplers, no UNet
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+FLOW_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}  # diffusers folders' model_index
 
 
 @dataclass(frozen=True)
 class ModelArch:
-    family: str  # "sd1" | "sd2" | "sdxl"
+    family: str  # "sd1" | "sd2" | "sdxl" | "sd3" | "flux"
     inpainting: bool
-    prediction_type: str  # "epsilon" | "v_prediction"
+    prediction_type: str  # "epsilon" | "v_prediction" ("flow" for sd3 and flux)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"unknown family {self.family!r}")
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"unknown prediction type {self.prediction_type!r}")
+        allowed = ("flow",) if self.family in FLOW_FAMILIES else PREDICTION_TYPES
+        if self.prediction_type not in allowed:
+            raise ValueError(f"unknown prediction type {self.prediction_type!r} for {self.family}")
+
+    @property
+    def is_flow(self) -> bool:
+        return self.family in FLOW_FAMILIES
 
     @property
     def config_name(self) -> str:
@@ -260,6 +267,10 @@ def detect_diffusers_folder(folder: Path) -> ModelArch:
         raise UnsupportedCheckpointError(f"{folder} is not a diffusers folder (no model_index.json).")
     index = read_json(index_path)
     class_name = str(index.get("_class_name", ""))
+    if class_name in FLOW_PIPELINES:
+        if index.get("transformer", [None])[0] is None:
+            raise UnsupportedCheckpointError(f"{folder}: the {class_name} folder has no transformer.")
+        return ModelArch(family=FLOW_PIPELINES[class_name], inpainting=False, prediction_type="flow")
     if not class_name.startswith("StableDiffusion") or "unet" not in index:
         raise UnsupportedCheckpointError(f"{folder} holds a {class_name or 'unknown'} pipeline, not Stable Diffusion.")
     unet = read_json(folder / "unet" / "config.json")

@@ -5,6 +5,7 @@ as A1111's `sd_model_checkpoint` does; which files failed to load and are left o
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from modules.model_store.checkpoint_files import CheckpointNotFoundError
+from modules.model_store.checkpoint_files import FLOW_PIPELINES, CheckpointNotFoundError
 from modules.model_store.hashing import HashCache, sha256_of_file
 
 if TYPE_CHECKING:
@@ -61,10 +62,11 @@ class CheckpointInfo:
             return [Path(self.filename)]
         folder = Path(self.filename)
         files = [folder / "model_index.json"]
-        for candidate in _DIFFUSERS_UNET_WEIGHTS:
-            if (folder / "unet" / candidate).is_file():
-                files.append(folder / "unet" / candidate)
-                break
+        for part in ("unet", "transformer"):  # SD's UNet; SD3's and FLUX's transformer
+            for candidate in _DIFFUSERS_UNET_WEIGHTS:
+                if (folder / part / candidate).is_file():
+                    files.append(folder / part / candidate)
+                    break
         return files
 
     def _hash(self, file: Path, peek_only: bool) -> str | None:
@@ -103,6 +105,16 @@ class CheckpointInfo:
         that were never loaded; lets a UI list a folder of big files without hashing all of them."""
         known = self.known_sha256
         return f"{self.name} [{known[:10]}]" if known else self.name
+
+
+def _is_flow_folder(info: CheckpointInfo) -> bool:
+    if not info.is_diffusers_folder:
+        return False
+    try:
+        with open(Path(info.filename) / "model_index.json", encoding="utf-8") as f:
+            return json.load(f).get("_class_name") in FLOW_PIPELINES
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 _TITLE_RE = re.compile(r"^(?P<name>.+?)\s*\[(?P<hash>[0-9a-fA-F]{8,64})\]$")
@@ -157,9 +169,11 @@ class CheckpointRegistry:
         return info
 
     def usable(self) -> list[CheckpointInfo]:
-        """The checkpoints in list order, less those known not to load: the candidates for the default."""
+        """The checkpoints in list order, less those known not to load: the candidates for the default. FLUX and
+        SD3 folders come last: they cannot do img2img or hires fix yet, so they are a default only when nothing
+        else is there."""
         bad = self.unusable()
-        return [info for info in self.list() if info.name not in bad]
+        return sorted((info for info in self.list() if info.name not in bad), key=_is_flow_folder)
 
     def _info(self, path: Path, name: str, is_folder: bool) -> CheckpointInfo:
         name = name.replace(os.sep, "/")

@@ -271,12 +271,32 @@ def _variant(folder: Path) -> str | None:
     return "fp16" if any(".fp16." in n for n in names) else None
 
 
+def _load_flow_folder(info: CheckpointInfo, arch: ModelArch, torch_dtype, vae_dtype) -> LoadedCheckpoint:
+    """A FLUX or SD3 diffusers folder: every component its pipeline class reads (transformer, VAE, CLIP and T5
+    encoders, tokenizers, flow-matching scheduler), the VAE in `vae_dtype`."""
+    import diffusers
+
+    folder = Path(info.filename)
+    cls = getattr(diffusers, {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline"}[arch.family])
+    try:
+        pipe = cls.from_pretrained(folder, dtype=torch_dtype, local_files_only=True,
+                                   variant=_variant(folder / "transformer"))
+    except (ValueError, KeyError, RuntimeError, OSError, TypeError) as e:
+        raise CheckpointError(f"Cannot load diffusers folder {info.name}: {e}") from e
+    components = {k: v for k, v in pipe.components.items() if v is not None}
+    if components["vae"].dtype != vae_dtype:
+        components["vae"] = components["vae"].to(vae_dtype)
+    return LoadedCheckpoint(info=info, arch=arch, components=_finish(components), config_dir=folder)
+
+
 def _load_diffusers_folder(info: CheckpointInfo, torch_dtype, vae_dtype) -> LoadedCheckpoint:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = Path(info.filename)
     arch = detect_diffusers_folder(folder)
+    if arch.is_flow:
+        return _load_flow_folder(info, arch, torch_dtype, vae_dtype)
     try:
         components: dict[str, Any] = {
             "unet": UNet2DConditionModel.from_pretrained(

@@ -68,8 +68,13 @@ class CheckpointBundle:
         return self
 
     @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network that predicts the noise (the UNet; the transformer of SD3 and FLUX)."""
+        return self.components["transformer"] if self.arch.is_flow else self.components["unet"]
+
+    @property
     def device(self) -> torch.device:
-        return self.components["unet"].device
+        return self.denoiser.device
 
 
 def checkpoint_key(info: "checkpoints.CheckpointInfo", dtype: torch.dtype) -> str:
@@ -83,7 +88,8 @@ def use_checkpoint(manager, info, *, dtype: torch.dtype, vae_dtype: torch.dtype 
     def load() -> CheckpointBundle:
         loaded = loading.load_checkpoint(info, torch_dtype=dtype, vae_dtype=vae_dtype)
         if attention == "xformers":
-            loaded.components["unet"].enable_xformers_memory_efficient_attention()
+            denoiser = loaded.components.get("unet") or loaded.components["transformer"]
+            denoiser.enable_xformers_memory_efficient_attention()
             loaded.components["vae"].enable_xformers_memory_efficient_attention()
         return CheckpointBundle(loaded)
 
@@ -114,7 +120,11 @@ def use_vae(manager, bundle: CheckpointBundle, vae, *, dtype: torch.dtype,
 
 def _pipeline_class(arch, kind: str):
     import diffusers
-    if arch.family == "sdxl":
+    if arch.is_flow:
+        if kind != "txt2img":
+            raise ValueError(f"{kind} is not available for {arch.family} checkpoints yet")
+        names = {"txt2img": "FluxPipeline" if arch.family == "flux" else "StableDiffusion3Pipeline"}
+    elif arch.family == "sdxl":
         names = {"txt2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline",
                  "inpaint": "StableDiffusionXLInpaintPipeline"}
     else:

@@ -60,7 +60,8 @@ def text_encoder_widths(info) -> set[int]:
             if not config.is_file():
                 continue  # SD1/SD2 folders have one text encoder
             try:
-                widths.add(int(json.loads(config.read_text()).get("hidden_size")))
+                text_config = json.loads(config.read_text())  # CLIP's hidden_size; T5's (FLUX) d_model
+                widths.add(int(text_config.get("hidden_size") or text_config.get("d_model")))
             except (ValueError, TypeError, OSError) as exc:
                 log.warning("checkpoint %s: cannot read %s/config.json: %s", info.name, sub, exc)
     elif path.suffix == ".safetensors":

@@ -71,7 +71,12 @@ def create_tab(webui) -> Txt2ImgTab:
                 common.snap_to_step(slider, 8, 0, 2048)
             width, height = common.size_sliders("txt2img")
             batch_count, batch_size = batch_controls("txt2img")
-            cfg = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id="txt2img_cfg_scale")
+            with gr.Row():
+                cfg = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id="txt2img_cfg_scale")
+                distilled = gr.Slider(0, 30, value=3.5, step=0.5, label="Distilled CFG Scale",
+                                      elem_id="txt2img_distilled_cfg_scale",
+                                      info="FLUX.1-dev's guidance input; set CFG Scale to 1 with it (above 1 "
+                                           "adds real CFG with the negative prompt, at twice the time)")
             seeds = common.seed_controls("txt2img")
             script_ui = scripts_ui.script_controls(webui, is_img2img=False)
         with gr.Column():
@@ -80,14 +85,14 @@ def create_tab(webui) -> Txt2ImgTab:
 
     inputs = [tools.prompt, tools.negative, tools.styles.dropdown, sampler, scheduler, steps, enable_hr, hr_upscaler,
               hr_steps, hr_denoise, hr_scale, hr_resize_x, hr_resize_y, width, height, batch_count, batch_size, cfg,
-              seeds.seed, seeds.extra, seeds.subseed, seeds.subseed_strength, hr_prompt, hr_negative]
+              seeds.seed, seeds.extra, seeds.subseed, seeds.subseed_strength, hr_prompt, hr_negative, distilled]
     own = len(inputs)
     inputs += script_ui.inputs
 
     def run(request: gr.Request, *values):
         from modules.ui.extra_networks import warnings_html
         (p, n, st, smp, sch, stp, ehr, hru, hrs, hrd, hrsc, hrx, hry, w, h, bc, bs, c, sd, ex, ss, sss, hrp,
-         hrn) = values[:own]
+         hrn, dc) = values[:own]
         w, h = (common.snap(v, common.SIZE_STEP, common.MIN_SIZE, common.MAX_SIZE) for v in (w, h))
         req = generation.Txt2ImgRequest(
             prompt=p or "", negative_prompt=n or "", styles=list(st or []), sampler_name=smp, scheduler=sch,
@@ -95,7 +100,7 @@ def create_tab(webui) -> Txt2ImgTab:
             hr_prompt=hrp or "", hr_negative_prompt=hrn or "",
             denoising_strength=float(hrd), hr_scale=float(hrsc), hr_resize_x=int(hrx), hr_resize_y=int(hry),
             width=w, height=h, n_iter=int(bc), batch_size=int(bs), cfg_scale=float(c),
-            seed=int(sd if sd is not None else -1), subseed=int(ss if (ex and ss is not None) else -1),
+            distilled_cfg_scale=float(dc), seed=int(sd if sd is not None else -1), subseed=int(ss if (ex and ss is not None) else -1),
             subseed_strength=float(sss) if ex else 0.0, save_images=True)
         try:
             selection = script_ui.selection(webui, values[own:])
@@ -114,8 +119,8 @@ def create_tab(webui) -> Txt2ImgTab:
 
     common.wire_job_controls(webui, run, inputs, tools, panel)
     components = dict(prompt=tools.prompt, negative_prompt=tools.negative, steps=steps, sampler_name=sampler,
-                      scheduler=scheduler, cfg_scale=cfg, seed=seeds.seed, width=width, height=height,
-                      subseed=seeds.subseed, subseed_strength=seeds.subseed_strength, enable_hr=enable_hr,
+                      scheduler=scheduler, cfg_scale=cfg, distilled_cfg_scale=distilled, seed=seeds.seed,
+                      width=width, height=height, subseed=seeds.subseed, subseed_strength=seeds.subseed_strength, enable_hr=enable_hr,
                       hr_scale=hr_scale, hr_upscaler=hr_upscaler, hr_second_pass_steps=hr_steps,
                       denoising_strength=hr_denoise, batch_size=batch_size, hr_prompt=hr_prompt,
                       hr_negative_prompt=hr_negative, styles=tools.styles.dropdown)

@@ -53,7 +53,8 @@ def test_panel_shows_cards_for_the_checkpoint_and_a_click_toggles_the_tag(page, 
     expect(card(page, "tiny-lora").locator(".preview img")).to_have_count(1)  # tiny-lora.png lies beside it
     expect(card(page, "tiny-xl-lora")).to_have_count(0)  # the selected checkpoint is SD1
     expect(card(page, "tiny-emb-xl")).to_have_count(0)
-    expect(cards).to_contain_text("2 not shown: made for another kind of checkpoint")
+    expect(card(page, "tiny-sd2-lora")).to_have_count(0)  # SD2's text encoder is 40 wide, SD1's 32
+    expect(cards).to_contain_text("3 not shown: made for another kind of checkpoint")
 
     search = page.locator("#txt2img_extra_search textarea, #txt2img_extra_search input").first
     search.fill("lora")

@@ -1,0 +1,222 @@
+"""txt2img on the rectified-flow transformer families, FLUX.1 and SD3: the same processing loop as SD (seeds,
+per-image generators, variation seeds, batches, progress, previews, infotext, saving), with their own diffusers
+pipelines, text encoders (CLIP for the pooled vector and, for SD3, part of the sequence; T5 for the long
+sequence), flow-matching samplers and FLUX's distilled guidance.
+
+What the SD prompt language does not do here (the text goes to the encoders as written): emphasis weights,
+prompt editing, alternation and AND, embeddings; LoRA tags are removed and reported. Hires fix, img2img and
+inpainting are refused with a message until they are built for these families.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import re
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from modules.generation.leases import add_new, resolve_networks
+from modules.generation.params import GenerationError
+from modules.generation.sampling import StepTracker, decode_latents, make_noise
+from modules.model_store import sd_pipelines
+from modules.prompting import prompt_parser
+
+if TYPE_CHECKING:
+    from modules.generation.processing import Processing
+
+FAMILY_NAMES = {"flux": "FLUX", "sd3": "SD3"}
+# A1111/Forge sampler names -> the diffusers flow-matching scheduler class, per family. The pipelines set the
+# sigmas themselves (FLUX passes its own list, which FlowMatchHeun cannot take), so not every class suits both.
+FLOW_SAMPLERS = {
+    "flux": {"Euler": "FlowMatchEulerDiscreteScheduler"},
+    "sd3": {"Euler": "FlowMatchEulerDiscreteScheduler", "Heun": "FlowMatchHeunDiscreteScheduler"},
+}
+DEFAULT_FLOW_SAMPLER = "Euler"
+_PROMPT_SYNTAX = re.compile(r"[()\[\]]|\bAND\b|\bBREAK\b")
+
+
+def family_name(bundle) -> str:
+    return FAMILY_NAMES[bundle.arch.family]
+
+
+def flow_sampler(p: Processing, bundle) -> str:
+    """The request's sampler if this family has it, else Euler with a warning (the UI's default sampler is an
+    SD one: a FLUX model picked in the checkpoint list should still make an image)."""
+    available = FLOW_SAMPLERS[bundle.arch.family]
+    if p.sampler_name in available:
+        return p.sampler_name
+    add_new(p.warnings, [f"sampler {p.sampler_name!r} is not available for {family_name(bundle)} checkpoints "
+                         f"(they have {', '.join(available)}): used {DEFAULT_FLOW_SAMPLER}"])
+    return DEFAULT_FLOW_SAMPLER
+
+
+def make_flow_scheduler(sampler: str, family: str, scheduler_config: dict, shift: float):
+    """A new flow-matching scheduler of `sampler` from the model's scheduler config; `shift` > 0 replaces the
+    model's timestep shift (and turns off FLUX.1-dev's resolution-dependent shifting)."""
+    import diffusers
+
+    cls = getattr(diffusers, FLOW_SAMPLERS[family][sampler])
+    overrides: dict[str, Any] = {}
+    if shift > 0:
+        overrides = {"shift": float(shift), "use_dynamic_shifting": False}
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    return cls.from_config({k: v for k, v in {**scheduler_config, **overrides}.items() if k in accepted})
+
+
+def size_multiple(bundle) -> int:
+    """Image sides must be multiples of this: the VAE's downscale times the transformer's patch (FLUX packs
+    2x2 latents into one token)."""
+    vae_scale = 2 ** (len(bundle.components["vae"].config.block_out_channels) - 1)
+    patch = 2 if bundle.arch.family == "flux" else int(bundle.denoiser.config.patch_size)
+    return vae_scale * patch
+
+
+def max_sequence_length(bundle) -> int:
+    """T5 tokens the pipeline encodes: FLUX.1-dev 512, FLUX.1-schnell (no guidance input) 256, SD3 256."""
+    if bundle.arch.family == "flux":
+        return 512 if bundle.denoiser.config.guidance_embeds else 256
+    return 256
+
+
+class FlowStepTracker(StepTracker):
+    """StepTracker for the flow pipelines: FLUX hands its callback packed latents (tokens x channels); they are
+    unpacked for the partial result of a stopped batch and for the preview, which is a VAE decode (the cheap
+    linear preview is fitted to SD's 4-channel latents)."""
+
+    def __init__(self, job, total: int, preview_every: int, pipe, height: int, width: int):
+        super().__init__(job, total, "flow", preview_every)
+        self.pipe, self.height, self.width = pipe, height, width
+
+    def unpack(self, latents: torch.Tensor) -> torch.Tensor:
+        if latents.ndim == 3:  # FLUX's (batch, tokens, channels x 4)
+            return self.pipe._unpack_latents(latents, self.height, self.width, self.pipe.vae_scale_factor)
+        return latents
+
+    def __call__(self, pipe, i, t, kwargs):
+        latents = self.unpack(kwargs["latents"])
+        self.latents = latents
+        if self.job is not None:
+            self.job.step(self.offset + i + 1, self.total,
+                          preview=lambda: decode_latents(self.pipe, latents[:1])[0])
+        return kwargs
+
+
+def setup(p: Processing, stack: contextlib.ExitStack, bundle) -> None:
+    """What every batch of a flow-model txt2img request needs: the refusals, warnings, scheduler and pipeline."""
+    name = family_name(bundle)
+    if p.enable_hr:
+        raise GenerationError(f"hires fix is not available for {name} checkpoints yet: turn it off, or upscale in "
+                              "the Extras tab")
+    scale = size_multiple(bundle)
+    if p.width % scale or p.height % scale:
+        raise GenerationError(f"{name} needs width and height in multiples of {scale}, got {p.width}x{p.height}")
+    if p.scheduler not in ("Automatic", "", None):
+        add_new(p.warnings, [f"schedule type {p.scheduler!r} is not used by {name} checkpoints: their own flow "
+                             "schedule (shifted by the Shift setting) is"])
+    p.network_source = p.all_prompts[0]
+    resolved = resolve_networks(p.ctx, p.network_source)
+    add_new(p.warnings, resolved.warnings)
+    if resolved.loras:
+        add_new(p.warnings, [f"LoRA is not applied to {name} checkpoints yet: "
+                             + ", ".join(info.name for info, _, _ in resolved.loras) + " ignored"])
+    p.first_prompt = resolved.prompt
+    if any(_PROMPT_SYNTAX.search(t) for t in (resolved.prompt, p.all_negative_prompts[0])):
+        add_new(p.warnings, [f"{name}: emphasis, prompt editing, AND and BREAK are not applied; the text goes to "
+                             "the encoders as written"])
+    p.network_params = {}
+    p.flow_sampler = flow_sampler(p, bundle)
+    p.sampler_name = p.flow_sampler
+    p.flow_shift = float(p.settings.get("flow_shift", 0.0) or 0.0)
+    scheduler = make_flow_scheduler(p.flow_sampler, bundle.arch.family, bundle.scheduler_config, p.flow_shift)
+    p.pipe = sd_pipelines.make_pipeline(bundle, "txt2img", scheduler, offload=p.ctx.offload,
+                                        offload_device=p.ctx.offload_device)
+    p.max_sequence_length = max_sequence_length(bundle)
+    p.steps_per_batch = p.steps
+    p.pass_kind = "txt2img"
+    _warn_long_prompt(p, resolved.prompt)
+
+
+def _warn_long_prompt(p: Processing, prompt: str) -> None:
+    tokenizer = p.pipe.tokenizer_2 if p.bundle.arch.family == "flux" else p.pipe.tokenizer_3
+    count = len(tokenizer(prompt).input_ids)
+    if count > p.max_sequence_length:
+        add_new(p.warnings, [f"the prompt is {count} T5 tokens; {family_name(p.bundle)} reads the first "
+                             f"{p.max_sequence_length}"])
+
+
+def _text(p: Processing, prompt: str) -> str:
+    return p.first_prompt if prompt == p.network_source else prompt_parser.parse_extra_networks(prompt)[0]
+
+
+def encode(p: Processing, prompt: str, negative: str) -> dict[str, torch.Tensor]:
+    """The pipeline's own prompt encoding of one image's texts (cached per text pair), as keyword arguments."""
+    cache = p.__dict__.setdefault("_flow_embeds", {})
+    key = prompt + "\0" + negative
+    if key in cache:
+        return cache[key]
+    pipe, text, device = p.pipe, _text(p, prompt), p.bundle.device
+    true_cfg = p.cfg_scale > 1
+    with torch.inference_mode():
+        if p.bundle.arch.family == "flux":
+            embeds, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=None, device=device,
+                                                   num_images_per_prompt=1,
+                                                   max_sequence_length=p.max_sequence_length)
+            out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+            if true_cfg:  # Forge: CFG above 1 on FLUX is real classifier-free guidance with the negative prompt
+                neg, neg_pooled, _ = pipe.encode_prompt(prompt=negative, prompt_2=None, device=device,
+                                                        num_images_per_prompt=1,
+                                                        max_sequence_length=p.max_sequence_length)
+                out.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
+        else:
+            embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+                prompt=text, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+                do_classifier_free_guidance=true_cfg, negative_prompt=negative,
+                max_sequence_length=p.max_sequence_length)
+            out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+            if true_cfg:
+                out.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
+    cache[key] = out
+    return out
+
+
+def sample(p: Processing, batch_number: int, seeds: list[int], subseeds: list[int]) -> torch.Tensor:
+    """One batch's latents (SD-shaped: batch x channels x h x w), made by the family's pipeline."""
+    pipe, bundle = p.pipe, p.bundle
+    lo = batch_number * p.batch_size
+    embeds = encode(p, p.all_prompts[lo], p.all_negative_prompts[lo])
+    batch = len(seeds)
+    kw: dict[str, Any] = {k: v.repeat(batch, *[1] * (v.ndim - 1)) for k, v in embeds.items()}
+    transformer = pipe.transformer
+    vae_scale = pipe.vae_scale_factor
+    if bundle.arch.family == "flux":
+        channels = transformer.config.in_channels // 4
+        h, w = 2 * (p.height // (vae_scale * 2)), 2 * (p.width // (vae_scale * 2))
+    else:
+        channels = transformer.config.in_channels
+        h, w = p.height // vae_scale, p.width // vae_scale
+    noise, generators = make_noise(seeds, subseeds, p.subseed_strength, (channels, h, w), p.ensd)
+    noise = noise.to(bundle.device, embeds["prompt_embeds"].dtype)
+    if bundle.arch.family == "flux":
+        latents = pipe._pack_latents(noise, batch, channels, h, w)
+        kw.update(guidance_scale=p.distilled_cfg_scale, true_cfg_scale=max(p.cfg_scale, 1.0))
+    else:
+        latents = noise
+        kw.update(guidance_scale=p.cfg_scale)
+    p.tracker = FlowStepTracker(p.job, p.steps_per_batch, p.preview_every, pipe, p.height, p.width)
+    p.pipe.scheduler = make_flow_scheduler(p.flow_sampler, bundle.arch.family, bundle.scheduler_config, p.flow_shift)
+    with torch.inference_mode():
+        out = pipe(latents=latents, height=p.height, width=p.width, num_inference_steps=p.steps,
+                   generator=generators, output_type="latent", max_sequence_length=p.max_sequence_length,
+                   callback_on_step_end=p.tracker, callback_on_step_end_tensor_inputs=["latents"], **kw).images
+    return p.tracker.unpack(out)
+
+
+def image_params(p: Processing) -> dict[str, Any]:
+    """The family's own infotext entries (Forge's names)."""
+    params: dict[str, Any] = {}
+    if p.bundle.arch.family == "flux" and p.bundle.denoiser.config.guidance_embeds:
+        params["Distilled CFG Scale"] = p.distilled_cfg_scale
+    if p.flow_shift > 0:
+        params["Shift"] = p.flow_shift
+    return params
