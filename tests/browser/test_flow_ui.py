@@ -1,0 +1,46 @@
+"""FLUX from the browser: a user picks the FLUX folder in the checkpoint box, sets Distilled CFG Scale, and sees the
+image with FLUX's infotext and the note that the SD sampler they had was replaced by Euler; img2img on it is a
+visible notice, not a dead job."""
+from __future__ import annotations
+
+import re
+
+from playwright.sync_api import expect
+
+from tests.browser.test_ui import GEN_TIMEOUT, infotext, open_ui, set_number, small
+from tests.conftest import Server, copy_models
+
+
+def test_flux_from_the_checkpoint_box_with_distilled_cfg(page, tiny_models, tmp_path):
+    models = copy_models(tiny_models, tmp_path / "models", ["tiny-sd15.safetensors", "tiny-flux-diffusers"])
+    srv = Server(["--models-dir", str(models)], tmp_path / "data")
+    try:
+        open_ui(page, srv)
+        box = page.locator("#setting_sd_model_checkpoint input")
+        expect(box).to_have_value(re.compile(r"^tiny-sd15"))  # the SD model is the default, FLUX is listed
+        box.click()
+        page.get_by_role("option", name=re.compile(r"^tiny-flux-diffusers")).locator("visible=true").click()
+        expect(box).to_have_value(re.compile(r"^tiny-flux-diffusers"), timeout=GEN_TIMEOUT)
+        small(page)
+        set_number(page, "txt2img_cfg_scale", 1)
+        set_number(page, "txt2img_distilled_cfg_scale", 2.5)
+        page.locator("#txt2img_prompt textarea").fill("a red house")
+        page.click("#txt2img_generate")
+        expect(page.locator("#html_info_txt2img .infotext")).to_contain_text("Model: tiny-flux-diffusers",
+                                                                             timeout=GEN_TIMEOUT)
+        text = infotext(page)
+        assert "Distilled CFG Scale: 2.5" in text and "Sampler: Euler" in text and "CFG scale: 1" in text
+        expect(page.locator("#txt2img_gallery img").first).to_be_visible()
+        # the UI's default sampler is an SD one: the image is made with Euler, and the page says so
+        expect(page.locator("#txt2img_network_warnings")).to_contain_text("not available for FLUX")
+        page.screenshot(path=str(tmp_path / "flux.png"), full_page=True)
+
+        page.click("#txt2img_send_to_img2img")
+        expect(page.locator("#img2img_image img")).to_be_visible()
+        set_number(page, "img2img_steps", 2)
+        page.click("#img2img_generate")
+        expect(page.locator("#img2img_error")).to_contain_text("not available for FLUX", timeout=GEN_TIMEOUT)
+        expect(page.locator("#img2img_gallery img")).to_have_count(0)
+        assert srv.alive() and not page.errors, page.errors
+    finally:
+        srv.stop()
