@@ -313,7 +313,13 @@ class Webui:
         return GenerationContext(registry=self.registry, manager=rt.manager, styles=self.styles,
                                  outputs_root=self.outputs_root(), dtype=rt.dtype, vae_dtype=rt.vae_dtype,
                                  offload=rt.offload, attention=rt.attention, offload_device=str(rt.device),
-                                 networks=self.extra_networks, vaes=self.vaes, events=self.scripts.events)
+                                 networks=self.extra_networks, vaes=self.vaes, events=self.scripts.events,
+                                 alignment=self._alignment_scores)
+
+    def _alignment_scores(self, images, texts, model=None):
+        """Prompt alignment in Image search's retrieval space (CaptionerNotFoundError without a blip2-itm model)."""
+        from modules.captioning.service import alignment_scores
+        return alignment_scores(self.captioning.context(), images, texts, model)
 
     def outputs_root(self) -> Path:
         """The outputs folder of the data dir (images go to its per-tab folders unless `outdir_samples` is set)."""
@@ -370,6 +376,15 @@ class Webui:
                 "(or start with --demo)")
         return self.queue.submit(lambda job: run(self.generation_context(), req, job, settings), kind=kind,
                                  owner=owner, task_id=task_id)
+
+    def submit_model_comparison(self, req, *, owner: str | None = None):
+        """Validate and queue a model comparison report (`generation.ComparisonRequest`); the job's result is the
+        report's dict (see `generation.comparison.run_comparison`)."""
+        from modules.generation import comparison
+        comparison.validate_comparison(self.generation_context(), req)
+        settings = self.settings_for_request(None)
+        return self.queue.submit(lambda job: comparison.run_comparison(self.generation_context(), req, job, settings),
+                                 kind="comparison", owner=owner)
 
     def extras_save_target(self, folder: str | Path | None = None, *, keep_names: bool = False):
         """Where the Extras tab saves (A1111): `folder` (a batch's output directory), else the `outdir_samples`

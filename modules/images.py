@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from modules.core import outputs
-from modules.scripting.grids import (  # noqa: F401
+from modules.core.grids import (  # noqa: F401
     GridAnnotation,
     draw_grid_annotations,
     draw_prompt_matrix,
 )
-from modules.scripting.grids import image_grid as _grid
+from modules.core.grids import image_grid as _grid
 
 
 def image_grid(imgs, batch_size: int = 1, rows: int | None = None):

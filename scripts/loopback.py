@@ -8,7 +8,7 @@ import math
 import gradio as gr
 
 from modules import images, processing, scripts, shared
-from modules.scripting import grids
+from modules.core import grids
 
 CURVES = ("Aggressive", "Linear", "Lazy")
 

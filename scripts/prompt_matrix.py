@@ -7,7 +7,7 @@ variations_delimiter ("comma" / "space"), margin_size (px)."""
 import gradio as gr
 
 from modules import images, processing, scripts, shared
-from modules.scripting import grids
+from modules.core import grids
 
 
 class Script(scripts.Script):

@@ -6,8 +6,7 @@ script_args in A1111's order: info (ignored), overlap (pixels, 64), upscaler (it
 import gradio as gr
 
 from modules import processing, scripts, shared
-from modules.core import upscaling
-from modules.scripting import grids
+from modules.core import grids, upscaling
 
 
 def _upscaler_names() -> list[str]:

@@ -18,8 +18,8 @@ import gradio as gr
 from PIL import Image
 
 from modules import images, processing, scripts, shared
-from modules.core import fileio
-from modules.scripting import grids, xyz
+from modules.core import fileio, grids
+from modules.scripting import xyz
 
 MAX_CELLS = 1000
 

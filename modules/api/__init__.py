@@ -10,6 +10,7 @@ def include_routers(app, webui, server_control, *, api: bool) -> None:
     from modules.api import (
         captioning,
         checkpoints,
+        comparison,
         extra_networks,
         generation,
         images,
@@ -24,6 +25,6 @@ def include_routers(app, webui, server_control, *, api: bool) -> None:
     if not api:
         return
     for module in (generation, progress, settings, checkpoints, lists, images, captioning, extra_networks, training,
-                   merge):
+                   merge, comparison):
         app.include_router(module.router(webui))
     app.include_router(server.router(webui, server_control))

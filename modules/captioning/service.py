@@ -463,6 +463,23 @@ def run_search(ctx: CaptionContext, req: SearchRequest, cache_dir: Path, job=Non
     return hits
 
 
+def alignment_scores(ctx: CaptionContext, images: list, texts: list[str], model: str | None = None,
+                     batch_size: int = 8) -> tuple[list[float], str]:
+    """How well each image matches its text in the retrieval space Image search ranks in (BLIP-2 ITC: the best
+    of the image's query vectors against the text's vector, a cosine similarity), and the model's name."""
+    info = ctx.registry.resolve(model, purpose="search")
+    scores: list[float] = []
+    with use_captioner(ctx.manager, info, ctx.dtype) as loaded:
+        texts_seen: dict[str, Any] = {}
+        for start in range(0, len(images), batch_size):
+            table = image_embeddings(loaded, list(images[start:start + batch_size]))
+            for row, text in zip(table, texts[start:start + batch_size]):
+                if text not in texts_seen:
+                    texts_seen[text] = text_embedding(loaded, text)
+                scores.append(float((row @ texts_seen[text]).max()))
+    return scores, info.name
+
+
 def run_embeddings(ctx: CaptionContext, req: EmbeddingsRequest, job=None) -> dict[str, Any]:
     """{"model", "kind", "embeddings"}: images -> [N, num_query_tokens, D] (one vector per query token, as the
     search index keeps them), texts -> [N, D]; every vector L2-normalised."""

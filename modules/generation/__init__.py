@@ -43,6 +43,7 @@ _LAZY = {
     "Txt2ImgProcessing": "txt2img", "run_txt2img": "txt2img",
     "Img2ImgProcessing": "img2img", "run_img2img": "img2img", "run_img2img_batch": "img2img",
     "BatchFolders": "img2img", "prepare_images": "img2img",
+    "ComparisonRequest": "comparison", "run_comparison": "comparison",
     "hires_schedule": "hires", "make_noise": "sampling", "slerp": "sampling", "decode_latents": "sampling",
 }
 

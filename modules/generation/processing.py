@@ -61,6 +61,8 @@ class GenerationContext:
     networks: ExtraNetworks | None = None  # LoRA files and embeddings (None: none of either)
     vaes: VaeRegistry | None = None  # the VAE files `sd_vae` picks from (None: the checkpoints' own only)
     events: Any = None  # scripts' callbacks: before_image_saved(params), image_saved(params), model_loaded(bundle)
+    # (images, texts, model) -> (scores, model name): prompt alignment in Image search's retrieval space
+    alignment: Any = None
 
 
 class Processing:

@@ -244,7 +244,7 @@ def test_sd_upscale_upscales_then_redraws_tiles_blended(api):
 
 
 def test_tiles_split_and_combine_back_to_the_same_picture():
-    from modules.scripting import grids
+    from modules.core import grids
     a = np.random.default_rng(0).integers(0, 256, (100, 150, 3), dtype=np.uint8)
     image = Image.fromarray(a)
     tiles = grids.split_tiles(image, 64, 64, 16)

@@ -1,4 +1,4 @@
-"""Labelled image grids for scripts (X/Y/Z plot, prompt matrix): cells in rows with margins, legends above the
+"""Labelled image grids for scripts (X/Y/Z plot, prompt matrix) and the model comparison report: cells in rows with margins, legends above the
 columns and left of the rows, a caption strip under a cell. The font is the one Pillow ships (FreeType), so
 grids look the same on every machine without a system font."""
 from __future__ import annotations
