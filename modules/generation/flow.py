@@ -3,9 +3,12 @@ per-image generators, variation seeds, batches, progress, previews, infotext, sa
 pipelines, text encoders (CLIP for the pooled vector and, for SD3, part of the sequence; T5 for the long
 sequence), flow-matching samplers and FLUX's distilled guidance.
 
+img2img runs their img2img pipelines (the init image encoded, noised to the denoising strength by the
+pipeline's own generators, as a plain diffusers call with the same seeds).
+
 What the SD prompt language does not do here (the text goes to the encoders as written): emphasis weights,
-prompt editing, alternation and AND, embeddings; LoRA tags are removed and reported. Hires fix, img2img and
-inpainting are refused with a message until they are built for these families.
+prompt editing, alternation and AND, embeddings; LoRA tags are removed and reported. Hires fix, inpainting and
+img2img's variation seeds and noise multiplier are refused or reported until they are built for these families.
 """
 from __future__ import annotations
 
@@ -104,10 +107,30 @@ class FlowStepTracker(StepTracker):
 
 def setup(p: Processing, stack: contextlib.ExitStack, bundle) -> None:
     """What every batch of a flow-model txt2img request needs: the refusals, warnings, scheduler and pipeline."""
-    name = family_name(bundle)
     if p.enable_hr:
-        raise GenerationError(f"hires fix is not available for {name} checkpoints yet: turn it off, or upscale in "
-                              "the Extras tab")
+        raise GenerationError(f"hires fix is not available for {family_name(bundle)} checkpoints yet: turn it off, "
+                              "or upscale in the Extras tab")
+    _setup(p, bundle, "txt2img")
+    p.steps_per_batch = p.steps
+
+
+def setup_img2img(p: Processing, stack: contextlib.ExitStack, bundle) -> None:
+    """img2img on a flow model (no mask: inpainting is not built for them yet)."""
+    name = family_name(bundle)
+    if p.request.mask is not None:
+        raise GenerationError(f"inpainting is not available for {name} checkpoints yet: use img2img without a "
+                              "mask, or an SD 1.x/2.x/XL checkpoint for inpainting")
+    if p.request.resize_mode == 3:
+        raise GenerationError(f"resize mode 'Latent upscale' is not available for {name} checkpoints yet")
+    if p.subseed_strength > 0 or p.multiplier != 1:
+        add_new(p.warnings, [f"{name} img2img: variation seeds and the noise multiplier are not applied (the "
+                             "pipeline noises the init image with the seed's own noise)"])
+    _setup(p, bundle, "img2img")
+    p.steps_per_batch = p.run_steps
+
+
+def _setup(p: Processing, bundle, kind: str) -> None:
+    name = family_name(bundle)
     scale = size_multiple(bundle)
     if p.width % scale or p.height % scale:
         raise GenerationError(f"{name} needs width and height in multiples of {scale}, got {p.width}x{p.height}")
@@ -129,11 +152,10 @@ def setup(p: Processing, stack: contextlib.ExitStack, bundle) -> None:
     p.sampler_name = p.flow_sampler
     p.flow_shift = float(p.settings.get("flow_shift", 0.0) or 0.0)
     scheduler = make_flow_scheduler(p.flow_sampler, bundle.arch.family, bundle.scheduler_config, p.flow_shift)
-    p.pipe = sd_pipelines.make_pipeline(bundle, "txt2img", scheduler, offload=p.ctx.offload,
+    p.pipe = sd_pipelines.make_pipeline(bundle, kind, scheduler, offload=p.ctx.offload,
                                         offload_device=p.ctx.offload_device)
     p.max_sequence_length = max_sequence_length(bundle)
-    p.steps_per_batch = p.steps
-    p.pass_kind = "txt2img"
+    p.pass_kind = kind
     _warn_long_prompt(p, resolved.prompt)
 
 
@@ -209,6 +231,27 @@ def sample(p: Processing, batch_number: int, seeds: list[int], subseeds: list[in
         out = pipe(latents=latents, height=p.height, width=p.width, num_inference_steps=p.steps,
                    generator=generators, output_type="latent", max_sequence_length=p.max_sequence_length,
                    callback_on_step_end=p.tracker, callback_on_step_end_tensor_inputs=["latents"], **kw).images
+    return p.tracker.unpack(out)
+
+
+def sample_img2img(p: Processing, batch_number: int, seeds: list[int], images: list) -> torch.Tensor:
+    """One img2img batch's latents from its (prepared) init images, by the family's img2img pipeline."""
+    pipe, bundle = p.pipe, p.bundle
+    lo = batch_number * p.batch_size
+    embeds = encode(p, p.all_prompts[lo], p.all_negative_prompts[lo])
+    kw: dict[str, Any] = {k: v.repeat(len(seeds), *[1] * (v.ndim - 1)) for k, v in embeds.items()}
+    if bundle.arch.family == "flux":
+        kw.update(guidance_scale=p.distilled_cfg_scale, true_cfg_scale=max(p.cfg_scale, 1.0))
+    else:
+        kw.update(guidance_scale=p.cfg_scale)
+    generators = [torch.Generator("cpu").manual_seed(s + p.ensd) for s in seeds]
+    p.tracker = FlowStepTracker(p.job, p.steps_per_batch, p.preview_every, pipe, p.height, p.width)
+    pipe.scheduler = make_flow_scheduler(p.flow_sampler, bundle.arch.family, bundle.scheduler_config, p.flow_shift)
+    with torch.inference_mode():
+        out = pipe(image=images, strength=p.denoising_strength, height=p.height, width=p.width,
+                   num_inference_steps=p.steps, generator=generators, output_type="latent",
+                   max_sequence_length=p.max_sequence_length, callback_on_step_end=p.tracker,
+                   callback_on_step_end_tensor_inputs=["latents"], **kw).images
     return p.tracker.unpack(out)
 
 

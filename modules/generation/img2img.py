@@ -21,6 +21,7 @@ from PIL import Image
 
 from modules.core import outputs, samplers
 from modules.core.jobs import Job, JobInterrupted
+from modules.generation import flow
 from modules.generation import images as pix
 from modules.generation.img2img_params import (
     INPAINT_AREAS,
@@ -136,13 +137,14 @@ class Img2ImgProcessing(Processing):
             float(self.settings.get("initial_noise_multiplier", 1.0))
 
     def setup(self, stack: contextlib.ExitStack, bundle) -> None:
-        if bundle.arch.is_flow:
-            raise GenerationError(f"img2img and inpainting are not available for {bundle.arch.family.upper()} "
-                                  "checkpoints yet: use txt2img, or an SD 1.x/2.x/XL checkpoint here")
         req, ctx = self.request, self.ctx  # the request as the `process` hooks left it (outpainting grows it)
         self.init_images, self.mask = req.init_images, req.mask
         self.run_steps = min(int(self.steps * self.denoising_strength), self.steps)
         self.prepared = prepare_images(req)
+        if bundle.arch.is_flow:  # FLUX and SD3: their own img2img pipelines (see flow.py)
+            flow.setup_img2img(self, stack, bundle)
+            self.network_params = {}
+            return
         self.network_source = self.all_prompts[0]  # the prompt whose LoRAs apply
         resolved = resolve_networks(ctx, self.network_source)
         add_new(self.warnings, resolved.warnings)
@@ -168,6 +170,8 @@ class Img2ImgProcessing(Processing):
         self.batch = [self.prepared[(lo + j) % len(self.prepared)] for j in range(len(seeds))]
         if self.run_steps < 1:  # nothing to denoise: the (prepared) init images are the result
             return [p.work for p in self.batch]
+        if self.bundle.arch.is_flow:
+            return flow.sample_img2img(self, batch_number, seeds, [p.work for p in self.batch])
         req, pipe, bundle = self.request, self.pipe, self.bundle
         pipe.scheduler = samplers.make_scheduler(self.sampler_name, self.scheduler, bundle.scheduler_config,
                                                  eta=self.eta.eta)
@@ -203,6 +207,8 @@ class Img2ImgProcessing(Processing):
         params.update(sampler_params(self.sampler_name, self.eta, self.ensd))
         params.update(vae_params(self.bundle))
         params.update(common_params(self))
+        if self.bundle.arch.is_flow:
+            params.update(flow.image_params(self))
         return params
 
     def info_params(self) -> dict[str, Any]:

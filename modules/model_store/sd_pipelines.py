@@ -121,9 +121,10 @@ def use_vae(manager, bundle: CheckpointBundle, vae, *, dtype: torch.dtype,
 def _pipeline_class(arch, kind: str):
     import diffusers
     if arch.is_flow:
-        if kind != "txt2img":
-            raise ValueError(f"{kind} is not available for {arch.family} checkpoints yet")
-        names = {"txt2img": "FluxPipeline" if arch.family == "flux" else "StableDiffusion3Pipeline"}
+        if kind == "inpaint":
+            raise ValueError(f"inpainting is not available for {arch.family} checkpoints yet")
+        names = {"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline"} if arch.family == "flux" else \
+            {"txt2img": "StableDiffusion3Pipeline", "img2img": "StableDiffusion3Img2ImgPipeline"}
     elif arch.family == "sdxl":
         names = {"txt2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline",
                  "inpaint": "StableDiffusionXLInpaintPipeline"}

@@ -1,8 +1,9 @@
 """FLUX.1 and SD3 (the rectified-flow transformer families): the tiny folders are detected and listed (never the
-default checkpoint), txt2img gives plain diffusers' pixels (distilled guidance, real CFG, the shift setting,
-Heun on SD3), and what is not built for them yet is a clear 4xx or warning, never a 500."""
+default checkpoint), txt2img and img2img give plain diffusers' pixels (distilled guidance, real CFG, the shift
+setting, Heun on SD3), and what is not built for them yet is a clear 4xx or warning, never a 500."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (
@@ -135,6 +136,43 @@ def test_sd3_txt2img_matches_plain_diffusers(context, plain, sampler):
     assert f"Sampler: {sampler}" in result.infotexts[0] and "Distilled CFG Scale" not in result.infotexts[0]
 
 
+@pytest.mark.parametrize("name", [FLUX, SD3])
+def test_flow_img2img_matches_plain_diffusers(context, tiny_models, name):
+    from diffusers import FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline
+    from PIL import Image
+
+    from modules.generation import img2img
+    from modules.generation.img2img_params import Img2ImgRequest, validate_img2img
+    init = Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    seed, batch, steps, strength = 11, 2, 6, 0.6
+    cfg = 1.0 if name == FLUX else 5.0
+    req = validate_img2img(Img2ImgRequest(prompt=PROMPT, negative_prompt=NEGATIVE, sampler_name="Euler", steps=steps,
+                                          cfg_scale=cfg, width=64, height=64, seed=seed, batch_size=batch,
+                                          init_images=[init], denoising_strength=strength, save_images=False))
+    result = img2img.run_img2img(context, req, None, {"sd_model_checkpoint": name, "return_grid": False},
+                                 keep_samples=True)
+    cls = FluxImg2ImgPipeline if name == FLUX else StableDiffusion3Img2ImgPipeline
+    pipe = cls.from_pretrained(tiny_models / "Stable-diffusion" / name, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
+    if name == FLUX:
+        embeds, pooled, _ = pipe.encode_prompt(PROMPT, None, num_images_per_prompt=1, max_sequence_length=512)
+        kw = repeated({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, batch)
+        kw.update(guidance_scale=3.5, max_sequence_length=512)
+    else:
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPT, None, None, num_images_per_prompt=1,
+                                                             negative_prompt=NEGATIVE,
+                                                             do_classifier_free_guidance=True, max_sequence_length=256)
+        kw = repeated({"prompt_embeds": embeds, "negative_prompt_embeds": neg, "pooled_prompt_embeds": pooled,
+                       "negative_pooled_prompt_embeds": neg_pooled}, batch)
+        kw.update(guidance_scale=cfg, max_sequence_length=256)
+    expected = pipe(image=[init] * batch, strength=strength, num_inference_steps=steps, height=64, width=64,
+                    generator=generators, output_type="np", **kw).images
+    assert_float_images_close(result.samples, expected)
+    assert "Denoising strength: 0.6" in result.infotexts[0]
+    assert np.abs(np.asarray(result.images[0], np.int16) - np.asarray(init, np.int16)).mean() > 5
+
+
 def test_what_flow_models_do_not_do_yet_is_said(context):
     fallback = ours(context, FLUX, batch=1, sampler="DPM++ 2M")
     assert "Sampler: Euler" in fallback.infotexts[0]
@@ -164,7 +202,7 @@ def test_prompt_syntax_and_lora_tags_are_reported_on_flux(tiny_models, tmp_path)
     assert any("T5 tokens; SD3 reads the first 256" in w for w in result.info["warnings"])
 
 
-def test_flux_over_the_api_and_img2img_refused(api):
+def test_flux_over_the_api_with_img2img_and_inpainting_refused(api):
     r = api.post(api.base + "/txt2img", json={"prompt": "a cat", "steps": 2, "width": 64, "height": 64,
                                               "cfg_scale": 1, "distilled_cfg_scale": 2.5, "seed": 3,
                                               "override_settings": {"sd_model_checkpoint": FLUX}})
@@ -173,10 +211,12 @@ def test_flux_over_the_api_and_img2img_refused(api):
     assert "Distilled CFG Scale: 2.5" in info and FLUX in info
     r = api.post(api.base + "/txt2img", json={"prompt": "a cat", "distilled_cfg_scale": 99})
     assert r.status_code == 422 and "distilled_cfg_scale must be between 0 and 30" in r.text
-    from tests.integration.test_img2img import b64, picture
-    r = api.post(api.base + "/img2img", json={"prompt": "a cat", "steps": 2, "width": 64, "height": 64,
-                                              "init_images": [b64(picture())],
-                                              "override_settings": {"sd_model_checkpoint": FLUX}})
-    assert 400 <= r.status_code < 500 and "img2img and inpainting are not available for FLUX" in r.text, r.text
+    from tests.integration.test_img2img import b64, box_mask, picture
+    body = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "init_images": [b64(picture())],
+            "cfg_scale": 1, "override_settings": {"sd_model_checkpoint": FLUX}}
+    r = api.post(api.base + "/img2img", json=body)
+    assert r.status_code == 200 and "Denoising strength: 0.75" in r.json()["info"], r.text
+    r = api.post(api.base + "/img2img", json={**body, "mask": b64(box_mask())})
+    assert r.status_code == 422 and "inpainting is not available for FLUX" in r.text, r.text
     models = {m["model_name"] for m in api.get(api.base + "/sd-models").json()}
     assert {FLUX, SD3} <= models
