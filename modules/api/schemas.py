@@ -161,6 +161,8 @@ class MemoryModelItem(BaseModel):
     host_bytes: int = 0  # kept in CPU RAM beside the weights (e.g. originals of LoRA-touched weights)
     loads: int
     last_used: Optional[float]
+    # a checkpoint's parts by name (unet or transformer, vae, text_encoder, text_encoder_2 (FLUX's T5), ...): bytes
+    components: dict[str, int] = Field(default_factory=dict)
 
 
 class MemoryResponse(BaseModel):

@@ -121,6 +121,14 @@ class _Entry:
     drop_when_released: bool = False
 
 
+def _component_bytes(model: Any) -> dict[str, int]:
+    """A checkpoint's modules by name with their weights' bytes (empty for a model that is one module)."""
+    components = getattr(model, "components", None)
+    if not isinstance(components, dict):
+        return {}
+    return {name: model_bytes(part) for name, part in components.items() if isinstance(part, torch.nn.Module)}
+
+
 class ModelManager:
     """Loads models on demand by key, keeps them within the VRAM and RAM budgets, and reports them.
 
@@ -502,6 +510,7 @@ class ModelManager:
                     "loads": self._load_counts.get(entry.key, 0),
                     "last_used": entry.last_used_wall,
                     "pinned": entry.pins > 0,
+                    "components": _component_bytes(entry.model),
                 }
                 for entry in entries
             ]

@@ -220,3 +220,6 @@ def test_flux_over_the_api_with_img2img_and_inpainting_refused(api):
     assert r.status_code == 422 and "inpainting is not available for FLUX" in r.text, r.text
     models = {m["model_name"] for m in api.get(api.base + "/sd-models").json()}
     assert {FLUX, SD3} <= models
+    loaded = {m["name"]: m for m in api.get(api.base + "/memory").json()["models"]}
+    parts = next(m for name, m in loaded.items() if name.startswith(FLUX))["components"]
+    assert set(parts) == {"transformer", "vae", "text_encoder", "text_encoder_2"} and all(parts.values())

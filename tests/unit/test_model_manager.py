@@ -320,7 +320,9 @@ def test_report_shape():
         report = manager.report()
     assert [row["key"] for row in report] == ["vae-key", "ckpt-key"]  # most recent first
     vae, ckpt = report
-    assert set(vae) == {"key", "name", "kind", "device", "bytes", "host_bytes", "loads", "last_used", "pinned"}
+    assert set(vae) == {"key", "name", "kind", "device", "bytes", "host_bytes", "loads", "last_used", "pinned",
+                        "components"}
+    assert vae["components"] == {}  # a model that is not a checkpoint of parts
     assert vae["name"] == "vae-ft-mse" and vae["kind"] == "vae" and vae["bytes"] == 40
     assert ckpt["name"] == "ckpt-key" and ckpt["kind"] == "model"
     assert vae["device"] == GPU and ckpt["device"] == "cpu"
