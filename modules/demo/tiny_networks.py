@@ -7,6 +7,8 @@
   `lora_te2_*`, UNet modules by their LDM names);
 - DIR/Lora/tiny-sd2-lora.safetensors: the same for the tiny SD2 (kohya's SD2 names are SD1's: `lora_te_*` over
   the transformers layout of OpenCLIP), with kohya's `ss_v2` metadata;
+- DIR/Lora/tiny-flux-lora.safetensors: a LoRA for the tiny FLUX in diffusers'/PEFT's layout
+  (`transformer.<module>.lora_A/lora_B.weight`) over the transformer's attention projections;
 - DIR/embeddings/tiny-emb.safetensors: a 2-vector embedding (`emb_params`) for the tiny text encoder (width 32);
 - DIR/embeddings/tiny-emb-pt.pt: a 1-vector embedding in A1111's own `.pt` layout (`string_to_param`);
 - DIR/embeddings/tiny-emb-xl.safetensors: a 2-vector SDXL embedding (`clip_l` width 32, `clip_g` width 48)
@@ -24,6 +26,9 @@ TINY_EMBEDDING_PT = "tiny-emb-pt"
 TINY_EMBEDDING_XL = "tiny-emb-xl"
 TINY_XL_LORA = "tiny-xl-lora"  # not "tiny-lora-xl": searching "tiny-lora" should find one card
 TINY_SD2_LORA = "tiny-sd2-lora"
+TINY_FLUX_LORA = "tiny-flux-lora"
+_FLUX_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                 "attn.add_v_proj", "attn.to_add_out")
 LORA_RANK = 4
 LORA_SEED = 10
 EMBEDDING_SEED = 11
@@ -63,6 +68,20 @@ def kohya_lora_state(components: dict, rank: int = LORA_RANK, seed: int = LORA_S
     return state
 
 
+def peft_lora_state(model, prefix: str, targets: tuple[str, ...], rank: int = LORA_RANK, seed: int = LORA_SEED,
+                    scale: float = 0.5) -> dict:
+    """diffusers/PEFT-layout LoRA tensors (`{prefix}.{module}.lora_A/lora_B.weight`, no alpha: scale 1) for the
+    Linear layers of `model` the targets name."""
+    import torch
+    g = torch.Generator("cpu").manual_seed(seed)
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(targets):
+            state[f"{prefix}.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) * scale
+            state[f"{prefix}.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * scale
+    return state
+
+
 def make_tiny_extra_networks(dir: str | Path, components: dict | None = None) -> dict[str, Path]:
     """Write the tiny LoRA and embeddings under `dir` (kept when already written by this recipe version)."""
     import torch
@@ -74,6 +93,7 @@ def make_tiny_extra_networks(dir: str | Path, components: dict | None = None) ->
         TINY_LORA: root / LORA_SUBDIR / f"{TINY_LORA}.safetensors",
         TINY_XL_LORA: root / LORA_SUBDIR / f"{TINY_XL_LORA}.safetensors",
         TINY_SD2_LORA: root / LORA_SUBDIR / f"{TINY_SD2_LORA}.safetensors",
+        TINY_FLUX_LORA: root / LORA_SUBDIR / f"{TINY_FLUX_LORA}.safetensors",
         TINY_EMBEDDING: root / EMBEDDINGS_SUBDIR / f"{TINY_EMBEDDING}.safetensors",
         TINY_EMBEDDING_PT: root / EMBEDDINGS_SUBDIR / f"{TINY_EMBEDDING_PT}.pt",
         TINY_EMBEDDING_XL: root / EMBEDDINGS_SUBDIR / f"{TINY_EMBEDDING_XL}.safetensors",
@@ -90,6 +110,11 @@ def make_tiny_extra_networks(dir: str | Path, components: dict | None = None) ->
         tiny_models._write_safetensors(paths[TINY_SD2_LORA], kohya_lora_state(tiny_models.build_tiny_sd2()),
                                        {"ss_network_module": "networks.lora", "ss_network_dim": str(LORA_RANK),
                                         "ss_v2": "True", "ss_base_model_version": "sd_v2"})
+    if not tiny_models._is_current(paths[TINY_FLUX_LORA]):
+        from modules.demo.tiny_flow import build_tiny_flux
+        tiny_models._write_safetensors(paths[TINY_FLUX_LORA],
+                                       peft_lora_state(build_tiny_flux()["transformer"], "transformer", _FLUX_TARGETS),
+                                       {"ss_base_model_version": "flux1"})
     dim = tiny_models.TINY_TEXT_ENCODER["hidden_size"]
     g = torch.Generator("cpu").manual_seed(EMBEDDING_SEED)
     emb = torch.randn(2, dim, generator=g)

@@ -7,7 +7,8 @@ img2img runs their img2img pipelines (the init image encoded, noised to the deno
 pipeline's own generators, as a plain diffusers call with the same seeds).
 
 What the SD prompt language does not do here (the text goes to the encoders as written): emphasis weights,
-prompt editing, alternation and AND, embeddings; LoRA tags are removed and reported. Hires fix, inpainting and
+prompt editing, alternation and AND, embeddings. LoRAs in diffusers'/PEFT's layout apply as on SD. Hires fix,
+inpainting and
 img2img's variation seeds and noise multiplier are refused or reported until they are built for these families.
 """
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from modules.generation.leases import add_new, resolve_networks
+from modules.generation.leases import add_new, networks_applied, resolve_networks
 from modules.generation.params import GenerationError
+from modules.generation.processing import network_params
 from modules.generation.sampling import StepTracker, decode_latents, make_noise
 from modules.model_store import sd_pipelines
 from modules.prompting import prompt_parser
@@ -110,7 +112,7 @@ def setup(p: Processing, stack: contextlib.ExitStack, bundle) -> None:
     if p.enable_hr:
         raise GenerationError(f"hires fix is not available for {family_name(bundle)} checkpoints yet: turn it off, "
                               "or upscale in the Extras tab")
-    _setup(p, bundle, "txt2img")
+    _setup(p, stack, bundle, "txt2img")
     p.steps_per_batch = p.steps
 
 
@@ -125,11 +127,11 @@ def setup_img2img(p: Processing, stack: contextlib.ExitStack, bundle) -> None:
     if p.subseed_strength > 0 or p.multiplier != 1:
         add_new(p.warnings, [f"{name} img2img: variation seeds and the noise multiplier are not applied (the "
                              "pipeline noises the init image with the seed's own noise)"])
-    _setup(p, bundle, "img2img")
+    _setup(p, stack, bundle, "img2img")
     p.steps_per_batch = p.run_steps
 
 
-def _setup(p: Processing, bundle, kind: str) -> None:
+def _setup(p: Processing, stack: contextlib.ExitStack, bundle, kind: str) -> None:
     name = family_name(bundle)
     scale = size_multiple(bundle)
     if p.width % scale or p.height % scale:
@@ -140,14 +142,14 @@ def _setup(p: Processing, bundle, kind: str) -> None:
     p.network_source = p.all_prompts[0]
     resolved = resolve_networks(p.ctx, p.network_source)
     add_new(p.warnings, resolved.warnings)
-    if resolved.loras:
-        add_new(p.warnings, [f"LoRA is not applied to {name} checkpoints yet: "
-                             + ", ".join(info.name for info, _, _ in resolved.loras) + " ignored"])
+    # LoRAs in diffusers'/PEFT's layout (`transformer.*`, `text_encoder.*`) merge as on SD; kohya's FLUX layout
+    # (joined q/k/v) does not match these modules and is reported layer by layer
+    applied = stack.enter_context(networks_applied(p.ctx, bundle, resolved, p.warnings))
+    p.network_params = network_params(applied, [])
     p.first_prompt = resolved.prompt
     if any(_PROMPT_SYNTAX.search(t) for t in (resolved.prompt, p.all_negative_prompts[0])):
         add_new(p.warnings, [f"{name}: emphasis, prompt editing, AND and BREAK are not applied; the text goes to "
                              "the encoders as written"])
-    p.network_params = {}
     p.flow_sampler = flow_sampler(p, bundle)
     p.sampler_name = p.flow_sampler
     p.flow_shift = float(p.settings.get("flow_shift", 0.0) or 0.0)

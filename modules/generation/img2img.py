@@ -143,7 +143,6 @@ class Img2ImgProcessing(Processing):
         self.prepared = prepare_images(req)
         if bundle.arch.is_flow:  # FLUX and SD3: their own img2img pipelines (see flow.py)
             flow.setup_img2img(self, stack, bundle)
-            self.network_params = {}
             return
         self.network_source = self.all_prompts[0]  # the prompt whose LoRAs apply
         resolved = resolve_networks(ctx, self.network_source)

@@ -1,5 +1,5 @@
 """Reading a LoRA file: kohya (`lora_unet_*`, `lora_te*_*`, `.alpha`) and PEFT/diffusers
-(`unet.*.lora_A/lora_B`, `*.lora.down/up`) layouts normalised to one form (`LoraWeights`), LyCORIS tensors
+(`unet.*.lora_A/lora_B`, SD3's and FLUX's `transformer.*`, `*.lora.down/up`) layouts normalised to one form (`LoraWeights`), LyCORIS tensors
 (LoCon, LoHa, LoKr, full diffs) kept as `LycoModule`s, and whatever cannot be read named.
 """
 from __future__ import annotations
@@ -65,7 +65,8 @@ class LoraWeights:
 
 
 _KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te1"))
-_PEFT_PREFIXES = (("unet.", "unet"), ("text_encoder_2.", "te2"), ("text_encoder.", "te1"))
+_PEFT_PREFIXES = (("unet.", "unet"), ("transformer.", "transformer"), ("text_encoder_2.", "te2"),
+                  ("text_encoder.", "te1"))
 _SUFFIXES = (  # (suffix, role)
     (".lora_down.weight", "down"), (".lora_up.weight", "up"),
     (".lora_A.weight", "down"), (".lora_B.weight", "up"),

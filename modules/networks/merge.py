@@ -31,11 +31,14 @@ def ldm_unet_module_names(unet_config, module_names) -> dict[str, str]:
     return names
 
 
-_INDEXED_MODELS = (("unet", "unet"), ("te1", "text_encoder"), ("te2", "text_encoder_2"))
+# part -> component; "transformer" is SD3's and FLUX's denoiser (diffusers/PEFT-layout LoRAs name it so)
+_INDEXED_MODELS = (("unet", "unet"), ("te1", "text_encoder"), ("te2", "text_encoder_2"),
+                   ("transformer", "transformer"))
 
 
 def module_index(bundle) -> dict[str, dict[str, Any]]:
-    """part -> normalised module name -> module with a weight, for the bundle's UNet and text encoders.
+    """part -> normalised module name -> module with a weight, for the bundle's UNet (or SD3/FLUX transformer) and
+    text encoders.
 
     UNet layers are known by their diffusers names and by their LDM names (kohya's SDXL naming). The index is
     kept with the bundle (its modules stay the same objects while it is loaded), so a request pays nothing for it."""
@@ -54,7 +57,7 @@ def module_index(bundle) -> dict[str, dict[str, Any]]:
         for name, module in layers.items():
             flat = name.replace(".", "_")
             names[flat] = module
-            if part != "unet" and not flat.startswith("text_model_"):
+            if part in ("te1", "te2") and not flat.startswith("text_model_"):
                 names["text_model_" + flat] = module  # kohya names CLIP's layers under text_model
         config = getattr(model, "config", None)
         if part == "unet" and config is not None and "down_block_types" in config:
@@ -120,7 +123,7 @@ def applied_loras(bundle, loras: list[AppliedLora], warnings: list[str] | None =
     for lora in loras:
         missed = 0
         for part, modules in lora.weights.modules.items():
-            mult = lora.unet_multiplier if part == "unet" else lora.te_multiplier
+            mult = lora.unet_multiplier if part in ("unet", "transformer") else lora.te_multiplier
             targets = index.get(part, {})
             for name, m in modules.items():
                 module = targets.get(name)

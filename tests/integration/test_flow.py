@@ -40,9 +40,10 @@ def plain(tiny_models):
     return pipes
 
 
-def ours(context, checkpoint, *, seed=7, batch=2, steps=4, cfg=1.0, sampler="Euler", settings=None, **fields):
+def ours(context, checkpoint, *, seed=7, batch=2, steps=4, cfg=1.0, sampler="Euler", settings=None, prompt=PROMPT,
+         **fields):
     req = generation.validate(generation.Txt2ImgRequest(
-        prompt=PROMPT, negative_prompt=NEGATIVE, sampler_name=sampler, steps=steps, cfg_scale=cfg, width=64,
+        prompt=prompt, negative_prompt=NEGATIVE, sampler_name=sampler, steps=steps, cfg_scale=cfg, width=64,
         height=64, seed=seed, batch_size=batch, save_images=False, **fields))
     return generation.run_txt2img(context, req, None, {"sd_model_checkpoint": checkpoint, "return_grid": False,
                                                        **(settings or {})}, keep_samples=True)
@@ -194,12 +195,52 @@ def test_prompt_syntax_and_lora_tags_are_reported_on_flux(tiny_models, tmp_path)
                                                         height=64, seed=1, save_images=False, cfg_scale=1.0))
     result = generation.run_txt2img(ctx, req, None, {"sd_model_checkpoint": FLUX})
     warnings = " | ".join(result.info["warnings"])
-    assert "LoRA is not applied to FLUX checkpoints yet: tiny-lora ignored" in warnings
+    assert "LoRA tiny-lora: " in warnings and "do not match this checkpoint" in warnings  # an SD1 LoRA
     assert "emphasis, prompt editing, AND and BREAK are not applied" in warnings
     long = generation.validate(generation.Txt2ImgRequest(prompt="cat " * 300, steps=1, width=64, height=64,
                                                          save_images=False, cfg_scale=1.0))
     result = generation.run_txt2img(ctx, long, None, {"sd_model_checkpoint": SD3})
     assert any("T5 tokens; SD3 reads the first 256" in w for w in result.info["warnings"])
+
+
+def test_a_diffusers_layout_flux_lora_merges_as_diffusers_loads_it(context, tiny_models, plain, tmp_path):
+    """tiny-flux-lora (`transformer.*.lora_A/lora_B`) touches every attention projection it names, with the weights
+    diffusers' own loader gives after fuse_lora; in txt2img it changes the image, is hashed in the infotext,
+    weight 0 is exactly the image without it, and nothing is left behind."""
+    import dataclasses
+
+    from modules import networks
+    from modules.model_store import loading, sd_pipelines
+    path = tiny_models / "Lora" / "tiny-flux-lora.safetensors"
+    weights = networks.load_lora(path)
+    assert set(weights.modules) == {"transformer"} and not weights.unknown_keys
+    bundle = sd_pipelines.CheckpointBundle(loading.load_checkpoint(context.registry.find(FLUX)))
+    model = bundle.components["transformer"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    info = networks.LoraInfo(name="tiny-flux-lora", path=path, alias="tiny-flux-lora")
+    warnings: list[str] = []
+    with networks.applied_loras(bundle, [networks.AppliedLora(info, 1.0, 1.0, weights)], warnings):
+        merged = {k: v.clone() for k, v in model.state_dict().items()}
+    assert warnings == []
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # removed exactly
+    pipe = FluxPipeline.from_pretrained(tiny_models / "Stable-diffusion" / FLUX, local_files_only=True)
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora(lora_scale=1.0)
+    pipe.unload_lora_weights()
+    theirs = pipe.transformer.state_dict()
+    changed = 0
+    for key, value in merged.items():
+        changed += not torch.equal(value, before[key])
+        torch.testing.assert_close(value, theirs[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert changed == len(weights.modules["transformer"])
+
+    ctx = dataclasses.replace(context, networks=networks.ExtraNetworks([tiny_models / "Lora"], []))
+    base = ours(ctx, FLUX, batch=1)
+    with_lora = ours(ctx, FLUX, batch=1, prompt=PROMPT + " <lora:tiny-flux-lora:1>")
+    assert with_lora.info["warnings"] == [] and 'Lora hashes: "tiny-flux-lora: ' in with_lora.infotexts[0]
+    assert mean_abs_difference(base.images[0], with_lora.images[0]) > 1
+    assert_pixels_close(ours(ctx, FLUX, batch=1, prompt=PROMPT + " <lora:tiny-flux-lora:0>").images[0], base.images[0])
+    assert_pixels_close(ours(ctx, FLUX, batch=1).images[0], base.images[0])
 
 
 def test_flux_over_the_api_with_img2img_and_inpainting_refused(api):
