@@ -104,7 +104,9 @@ def panel(webui, tab: str, prompt: gr.Textbox) -> Panel:
             search = gr.Textbox(label="Search", placeholder="Filter by name", elem_id=f"{tab}_extra_search",
                                 scale=4)
             refresh = icon_button(f"{tab}_extra_refresh", "refresh", "Rescan the LoRA and embedding folders")
-        cards = gr.HTML(cards_html(webui, tab), elem_id=f"{tab}_extra_cards")
+        # filled by the page-load event (create_ui's on_page_load): scanning the folders here would only slow the
+        # start, since every page load renders the cards afresh anyway
+        cards = gr.HTML("", elem_id=f"{tab}_extra_cards")
 
     def refreshed(query):
         webui.extra_networks.loras.refresh()
