@@ -55,6 +55,33 @@ def test_xyz_plot_grid_with_its_legend_appears_in_the_gallery(page, server):
     assert not page.errors, page.errors
 
 
+def test_model_comparison_report_from_the_script_dropdown(page, server):
+    """A user picks "Model comparison", chooses two checkpoints of different families, and sees the report's grid
+    (a column per checkpoint under their names) in the gallery and the report's path under it."""
+    open_ui(page, server)
+    small(page, steps=2)
+    page.locator("#txt2img_prompt textarea").fill("a small red boat")
+    pick(page, "txt2img_script", "Model comparison")
+    box = page.locator("#script_txt2img_model_comparison_checkpoints input")
+    expect(box).to_be_visible()
+    for name in ("tiny-sd15.safetensors", "tiny-sd2-v.safetensors"):
+        box.click()
+        page.locator("#script_txt2img_model_comparison_checkpoints").get_by_role("option", name=name).click()
+    page.locator("#script_txt2img_model_comparison_seeds input, #script_txt2img_model_comparison_seeds textarea") \
+        .first.fill("5")
+    page.locator("#script_txt2img_model_comparison_alignment input").uncheck()
+    page.click("#txt2img_generate")
+    info = page.locator("#html_info_txt2img")
+    expect(info).to_contain_text("Model comparison report:", timeout=GEN_TIMEOUT)
+    expect(info).to_contain_text("report.html")
+    grid = shown_image(page, "#txt2img_gallery img")
+    h, w = grid.shape[:2]
+    assert w >= 2 * 64 and h > 64, grid.shape  # two cells side by side, their legends above and beside them
+    band = grid[: h - 64].mean(axis=2)
+    assert (band > 250).mean() > 0.5 and (band < 100).any(), "the legend: dark text on white above the cells"
+    assert not page.errors, page.errors
+
+
 GOOD = '''
 import gradio as gr
 from modules import script_callbacks, scripts, shared
