@@ -173,9 +173,11 @@ def _describe_unknown(keys: list[str]) -> str:
     ):
         return "it looks like a VAE; put it in the VAE folder"
     if any(k.startswith(("model.diffusion_model.joint_blocks", "joint_blocks")) for k in keys):
-        return "it looks like Stable Diffusion 3, which is not supported"
+        return ("it looks like a Stable Diffusion 3 single file, which is not supported yet: use the model's "
+                "diffusers folder (with model_index.json) in the checkpoints folder")
     if any(k.startswith(("model.diffusion_model.double_blocks", "double_blocks")) for k in keys):
-        return "it looks like Flux, which is not supported"
+        return ("it looks like a FLUX single file, which is not supported yet: use the model's diffusers folder "
+                "(with model_index.json) in the checkpoints folder")
     return "it has no Stable Diffusion UNet (model.diffusion_model.*) weights"
 
 

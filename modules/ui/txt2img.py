@@ -75,8 +75,7 @@ def create_tab(webui) -> Txt2ImgTab:
                 cfg = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id="txt2img_cfg_scale")
                 distilled = gr.Slider(0, 30, value=3.5, step=0.5, label="Distilled CFG Scale",
                                       elem_id="txt2img_distilled_cfg_scale",
-                                      info="FLUX.1-dev's guidance input; set CFG Scale to 1 with it (above 1 "
-                                           "adds real CFG with the negative prompt, at twice the time)")
+                                      info="FLUX only; keep CFG Scale at 1 with it")
             seeds = common.seed_controls("txt2img")
             script_ui = scripts_ui.script_controls(webui, is_img2img=False)
         with gr.Column():
