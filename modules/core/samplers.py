@@ -444,7 +444,7 @@ def make_scheduler(sampler: str, schedule_type: str, base_config: Mapping[str, A
         }
     # Only the keys this class takes: the checkpoint's config is usually another class's (PNDM for
     # SD1.5), and diffusers would log a warning for every foreign key on every request.
-    accepted = _init_parameters(cls)
+    accepted = init_parameters(cls)
     config = {k: v for k, v in dict(base_config).items() if k in accepted}
     try:
         return with_eta(cls.from_config(config, **overrides), eta)
@@ -454,7 +454,8 @@ def make_scheduler(sampler: str, schedule_type: str, base_config: Mapping[str, A
         ) from exc
 
 
-def _init_parameters(cls) -> frozenset[str]:
+def init_parameters(cls) -> frozenset[str]:
+    """The config keys a scheduler class takes (its __init__ parameters), to build it from another class's config."""
     return frozenset(inspect.signature(cls.__init__).parameters) - {"self"}
 
 

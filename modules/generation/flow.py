@@ -14,12 +14,12 @@ img2img's variation seeds and noise multiplier are refused or reported until the
 from __future__ import annotations
 
 import contextlib
-import inspect
 import re
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from modules.core import samplers
 from modules.generation.leases import add_new, networks_applied, resolve_networks
 from modules.generation.params import GenerationError
 from modules.generation.processing import network_params
@@ -65,7 +65,7 @@ def make_flow_scheduler(sampler: str, family: str, scheduler_config: dict, shift
     overrides: dict[str, Any] = {}
     if shift > 0:
         overrides = {"shift": float(shift), "use_dynamic_shifting": False}
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    accepted = samplers.init_parameters(cls)
     return cls.from_config({k: v for k, v in {**scheduler_config, **overrides}.items() if k in accepted})
 
 
@@ -205,14 +205,9 @@ def encode(p: Processing, prompt: str, negative: str) -> dict[str, torch.Tensor]
 
 
 def sample(p: Processing, batch_number: int, seeds: list[int], subseeds: list[int]) -> torch.Tensor:
-    """One batch's latents (SD-shaped: batch x channels x h x w), made by the family's pipeline."""
+    """One batch's latents (SD-shaped: batch x channels x h x w), made by the family's pipeline from our noise."""
     pipe, bundle = p.pipe, p.bundle
-    lo = batch_number * p.batch_size
-    embeds = encode(p, p.all_prompts[lo], p.all_negative_prompts[lo])
-    batch = len(seeds)
-    kw: dict[str, Any] = {k: v.repeat(batch, *[1] * (v.ndim - 1)) for k, v in embeds.items()}
-    transformer = pipe.transformer
-    vae_scale = pipe.vae_scale_factor
+    transformer, vae_scale = pipe.transformer, pipe.vae_scale_factor
     if bundle.arch.family == "flux":
         channels = transformer.config.in_channels // 4
         h, w = 2 * (p.height // (vae_scale * 2)), 2 * (p.width // (vae_scale * 2))
@@ -220,40 +215,35 @@ def sample(p: Processing, batch_number: int, seeds: list[int], subseeds: list[in
         channels = transformer.config.in_channels
         h, w = p.height // vae_scale, p.width // vae_scale
     noise, generators = make_noise(seeds, subseeds, p.subseed_strength, (channels, h, w), p.ensd)
-    noise = noise.to(bundle.device, embeds["prompt_embeds"].dtype)
-    if bundle.arch.family == "flux":
-        latents = pipe._pack_latents(noise, batch, channels, h, w)
-        kw.update(guidance_scale=p.distilled_cfg_scale, true_cfg_scale=max(p.cfg_scale, 1.0))
-    else:
-        latents = noise
-        kw.update(guidance_scale=p.cfg_scale)
-    p.tracker = FlowStepTracker(p.job, p.steps_per_batch, p.preview_every, pipe, p.height, p.width)
-    p.pipe.scheduler = make_flow_scheduler(p.flow_sampler, bundle.arch.family, bundle.scheduler_config, p.flow_shift)
-    with torch.inference_mode():
-        out = pipe(latents=latents, height=p.height, width=p.width, num_inference_steps=p.steps,
-                   generator=generators, output_type="latent", max_sequence_length=p.max_sequence_length,
-                   callback_on_step_end=p.tracker, callback_on_step_end_tensor_inputs=["latents"], **kw).images
-    return p.tracker.unpack(out)
+    noise = noise.to(bundle.device, next(transformer.parameters()).dtype)
+    latents = pipe._pack_latents(noise, len(seeds), channels, h, w) if bundle.arch.family == "flux" else noise
+    return _run(p, batch_number, generators, latents=latents)
 
 
 def sample_img2img(p: Processing, batch_number: int, seeds: list[int], images: list) -> torch.Tensor:
-    """One img2img batch's latents from its (prepared) init images, by the family's img2img pipeline."""
+    """One img2img batch's latents from its (prepared) init images, by the family's img2img pipeline (which
+    noises them with the seeds' own generators, as a plain diffusers call does)."""
+    generators = [torch.Generator("cpu").manual_seed(s + p.ensd) for s in seeds]
+    return _run(p, batch_number, generators, image=images, strength=p.denoising_strength)
+
+
+def _run(p: Processing, batch_number: int, generators: list, **inputs) -> torch.Tensor:
+    """One denoising run of the request's pipeline: the batch's prompt embeddings, the family's guidance, a
+    fresh scheduler and progress tracker, latents out (unpacked)."""
     pipe, bundle = p.pipe, p.bundle
     lo = batch_number * p.batch_size
     embeds = encode(p, p.all_prompts[lo], p.all_negative_prompts[lo])
-    kw: dict[str, Any] = {k: v.repeat(len(seeds), *[1] * (v.ndim - 1)) for k, v in embeds.items()}
+    kw: dict[str, Any] = {k: v.repeat(len(generators), *[1] * (v.ndim - 1)) for k, v in embeds.items()}
     if bundle.arch.family == "flux":
         kw.update(guidance_scale=p.distilled_cfg_scale, true_cfg_scale=max(p.cfg_scale, 1.0))
     else:
         kw.update(guidance_scale=p.cfg_scale)
-    generators = [torch.Generator("cpu").manual_seed(s + p.ensd) for s in seeds]
     p.tracker = FlowStepTracker(p.job, p.steps_per_batch, p.preview_every, pipe, p.height, p.width)
     pipe.scheduler = make_flow_scheduler(p.flow_sampler, bundle.arch.family, bundle.scheduler_config, p.flow_shift)
     with torch.inference_mode():
-        out = pipe(image=images, strength=p.denoising_strength, height=p.height, width=p.width,
-                   num_inference_steps=p.steps, generator=generators, output_type="latent",
-                   max_sequence_length=p.max_sequence_length, callback_on_step_end=p.tracker,
-                   callback_on_step_end_tensor_inputs=["latents"], **kw).images
+        out = pipe(height=p.height, width=p.width, num_inference_steps=p.steps, generator=generators,
+                   output_type="latent", max_sequence_length=p.max_sequence_length, callback_on_step_end=p.tracker,
+                   callback_on_step_end_tensor_inputs=["latents"], **inputs, **kw).images
     return p.tracker.unpack(out)
 
 

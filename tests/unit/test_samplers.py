@@ -306,7 +306,7 @@ def test_recipes_only_use_options_their_class_has():
     for name in samplers.sampler_names():
         recipe = samplers._RECIPES[name]
         cls = samplers._scheduler_class(recipe.class_name)
-        accepted = samplers._init_parameters(cls)
+        accepted = samplers.init_parameters(cls)
         for label in samplers.supported_schedule_types(name):
             unknown = set(samplers.scheduler_overrides(name, label)) - accepted
             assert not unknown, (name, label, unknown)
