@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from modules.captioning.models import CaptionerNotFoundError
-from modules.core import fileio, grids
+from modules.core import fileio, grids, outputs
 from modules.core.devices import PeakMemory
 from modules.generation.leases import leased_checkpoint
 from modules.generation.params import GenerationError, Txt2ImgRequest, validate
@@ -127,8 +127,8 @@ def run_comparison(ctx: GenerationContext, req: ComparisonRequest, job=None, set
                     result = run_txt2img(ctx, one, job, cell_settings)
                     seconds = time.perf_counter() - t0
                 image = result.images[result.grid_count]
-                name = f"{ci:02d}-{pi:02d}-{seed}.png"
-                _save_png(folder / name, image, result.infotexts[result.grid_count])
+                name = outputs.save_image_named(image, folder, f"{ci:02d}-{pi:02d}-{seed}",
+                                                infotext=result.infotexts[result.grid_count]).name
                 images[(ci, pi, si)] = image
                 notes += [f"{info.name}: {w}" for w in result.info.get("warnings", []) if f"{info.name}: {w}" not in notes]
                 rows.append({"checkpoint": info.name, "family": family, "prompt_index": pi, "prompt": prompt,
@@ -169,14 +169,6 @@ def run_comparison(ctx: GenerationContext, req: ComparisonRequest, job=None, set
             "alignment_model": scorer}
 
 
-def _save_png(path: Path, image, infotext: str) -> None:
-    from PIL import PngImagePlugin
-    meta = PngImagePlugin.PngInfo()
-    meta.add_text("parameters", infotext)
-    with fileio.atomic_open(path, "wb") as f:
-        image.save(f, format="PNG", pnginfo=meta)
-
-
 def _write_grids(folder: Path, infos, prompts, seeds, images, settings) -> list[str]:
     colors = dict(background=settings.get("grid_background_color", "#ffffff"),
                   active=settings.get("grid_text_active_color", "#000000"),
@@ -194,10 +186,7 @@ def _write_grids(folder: Path, infos, prompts, seeds, images, settings) -> list[
         grid = grids.image_grid(cells, cols=len(infos), background=colors["background"])
         grid = grids.draw_grid_annotations(grid, w, h, [[grids.GridAnnotation(i.name)] for i in infos],
                                            [[grids.GridAnnotation(f"seed {s}")] for s in seeds], **colors)
-        name = f"grid-{pi:02d}.png"
-        with fileio.atomic_open(folder / name, "wb") as f:
-            grid.save(f, format="PNG")
-        names.append(name)
+        names.append(outputs.save_image_named(grid, folder, f"grid-{pi:02d}", infotext=None).name)
     return names
 
 
