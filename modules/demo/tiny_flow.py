@@ -3,7 +3,7 @@ demos, in the layout their diffusers pipelines save:
 
 - Stable-diffusion/tiny-flux-diffusers/: FLUX.1-dev's design (a CLIP-L-like encoder for the pooled vector, a
   T5-like encoder for the sequence, the double- and single-stream transformer with distilled guidance
-  embedded, a 16-channel-latent-style VAE with a shift factor, and dev's dynamically shifted flow-matching
+  embedded, a 16-channel-latent VAE with a shift factor, and dev's dynamically shifted flow-matching
   schedule), every part a few kB;
 - Stable-diffusion/tiny-sd3-diffusers/: SD3's design (two projected CLIP encoders, T5, the MMDiT transformer,
   a shifted flow-matching schedule).
@@ -30,19 +30,20 @@ _WORDS = ("a photo of the an and in on with at cat dog red blue green house tree
 TINY_T5 = dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
                feed_forward_proj="gated-gelu", dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
                eos_token_id=1)
-TINY_FLUX_TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+TINY_FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
                              num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
                              guidance_embeds=True, axes_dims_rope=(4, 4, 8))
-TINY_FLOW_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32),
+# 16 latent channels, as both families' VAEs have (FLUX packs 2x2 of them into one 64-wide token)
+TINY_FLOW_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32, 32, 32),
                      down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                      layers_per_block=1, norm_num_groups=8, sample_size=64, use_quant_conv=False,
                      use_post_quant_conv=False)
 # SD3: CLIP-L-like (32) and CLIP-G-like (48) encoders, their hidden states joined (80) and padded to T5's width
 # (96) as SD3's 768 + 1280 are padded to 4096; pooled outputs joined (32 + 32).
 TINY_SD3_T5 = dict(TINY_T5, d_model=96, d_kv=12, num_heads=8)
-TINY_SD3_TRANSFORMER = dict(sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8,
+TINY_SD3_TRANSFORMER = dict(sample_size=8, patch_size=1, in_channels=16, num_layers=2, attention_head_dim=8,
                             num_attention_heads=4, joint_attention_dim=96, caption_projection_dim=32,
-                            pooled_projection_dim=64, out_channels=4, pos_embed_max_size=16)
+                            pooled_projection_dim=64, out_channels=16, pos_embed_max_size=16)
 
 
 def t5_tokenizer():

@@ -49,7 +49,7 @@ from modules.model_store.ldm_convert import diffusers_configs, ldm_state_dict
 log = logging.getLogger("webui.tiny_models")
 
 # Bump when any recipe below changes, so existing files get rewritten.
-TINY_MODELS_VERSION = "1"
+TINY_MODELS_VERSION = "2"
 VERSION_METADATA_KEY = "tiny_models_version"
 VERSION_MARKER_FILE = "tiny_models_version.txt"
 CHECKPOINT_SUBDIR = "Stable-diffusion"

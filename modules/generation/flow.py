@@ -4,12 +4,15 @@ pipelines, text encoders (CLIP for the pooled vector and, for SD3, part of the s
 sequence), flow-matching samplers and FLUX's distilled guidance.
 
 img2img runs their img2img pipelines (the init image encoded, noised to the denoising strength by the
-pipeline's own generators, as a plain diffusers call with the same seeds).
+pipeline's own generators, as a plain diffusers call with the same seeds); a mask runs their inpaint pipelines,
+which put the init image's (noised) latents back outside the mask after every step; around them the studio's
+own mask handling (blur, invert, fill/original, "only masked" crop and paste-back, the final composite) is the
+one SD inpainting uses.
 
 What the SD prompt language does not do here (the text goes to the encoders as written): emphasis weights,
 prompt editing, alternation and AND, embeddings. LoRAs in diffusers'/PEFT's layout apply as on SD. Hires fix,
-inpainting and
-img2img's variation seeds and noise multiplier are refused or reported until they are built for these families.
+latent noise/nothing as masked content and img2img's variation seeds and noise multiplier are refused or reported
+until they are built for these families.
 """
 from __future__ import annotations
 
@@ -117,17 +120,18 @@ def setup(p: Processing, stack: contextlib.ExitStack, bundle) -> None:
 
 
 def setup_img2img(p: Processing, stack: contextlib.ExitStack, bundle) -> None:
-    """img2img on a flow model (no mask: inpainting is not built for them yet)."""
+    """img2img on a flow model; with a mask, inpainting (the family's inpaint pipeline)."""
     name = family_name(bundle)
-    if p.request.mask is not None:
-        raise GenerationError(f"inpainting is not available for {name} checkpoints yet: use img2img without a "
-                              "mask, or an SD 1.x/2.x/XL checkpoint for inpainting")
-    if p.request.resize_mode == 3:
+    req = p.request
+    if req.resize_mode == 3 and req.mask is None:
         raise GenerationError(f"resize mode 'Latent upscale' is not available for {name} checkpoints yet")
     if p.subseed_strength > 0 or p.multiplier != 1:
         add_new(p.warnings, [f"{name} img2img: variation seeds and the noise multiplier are not applied (the "
                              "pipeline noises the init image with the seed's own noise)"])
-    _setup(p, stack, bundle, "img2img")
+    if req.mask is not None and req.inpainting_fill in (2, 3):
+        add_new(p.warnings, [f"{name} inpainting: masked content 'latent noise' and 'latent nothing' are not "
+                             "built for these models; 'fill' was used"])
+    _setup(p, stack, bundle, "inpaint" if req.mask is not None else "img2img")
     p.steps_per_batch = p.run_steps
 
 
@@ -220,11 +224,16 @@ def sample(p: Processing, batch_number: int, seeds: list[int], subseeds: list[in
     return _run(p, batch_number, generators, latents=latents)
 
 
-def sample_img2img(p: Processing, batch_number: int, seeds: list[int], images: list) -> torch.Tensor:
+def sample_img2img(p: Processing, batch_number: int, seeds: list[int], images: list,
+                   masks: list | None = None) -> torch.Tensor:
     """One img2img batch's latents from its (prepared) init images, by the family's img2img pipeline (which
-    noises them with the seeds' own generators, as a plain diffusers call does)."""
+    noises them with the seeds' own generators, as a plain diffusers call does); with `masks` (processing-size L
+    images, white = repaint) by its inpaint pipeline."""
     generators = [torch.Generator("cpu").manual_seed(s + p.ensd) for s in seeds]
-    return _run(p, batch_number, generators, image=images, strength=p.denoising_strength)
+    inputs: dict[str, Any] = {"image": images, "strength": p.denoising_strength}
+    if masks is not None:
+        inputs["mask_image"] = masks
+    return _run(p, batch_number, generators, **inputs)
 
 
 def _run(p: Processing, batch_number: int, generators: list, **inputs) -> torch.Tensor:

@@ -170,7 +170,8 @@ class Img2ImgProcessing(Processing):
         if self.run_steps < 1:  # nothing to denoise: the (prepared) init images are the result
             return [p.work for p in self.batch]
         if self.bundle.arch.is_flow:
-            return flow.sample_img2img(self, batch_number, seeds, [p.work for p in self.batch])
+            masks = [p.mask for p in self.batch] if self.request.mask is not None else None
+            return flow.sample_img2img(self, batch_number, seeds, [p.work for p in self.batch], masks)
         req, pipe, bundle = self.request, self.pipe, self.bundle
         pipe.scheduler = samplers.make_scheduler(self.sampler_name, self.scheduler, bundle.scheduler_config,
                                                  eta=self.eta.eta)

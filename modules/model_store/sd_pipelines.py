@@ -121,10 +121,10 @@ def use_vae(manager, bundle: CheckpointBundle, vae, *, dtype: torch.dtype,
 def _pipeline_class(arch, kind: str):
     import diffusers
     if arch.is_flow:
-        if kind == "inpaint":
-            raise ValueError(f"inpainting is not available for {arch.family} checkpoints yet")
-        names = {"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline"} if arch.family == "flux" else \
-            {"txt2img": "StableDiffusion3Pipeline", "img2img": "StableDiffusion3Img2ImgPipeline"}
+        names = {"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"} \
+            if arch.family == "flux" else {"txt2img": "StableDiffusion3Pipeline",
+                                           "img2img": "StableDiffusion3Img2ImgPipeline",
+                                           "inpaint": "StableDiffusion3InpaintPipeline"}
     elif arch.family == "sdxl":
         names = {"txt2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline",
                  "inpaint": "StableDiffusionXLInpaintPipeline"}

@@ -1,12 +1,17 @@
 """FLUX from the browser: a user picks the FLUX folder in the checkpoint box, sets Distilled CFG Scale, and sees the
 image with FLUX's infotext and the note that the SD sampler they had was replaced by Euler; sends it to img2img
-and gets a new image; hires fix (not built for FLUX yet) is a visible notice, not a dead job."""
+and gets a new image; paints a mask in the Inpaint tab and gets the stroke repainted with the rest of the picture
+kept; hires fix (not built for FLUX yet) is a visible notice, not a dead job."""
 from __future__ import annotations
 
+import datetime
 import re
 
+import numpy as np
+from PIL import Image
 from playwright.sync_api import expect
 
+from tests.browser.test_img2img_ui import paint_stroke
 from tests.browser.test_ui import GEN_TIMEOUT, infotext, open_ui, set_number, small
 from tests.conftest import Server, copy_models
 
@@ -43,6 +48,26 @@ def test_flux_from_the_checkpoint_box_with_distilled_cfg(page, tiny_models, tmp_
                                                                              timeout=GEN_TIMEOUT)
         assert "Model: tiny-flux-diffusers" in page.locator("#html_info_img2img .infotext").inner_text()
         expect(page.locator("#img2img_gallery img").first).to_be_visible()
+
+        # inpainting: the FLUX picture uploaded, a stroke painted along its top edge, the rest kept
+        day = datetime.date.today().isoformat()
+        init = sorted((srv.data_dir / "outputs" / "txt2img-images" / day).glob("*.png"))[-1]
+        page.locator("#img2img_image input[type=file]").set_input_files(str(init))
+        page.click("#img2img_copy_to_inpaint")
+        expect(page.locator("#img2maskimg canvas").first).to_be_visible(timeout=GEN_TIMEOUT)
+        expect(page.locator("#img2maskimg")).to_contain_text("%")
+        set_number(page, "img2img_denoising_strength", 1)
+        paint_stroke(page, "img2maskimg", [(4, 2), (32, 2), (60, 2)])
+        page.click("#img2img_generate")
+        expect(page.locator("#html_info_img2img .infotext")).to_contain_text("Mask blur: 4", timeout=GEN_TIMEOUT)
+        text = page.locator("#html_info_img2img .infotext").inner_text()
+        assert "Model: tiny-flux-diffusers" in text and "Denoising strength: 1" in text
+        expect(page.locator("#img2img_error")).to_have_text("")
+        inpainted = sorted((srv.data_dir / "outputs" / "img2img-images" / day).glob("*.png"))[-1]
+        with Image.open(init) as a, Image.open(inpainted) as b:
+            diff = np.abs(np.asarray(a.convert("RGB"), int) - np.asarray(b.convert("RGB"), int)).max(axis=2)
+        assert diff[48:].max() == 0  # far from the stroke: the picture's own pixels
+        assert (diff[0:5, 6:58] > 0).mean() > 0.5  # under it: repainted
 
         page.get_by_role("tab", name="txt2img", exact=True).click()
         page.locator("#txt2img_hr").get_by_text("Hires. fix").first.click()

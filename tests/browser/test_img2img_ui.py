@@ -47,6 +47,7 @@ def paint_stroke(page: Page, editor: str, points: list[tuple[int, int]], image_s
     """Drag the mouse over the editor's canvas through `points` (image pixel coordinates)."""
     canvas = page.locator(f"#{editor} canvas").first
     expect(canvas).to_be_visible()
+    page.locator(f"#{editor}").scroll_into_view_if_needed()  # mouse events only land inside the viewport
     zoom_text = page.locator(f"#{editor}").inner_text()
     zoom = float(re.search(r"(\d+)%", zoom_text).group(1)) / 100  # the editor shows the image at this zoom
     box = canvas.bounding_box()

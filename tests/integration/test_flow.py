@@ -94,7 +94,7 @@ def test_flow_folders_are_detected_and_listed_but_not_the_default(context, tiny_
     names = [info.name for info in context.registry.list()]
     assert FLUX in names and SD3 in names
     usable = [info.name for info in context.registry.usable()]
-    assert set(usable[-2:]) == {FLUX, SD3}  # they cannot do img2img or hires fix yet: a default only as a last resort
+    assert set(usable[-2:]) == {FLUX, SD3}  # no hires fix yet, and heavy: a default only as a last resort
     # two flow folders hash apart (by their transformer's weights; a folder without a UNet used to hash its index only)
     assert context.registry.find(FLUX).sha256 != context.registry.find(SD3).sha256
 
@@ -174,6 +174,61 @@ def test_flow_img2img_matches_plain_diffusers(context, tiny_models, name):
     assert np.abs(np.asarray(result.images[0], np.int16) - np.asarray(init, np.int16)).mean() > 5
 
 
+@pytest.mark.parametrize("name", [FLUX, SD3])
+def test_flow_inpainting_matches_plain_diffusers_and_keeps_the_outside(context, tiny_models, name):
+    """A mask runs the family's inpaint pipeline: with no blur the samples are plain diffusers' inpaint pipeline
+    given the same image, mask and seeds, and the composite keeps every pixel outside the mask."""
+    from diffusers import FluxInpaintPipeline, StableDiffusion3InpaintPipeline
+
+    from modules.generation import img2img
+    from modules.generation.img2img_params import Img2ImgRequest, validate_img2img
+    from tests.integration.test_img2img import box_mask, picture
+    init, box = picture(), (16, 16, 48, 48)
+    mask = box_mask(box=box)
+    seed, batch, steps, strength = 5, 2, 4, 0.9
+    cfg = 1.0 if name == FLUX else 5.0
+    req = validate_img2img(Img2ImgRequest(prompt=PROMPT, negative_prompt=NEGATIVE, sampler_name="Euler", steps=steps,
+                                          cfg_scale=cfg, width=64, height=64, seed=seed, batch_size=batch,
+                                          init_images=[init], mask=mask, mask_blur_x=0, mask_blur_y=0, inpainting_fill=1, inpaint_full_res=False,
+                                          denoising_strength=strength, save_images=False))
+    result = img2img.run_img2img(context, req, None, {"sd_model_checkpoint": name, "return_grid": False},
+                                 keep_samples=True)
+    cls = FluxInpaintPipeline if name == FLUX else StableDiffusion3InpaintPipeline
+    pipe = cls.from_pretrained(tiny_models / "Stable-diffusion" / name, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    if name == FLUX:
+        embeds, pooled, _ = pipe.encode_prompt(PROMPT, None, num_images_per_prompt=1, max_sequence_length=512)
+        kw = repeated({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, batch)
+        kw.update(guidance_scale=3.5, max_sequence_length=512)
+    else:
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPT, None, None, num_images_per_prompt=1,
+                                                             negative_prompt=NEGATIVE,
+                                                             do_classifier_free_guidance=True, max_sequence_length=256)
+        kw = repeated({"prompt_embeds": embeds, "negative_prompt_embeds": neg, "pooled_prompt_embeds": pooled,
+                       "negative_pooled_prompt_embeds": neg_pooled}, batch)
+        kw.update(guidance_scale=cfg, max_sequence_length=256)
+    out = pipe(image=[init] * batch, mask_image=[mask] * batch, strength=strength, num_inference_steps=steps,
+               height=64, width=64, generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)],
+               output_type="np" if name == FLUX else "latent", **kw).images
+    if name == FLUX:
+        expected = out
+    else:  # diffusers 0.42's SD3 inpaint pipeline decodes without the VAE's shift factor (it encodes with it, as
+        # StableDiffusion3Pipeline decodes with it): its latents are decoded the way the txt2img pipeline does
+        with torch.no_grad():
+            decoded = pipe.vae.decode(out / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor).sample
+        expected = pipe.image_processor.postprocess(decoded, output_type="np")
+    assert_float_images_close(result.samples, expected)
+    got, orig = np.asarray(result.images[0], np.int16), np.asarray(init, np.int16)
+    keep = np.ones(orig.shape[:2], bool)
+    keep[box[1]:box[3], box[0]:box[2]] = False
+    assert np.array_equal(got[keep], orig[keep]), "pixels outside the mask changed"
+    inner = (slice(box[1] + 4, box[3] - 4), slice(box[0] + 4, box[2] - 4))
+    assert np.abs(got[inner] - orig[inner]).mean() > 5, "the masked area was not repainted"
+    text = result.infotexts[0]
+    assert "Mask blur: 0" in text and "Masked content: original" in text and "Denoising strength: 0.9" in text
+    assert result.info["warnings"] == []
+
+
 def test_what_flow_models_do_not_do_yet_is_said(context):
     fallback = ours(context, FLUX, batch=1, sampler="DPM++ 2M")
     assert "Sampler: Euler" in fallback.infotexts[0]
@@ -243,7 +298,7 @@ def test_a_diffusers_layout_flux_lora_merges_as_diffusers_loads_it(context, tiny
     assert_pixels_close(ours(ctx, FLUX, batch=1).images[0], base.images[0])
 
 
-def test_flux_over_the_api_with_img2img_and_inpainting_refused(api):
+def test_flux_over_the_api_txt2img_img2img_and_inpainting(api):
     r = api.post(api.base + "/txt2img", json={"prompt": "a cat", "steps": 2, "width": 64, "height": 64,
                                               "cfg_scale": 1, "distilled_cfg_scale": 2.5, "seed": 3,
                                               "override_settings": {"sd_model_checkpoint": FLUX}})
@@ -257,8 +312,9 @@ def test_flux_over_the_api_with_img2img_and_inpainting_refused(api):
             "cfg_scale": 1, "override_settings": {"sd_model_checkpoint": FLUX}}
     r = api.post(api.base + "/img2img", json=body)
     assert r.status_code == 200 and "Denoising strength: 0.75" in r.json()["info"], r.text
-    r = api.post(api.base + "/img2img", json={**body, "mask": b64(box_mask())})
-    assert r.status_code == 422 and "inpainting is not available for FLUX" in r.text, r.text
+    r = api.post(api.base + "/img2img", json={**body, "mask": b64(box_mask()), "inpainting_fill": 2})
+    assert r.status_code == 200 and "Masked content: latent noise" in r.json()["info"], r.text
+    assert "'latent noise' and 'latent nothing' are not built for these models" in r.text
     models = {m["model_name"] for m in api.get(api.base + "/sd-models").json()}
     assert {FLUX, SD3} <= models
     loaded = {m["name"]: m for m in api.get(api.base + "/memory").json()["models"]}
