@@ -51,6 +51,7 @@ class Folders:
     styles_file: Path
     cache_file: Path
     upscaler_dirs: dict[str, list[Path]] = dataclasses.field(default_factory=dict)  # "ESRGAN" -> folders
+    text_encoder_dirs: list[Path] = dataclasses.field(default_factory=list)  # separate CLIP/T5 files
 
     @classmethod
     def from_args(cls, args) -> "Folders":
@@ -70,6 +71,8 @@ class Folders:
             config_file=data / "config.json",
             styles_file=Path(args.styles_file).resolve() if args.styles_file else data / "styles.csv",
             cache_file=data / "cache.json",
+            text_encoder_dirs=[Path(args.text_encoder_dir).resolve()] if getattr(args, "text_encoder_dir", None)
+            else [models / name for name in ("text_encoder", "text_encoders")],
             upscaler_dirs=upscalers.folders_for(models, {kind: getattr(args, flag, None) for kind, flag in (
                 ("ESRGAN", "esrgan_models_path"), ("RealESRGAN", "realesrgan_models_path"),
                 ("SwinIR", "swinir_models_path"), ("DAT", "dat_models_path"))}),
@@ -90,6 +93,9 @@ class Webui:
         self.hash_cache = hashing.HashCache(self.folders.cache_file)
         self.vaes = sd_vae.VaeRegistry(self.folders.vae_dir, self.hash_cache)
         self.vaes.refresh()
+        from modules.model_store.text_encoders import TextEncoderRegistry
+        self.text_encoders = TextEncoderRegistry(self.folders.text_encoder_dirs)
+        self.text_encoders.refresh()
         specs = default_specs()
         # the VAE setting accepts the files found now (and after /refresh-vae), so a saved choice survives a restart
         specs["sd_vae"] = dataclasses.replace(specs["sd_vae"], choices=self.vaes.choices)
@@ -280,6 +286,7 @@ class Webui:
 
     def refresh_checkpoints(self) -> None:
         self.registry.refresh()
+        self.text_encoders.refresh()
         self._ensure_current_checkpoint()
 
     def resolve_checkpoint(self, name: str):
@@ -313,7 +320,8 @@ class Webui:
         return GenerationContext(registry=self.registry, manager=rt.manager, styles=self.styles,
                                  outputs_root=self.outputs_root(), dtype=rt.dtype, vae_dtype=rt.vae_dtype,
                                  offload=rt.offload, attention=rt.attention, offload_device=str(rt.device),
-                                 networks=self.extra_networks, vaes=self.vaes, events=self.scripts.events,
+                                 networks=self.extra_networks, vaes=self.vaes, text_encoders=self.text_encoders,
+                                 events=self.scripts.events,
                                  alignment=self._alignment_scores)
 
     def _alignment_scores(self, images, texts, model=None):

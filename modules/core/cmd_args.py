@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--ckpt", default=None, help="a checkpoint file to list and load first")
     paths.add_argument("--lora-dir", default=None, help="folder of LoRA files (default: MODELS_DIR/Lora)")
     paths.add_argument("--vae-dir", default=None, help="folder of VAE files (default: MODELS_DIR/VAE)")
+    paths.add_argument("--text-encoder-dir", default=None,
+                       help="folder of separate CLIP/T5 text-encoder files for FLUX transformer-only checkpoints "
+                            "(default: MODELS_DIR/text_encoder and MODELS_DIR/text_encoders)")
     paths.add_argument("--embeddings-dir", default=None, help="folder of textual inversion embeddings")
     for arch in ("ESRGAN", "RealESRGAN", "SwinIR", "DAT"):
         paths.add_argument(f"--{arch.lower()}-models-path", default=None,

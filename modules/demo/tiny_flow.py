@@ -6,7 +6,11 @@ demos, in the layout their diffusers pipelines save:
   embedded, a 16-channel-latent VAE with a shift factor, and dev's dynamically shifted flow-matching
   schedule), every part a few kB;
 - Stable-diffusion/tiny-sd3-diffusers/: SD3's design (two projected CLIP encoders, T5, the MMDiT transformer,
-  a shifted flow-matching schedule).
+  a shifted flow-matching schedule);
+- the FLUX folder's weights as single files, as people download them: Stable-diffusion/tiny-flux.safetensors in
+  ComfyUI's all-in-one layout (BFL transformer, CLIP-L, T5, VAE), Stable-diffusion/tiny-flux-transformer-fp8
+  .safetensors (BFL's transformer-only layout, float8_e4m3fn) with text_encoder/tiny-clip-l.safetensors,
+  text_encoder/tiny-t5xxl.safetensors and VAE/tiny-flux-ae.safetensors beside it.
 
 The T5 tokenizer is built here too (a small Unigram vocabulary in T5's layout: `<pad>` 0, `</s>` 1, `<unk>` 2,
 a `</s>` after every text), since T5's own vocabulary is not shipped with the project.
@@ -30,9 +34,11 @@ _WORDS = ("a photo of the an and in on with at cat dog red blue green house tree
 TINY_T5 = dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
                feed_forward_proj="gated-gelu", dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
                eos_token_id=1)
-TINY_FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+# heads of 32 split 4/14/14 by the rotary axes, FLUX.1's 16/56/56 of 128 scaled down (single files carry no
+# config: the loader reads the split from the head size)
+TINY_FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=32,
                              num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                             guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+                             guidance_embeds=True, axes_dims_rope=(4, 14, 14))
 # 16 latent channels, as both families' VAEs have (FLUX packs 2x2 of them into one 64-wide token)
 TINY_FLOW_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32, 32, 32),
                      down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -163,4 +169,69 @@ def make_tiny_flow_models(root: Path) -> dict[str, Path]:
         if not _folder_is_current(paths[name]):
             with _step(name, root):
                 write_flow_folder(paths[name], build())
+    return paths
+
+
+TINY_FLUX_FILE = "tiny-flux.safetensors"
+TINY_FLUX_TRANSFORMER_FILE = "tiny-flux-transformer-fp8.safetensors"
+TINY_CLIP_L_FILE = "tiny-clip-l.safetensors"
+TINY_T5_FILE = "tiny-t5xxl.safetensors"
+TINY_FLUX_VAE_FILE = "tiny-flux-ae.safetensors"
+
+
+def flux_file_parts(components: dict[str, Any]) -> dict[str, dict]:
+    """The FLUX components' tensors in the single-file layouts: "transformer" (BFL), "clip_l" and "t5xxl"
+    (transformers' names), "vae" (LDM names, no prefix)."""
+    from modules.model_store import flux_files
+    from modules.model_store.ldm_convert import vae_to_ldm
+
+    transformer, vae = components["transformer"], components["vae"]
+    vae_ldm = vae_to_ldm(vae.state_dict(), dict(vae.config))
+    t5 = {k: v for k, v in components["text_encoder_2"].state_dict().items() if k != "encoder.embed_tokens.weight"}
+    # CLIP-L as its files name it (`text_model.*`; transformers 5's CLIPTextModel drops that level)
+    clip = {"text_model." + k.removeprefix("text_model."): v
+            for k, v in components["text_encoder"].state_dict().items() if not k.endswith("position_ids")}
+    return {"transformer": flux_files.to_bfl(transformer.state_dict(), dict(transformer.config)),
+            "clip_l": clip, "t5xxl": t5, "vae": {k.removeprefix("first_stage_model."): v for k, v in vae_ldm.items()}}
+
+
+def make_tiny_flux_files(models_root: Path) -> dict[str, Path]:
+    """The tiny FLUX folder's weights as single files (see the module docstring) under `models_root`; current
+    ones are kept. The CLIP-L and VAE configs ride in the files' metadata (their shapes are not the published
+    ones); the transformer's and T5's are read from the weights, as for real files."""
+    import json
+
+    import torch
+
+    from modules.demo.tiny_models import _is_current, _step, _write_safetensors
+    from modules.model_store import flux_files
+
+    root = Path(models_root)
+    paths = {
+        TINY_FLUX_FILE: root / "Stable-diffusion" / TINY_FLUX_FILE,
+        TINY_FLUX_TRANSFORMER_FILE: root / "Stable-diffusion" / TINY_FLUX_TRANSFORMER_FILE,
+        TINY_CLIP_L_FILE: root / "text_encoder" / TINY_CLIP_L_FILE,
+        TINY_T5_FILE: root / "text_encoder" / TINY_T5_FILE,
+        TINY_FLUX_VAE_FILE: root / "VAE" / TINY_FLUX_VAE_FILE,
+    }
+    if all(_is_current(p) for p in paths.values()):
+        return paths
+    with _step("tiny FLUX single files", root):
+        components = build_tiny_flux()
+        parts = flux_file_parts(components)
+        configs = {"vae": dict(components["vae"].config), "text_encoder": components["text_encoder"].config.to_dict(),
+                   "scheduler": dict(components["scheduler"].config)}
+        meta = {"diffusers_configs": json.dumps(configs, sort_keys=True, default=list)}
+        prefixes = {"transformer": flux_files.TRANSFORMER_PREFIX, "clip_l": flux_files.CLIP_L_PREFIX,
+                    "t5xxl": flux_files.T5_PREFIX, "vae": "vae."}
+        everything = {prefixes[name] + k: v.contiguous() for name, part in parts.items() for k, v in part.items()}
+        _write_safetensors(paths[TINY_FLUX_FILE], everything, meta)
+        _write_safetensors(paths[TINY_FLUX_TRANSFORMER_FILE],
+                           {k: v.to(torch.float8_e4m3fn).contiguous() for k, v in parts["transformer"].items()}, {})
+        clip_meta = {"diffusers_configs": json.dumps({"text_encoder": configs["text_encoder"]}, sort_keys=True,
+                                                      default=list)}
+        _write_safetensors(paths[TINY_CLIP_L_FILE], {k: v.contiguous() for k, v in parts["clip_l"].items()}, clip_meta)
+        _write_safetensors(paths[TINY_T5_FILE], {k: v.contiguous() for k, v in parts["t5xxl"].items()}, {})
+        vae_meta = {"diffusers_configs": json.dumps({"vae": configs["vae"]}, sort_keys=True, default=list)}
+        _write_safetensors(paths[TINY_FLUX_VAE_FILE], {k: v.contiguous() for k, v in parts["vae"].items()}, vae_meta)
     return paths

@@ -279,6 +279,7 @@ def _is_current(path: Path) -> bool:
 _SAFETENSORS_DTYPES = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
 }
 
 
@@ -463,8 +464,11 @@ def make_tiny_models(dir: str | os.PathLike, full_size: bool = False) -> dict[st
                 write_diffusers_folder(folder_path, components)
     from modules.demo.tiny_flow import (
         make_tiny_flow_models,  # tiny-flux-diffusers, tiny-sd3-diffusers
+        make_tiny_flux_files,  # tiny-flux.safetensors, tiny-flux-transformer-fp8 + text_encoder/, VAE/tiny-flux-ae
     )
     paths.update(make_tiny_flow_models(root))
+    flux_files = make_tiny_flux_files(Path(dir))  # the checkpoints are listed; text_encoder/ and VAE/ are not
+    paths.update({p.stem: p for p in flux_files.values() if p.parent == root})
     vae_file = Path(dir) / "VAE" / f"{TINY_VAE_FILE}.safetensors"
     if not _is_current(vae_file):
         with _step("VAE/tiny-vae", vae_file.parent):

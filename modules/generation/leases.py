@@ -49,11 +49,25 @@ def leased_checkpoint(ctx: GenerationContext, settings: dict, warnings: list[str
             raise GenerationError("no checkpoint found: put a .safetensors file in models/Stable-diffusion (or start "
                                   "with --demo)" if not skipped else "no checkpoint can be loaded: " + "; ".join(
                                       f"{n}: {why}" for n, why in skipped.items()))
+        if bundle.separate_parts:  # a FLUX transformer-only file: its text encoders from models/text_encoder
+            bundle = stack.enter_context(sd_pipelines.use_separate_parts(
+                ctx.manager, bundle, ctx.text_encoders, flow_folders(ctx), dtype=ctx.dtype))
         vae = ctx.vaes.choose(settings.get("sd_vae"), info.filename) if ctx.vaes is not None else None
+        if vae is None and "vae" in bundle.separate_parts:
+            vae = ctx.vaes.for_latent_channels(16, prefer=("flux", "ae")) if ctx.vaes is not None else None
+            if vae is None:
+                raise checkpoint_files.CheckpointError(
+                    f"{info.name} holds no VAE: put FLUX's VAE (ae.safetensors) in models/VAE")
         bundle = stack.enter_context(sd_pipelines.use_vae(ctx.manager, bundle, vae, dtype=ctx.vae_dtype or ctx.dtype,
                                                           attention=ctx.attention))
         prediction = settings.get("sd_prediction_type") or "Automatic"
         yield bundle if prediction == "Automatic" else bundle.with_prediction_type(prediction)
+
+
+def flow_folders(ctx) -> list:
+    """The FLUX/SD3 diffusers folders among the checkpoints (T5's tokenizer can come from one)."""
+    from pathlib import Path
+    return [Path(i.filename) for i in ctx.registry.list() if i.is_diffusers_folder]
 
 
 def resolve_networks(ctx, prompt: str) -> networks.ResolvedNetworks:

@@ -60,6 +60,7 @@ class GenerationContext:
     offload_device: str = "cuda"  # where offloaded parts run
     networks: ExtraNetworks | None = None  # LoRA files and embeddings (None: none of either)
     vaes: VaeRegistry | None = None  # the VAE files `sd_vae` picks from (None: the checkpoints' own only)
+    text_encoders: Any = None  # a TextEncoderRegistry: CLIP/T5 files for checkpoints that ship without them
     events: Any = None  # scripts' callbacks: before_image_saved(params), image_saved(params), model_loaded(bundle)
     # (images, texts, model) -> (scores, model name): prompt alignment in Image search's retrieval space
     alignment: Any = None
@@ -425,7 +426,8 @@ def common_params(p: Processing) -> dict[str, Any]:
 
 
 def local_context(checkpoint_dirs, outputs_root, *, lora_dirs=(), embedding_dirs=(), vae_dir=None,
-                  device: str = "cpu", ram_budget: int = 8 * 2**30, vram_budget: int = 0) -> GenerationContext:
+                  text_encoder_dirs=(), device: str = "cpu", ram_budget: int = 8 * 2**30,
+                  vram_budget: int = 0) -> GenerationContext:
     """A generation context without a server (scripts, notebooks, tests, benchmarks): the checkpoints of
     `checkpoint_dirs`, a model manager of its own on `device`, styles and hashes kept in `outputs_root`, and
     the LoRA, embedding and VAE folders when given."""
@@ -444,6 +446,11 @@ def local_context(checkpoint_dirs, outputs_root, *, lora_dirs=(), embedding_dirs
         vaes.refresh()
     extra = networks.ExtraNetworks([Path(d) for d in lora_dirs], [Path(d) for d in embedding_dirs]) \
         if (lora_dirs or embedding_dirs) else None
+    encoders = None
+    if text_encoder_dirs:
+        from modules.model_store.text_encoders import TextEncoderRegistry
+        encoders = TextEncoderRegistry([Path(d) for d in text_encoder_dirs])
+        encoders.refresh()
     return GenerationContext(registry=registry, manager=ModelManager(device, vram_budget, ram_budget),
                              styles=StyleDatabase(outputs_root / "styles.csv"), outputs_root=outputs_root / "outputs",
-                             networks=extra, vaes=vaes)
+                             networks=extra, vaes=vaes, text_encoders=encoders)

@@ -107,9 +107,17 @@ class CheckpointInfo:
         return f"{self.name} [{known[:10]}]" if known else self.name
 
 
-def _is_flow_folder(info: CheckpointInfo) -> bool:
+def _is_flow_model(info: CheckpointInfo) -> bool:
+    """A FLUX/SD3 diffusers folder or a FLUX single file (by its header): never the default while an SD model is."""
     if not info.is_diffusers_folder:
-        return False
+        if not info.filename.lower().endswith(".safetensors"):
+            return False
+        from modules.model_store import flux_files
+        from modules.model_store.checkpoint_files import read_safetensors_shapes
+        try:
+            return flux_files.is_flux_transformer(read_safetensors_shapes(info.filename))
+        except (OSError, ValueError):
+            return False
     try:
         with open(Path(info.filename) / "model_index.json", encoding="utf-8") as f:
             return json.load(f).get("_class_name") in FLOW_PIPELINES
@@ -173,7 +181,7 @@ class CheckpointRegistry:
         SD3 folders come last: they cannot do img2img or hires fix yet, so they are a default only when nothing
         else is there."""
         bad = self.unusable()
-        return sorted((info for info in self.list() if info.name not in bad), key=_is_flow_folder)
+        return sorted((info for info in self.list() if info.name not in bad), key=_is_flow_model)
 
     def _info(self, path: Path, name: str, is_folder: bool) -> CheckpointInfo:
         name = name.replace(os.sep, "/")

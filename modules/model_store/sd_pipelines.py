@@ -27,6 +27,8 @@ class CheckpointBundle:
         self.arch = loaded.arch
         self.config_dir = loaded.config_dir  # the diffusers configs it was built with (a VAE file's shape)
         self.components = dict(loaded.components)
+        # what the file does not hold, added per lease from the shared text-encoder and VAE files
+        self.separate_parts = dict(getattr(loaded, "separate_parts", {}))
         self.scheduler_config = dict(self.components["scheduler"].config)
         self.vae_info = None  # the VAE file used instead of the checkpoint's own (see `with_vae`), if any
         # What is kept with the checkpoint across requests (the LoRA layer index and the originals of the weights
@@ -38,6 +40,13 @@ class CheckpointBundle:
         view = copy.copy(self)
         view.components = {**self.components, "vae": vae}
         view.vae_info = vae_info
+        return view
+
+    def with_components(self, **parts) -> "CheckpointBundle":
+        """A view of this checkpoint with `parts` added (text encoders and tokenizers held apart from it)."""
+        view = copy.copy(self)
+        view.components = {**self.components, **parts}
+        view.separate_parts = {k: v for k, v in self.separate_parts.items() if k not in parts}
         return view
 
     def with_prediction_type(self, prediction_type: str) -> "CheckpointBundle":
@@ -116,6 +125,37 @@ def use_vae(manager, bundle: CheckpointBundle, vae, *, dtype: torch.dtype,
     # keyed by the checkpoint's VAE config too: a single VAE file takes the shape of the checkpoint's VAE
     with manager.use(f"{vae.key(dtype)}:{bundle.config_dir}", load_vae, kind="vae", name=vae.name) as model:
         yield bundle.with_vae(model, vae)
+
+
+SEPARATE_PART_NAMES = {"clip_l": "CLIP-L", "t5": "T5-XXL", "clip_g": "CLIP-G"}
+
+
+@contextlib.contextmanager
+def use_separate_parts(manager, bundle: CheckpointBundle, text_encoder_files, checkpoint_folders, *,
+                       dtype: torch.dtype) -> Iterator[CheckpointBundle]:
+    """Lease the text encoders a checkpoint file does not hold (FLUX transformer-only files) from the text-encoder
+    folders, each file once in the manager for every checkpoint that uses it, and add T5's tokenizer; yields the
+    bundle with them. The VAE such a file lacks comes through `use_vae`. CheckpointError naming the file to add
+    when one is not there."""
+    from modules.model_store import text_encoders
+    from modules.model_store.checkpoint_files import CheckpointError
+
+    wanted = {name: kind for name, kind in bundle.separate_parts.items() if kind in SEPARATE_PART_NAMES}
+    parts = {}
+    if "t5_tokenizer" in bundle.separate_parts.values():
+        parts["tokenizer_2"] = text_encoders.t5_tokenizer(text_encoder_files, checkpoint_folders)
+    with contextlib.ExitStack() as stack:
+        for name, kind in wanted.items():
+            info = text_encoder_files.first(kind) if text_encoder_files is not None else None
+            if info is None:
+                raise CheckpointError(
+                    f"{bundle.info.name} holds no {SEPARATE_PART_NAMES[kind]} text encoder: put one (for example "
+                    f"{'t5xxl_fp16' if kind == 't5' else kind}.safetensors) in models/text_encoder")
+            parts[name] = stack.enter_context(manager.use(
+                info.key(dtype), lambda info=info: text_encoders.load_file(info, dtype), kind="text_encoder",
+                name=info.name))
+            parts[name].to(bundle.device)
+        yield bundle.with_components(**parts) if parts else bundle
 
 
 def _pipeline_class(arch, kind: str):

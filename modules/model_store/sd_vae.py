@@ -28,6 +28,7 @@ from modules.model_store.checkpoint_files import (
     CheckpointError,
     ModelArch,
     load_state_dict_and_extras,
+    read_safetensors_shapes,
 )
 from modules.model_store.hashing import HashCache, sha256_of_file
 from modules.model_store.loading import materialized_config_dir
@@ -136,6 +137,13 @@ class VaeRegistry:
             raise UnknownVaeError(f"VAE {choice!r} not found (available: {', '.join(self.choices())})")
         return info
 
+    def for_latent_channels(self, channels: int, prefer: tuple[str, ...] = ()) -> VaeInfo | None:
+        """The first VAE file whose decoder takes `channels` latent channels (16: FLUX's and SD3's), one whose
+        name holds a word of `prefer` first; for checkpoint files that ship without a VAE."""
+        matches = [info for info in self._items if not info.is_folder and _latent_channels(info.path) == channels]
+        matches.sort(key=lambda info: (not any(w in info.path.stem.lower() for w in prefer), info.name.lower()))
+        return matches[0] if matches else None
+
     def near_checkpoint(self, checkpoint: Path) -> VaeInfo | None:
         """A1111's Automatic: NAME.vae.* beside the checkpoint, else in the VAE folder."""
         stem = checkpoint.name if checkpoint.is_dir() else checkpoint.stem
@@ -145,6 +153,21 @@ class VaeRegistry:
                 if path.is_file():
                     return VaeInfo(path.name, path, self.hash_cache)
         return None
+
+
+def _latent_channels(path: Path) -> int | None:
+    """A VAE file's latent channels from its header (the decoder's first convolution), None if unreadable."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    try:
+        shapes = read_safetensors_shapes(path)
+    except (OSError, ValueError):
+        return None
+    for prefix in ("", "vae.", "first_stage_model."):
+        shape = shapes.get(prefix + "decoder.conv_in.weight")
+        if shape and len(shape) == 4:
+            return shape[1]
+    return None
 
 
 def _inside_folder_vae(path: Path) -> bool:

@@ -78,3 +78,43 @@ def test_flux_from_the_checkpoint_box_with_distilled_cfg(page, tiny_models, tmp_
         assert srv.alive() and not page.errors, page.errors
     finally:
         srv.stop()
+
+
+def test_a_flux_transformer_file_says_what_is_missing_then_makes_an_image(page, tiny_models, tmp_path):
+    """A FLUX transformer-only file (fp8) picked in the checkpoint box, with CLIP-L/T5 in models/text_encoder and
+    FLUX's VAE in models/VAE but no T5 tokenizer anywhere: the page says what to add; once the tokenizer folder is
+    there, the image comes with the VAE named in its infotext."""
+    import shutil
+
+    from modules.demo import tiny_flow
+    models = copy_models(tiny_models, tmp_path / "models", ["tiny-sd15.safetensors",
+                                                            tiny_flow.TINY_FLUX_TRANSFORMER_FILE])
+    shutil.copytree(tiny_models / "text_encoder", models / "text_encoder")
+    (models / "VAE").mkdir()
+    shutil.copy(tiny_models / "VAE" / tiny_flow.TINY_FLUX_VAE_FILE, models / "VAE")
+    srv = Server(["--models-dir", str(models)], tmp_path / "data")
+    try:
+        open_ui(page, srv)
+        box = page.locator("#setting_sd_model_checkpoint input")
+        expect(box).to_have_value(re.compile(r"^tiny-sd15"))
+        box.click()
+        page.get_by_role("option", name=re.compile(r"^tiny-flux-transformer-fp8")).locator("visible=true").click()
+        expect(box).to_have_value(re.compile(r"^tiny-flux-transformer-fp8"), timeout=GEN_TIMEOUT)
+        small(page)
+        set_number(page, "txt2img_cfg_scale", 1)
+        page.locator("#txt2img_prompt textarea").fill("a red house")
+        page.click("#txt2img_generate")
+        expect(page.locator("#txt2img_error")).to_contain_text("T5's tokenizer is not shipped with the studio",
+                                                               timeout=GEN_TIMEOUT)
+        shutil.copytree(tiny_models / "Stable-diffusion" / "tiny-flux-diffusers" / "tokenizer_2",
+                        models / "text_encoder" / "t5-tokenizer")
+        page.click("#txt2img_generate")
+        expect(page.locator("#html_info_txt2img .infotext")).to_contain_text(
+            f"VAE: {tiny_flow.TINY_FLUX_VAE_FILE}", timeout=GEN_TIMEOUT)
+        assert "Model: tiny-flux-transformer-fp8" in infotext(page)
+        expect(page.locator("#txt2img_gallery img").first).to_be_visible()
+        expect(page.locator("#txt2img_error")).not_to_contain_text("tokenizer")  # the notice has gone
+        page.screenshot(path=str(tmp_path / "flux-file.png"), full_page=True)
+        assert srv.alive() and not page.errors, page.errors
+    finally:
+        srv.stop()

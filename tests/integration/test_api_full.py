@@ -32,7 +32,7 @@ def b64_image(text: str) -> Image.Image:
     ("/upscalers", lambda v: [u["name"] for u in v] == ["None", "Lanczos", "Nearest", "tiny-esrgan-4x",
                                                         "tiny-realesrgan-x2"]),
     ("/latent-upscale-modes", lambda v: {"Latent", "Latent (nearest-exact)"} <= {m["name"] for m in v}),
-    ("/sd-vae", lambda v: [x["model_name"] for x in v] == ["tiny-vae.safetensors"]),
+    ("/sd-vae", lambda v: [x["model_name"] for x in v] == ["tiny-flux-ae.safetensors", "tiny-vae.safetensors"]),
     ("/prompt-styles", lambda v: isinstance(v, list)),
     ("/scripts", lambda v: "x/y/z plot" in v["txt2img"] and {"sd upscale", "outpainting mk2"} <= set(v["img2img"])),
     ("/script-info", lambda v: {"x/y/z plot", "prompt matrix", "loopback"} <= {s["name"] for s in v}),

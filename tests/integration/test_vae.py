@@ -102,7 +102,7 @@ def test_automatic_takes_the_vae_named_after_the_checkpoint(context, vae_models)
 
 def test_api_lists_picks_and_refuses_vaes(api, api_server, tiny_models):
     names = [v["model_name"] for v in api.get(api.base + "/sd-vae").json()]
-    assert names == ["tiny-vae.safetensors"]
+    assert names == ["tiny-flux-ae.safetensors", "tiny-vae.safetensors"]
     body = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 5}
     r = api.post(api.base + "/txt2img", json={**body, "override_settings": {"sd_vae": "tiny-vae.safetensors"}})
     assert r.status_code == 200, r.text

@@ -477,14 +477,20 @@ def test_config_dir_choice(tiny_dir, tmp_path):
     assert checkpoint_config_dir(plain) == SD_CONFIGS_DIR / "sd1"
 
 
-@pytest.mark.parametrize("keys,family", [
-    (["model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "model.diffusion_model.img_in.weight"], "FLUX"),
-    (["double_blocks.0.img_attn.qkv.weight", "img_in.weight"], "FLUX"),  # BFL's transformer-only file
-    (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "Stable Diffusion 3"),
+@pytest.mark.parametrize("keys", [
+    ["model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "model.diffusion_model.img_in.weight"],  # ComfyUI
+    ["double_blocks.0.img_attn.qkv.weight", "img_in.weight"],  # BFL's transformer-only file
 ])
-def test_flow_single_files_are_refused_with_what_to_use_instead(tmp_path, keys, family):
+def test_flux_single_files_are_detected(tmp_path, keys):
     path = tmp_path / "model.safetensors"
     save_file({k: torch.zeros(2, 2) for k in keys}, str(path))
+    assert checkpoint_files.detect_architecture(path) == checkpoint_files.ModelArch("flux", False, "flow")
+
+
+def test_sd3_single_files_are_refused_with_what_to_use_instead(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(2, 2)}, str(path))
     with pytest.raises(checkpoint_files.UnsupportedCheckpointError) as err:
         checkpoint_files.detect_architecture(path)
-    assert f"a {family} single file, which is not supported yet: use the model's diffusers folder" in str(err.value)
+    assert "a Stable Diffusion 3 single file, which is not supported yet: use the model's diffusers folder" \
+        in str(err.value)

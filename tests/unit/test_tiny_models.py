@@ -39,10 +39,13 @@ def test_layout_and_registry(models_dir, registry):
     root, paths = models_dir
     assert set(paths) == {"tiny-sd15", "tiny-sd15-diffusers", "tiny-sd15-inpainting", "tiny-sdxl",
                           "tiny-sdxl-diffusers", "tiny-sd2", "tiny-sd2-diffusers", "tiny-sd2-v",
-                          "tiny-sd2-v-diffusers", "tiny-sd2-inpainting", "tiny-flux-diffusers", "tiny-sd3-diffusers"}
+                          "tiny-sd2-v-diffusers", "tiny-sd2-inpainting", "tiny-flux-diffusers", "tiny-sd3-diffusers",
+                          "tiny-flux", "tiny-flux-transformer-fp8"}
     assert all(p.parent == root / "Stable-diffusion" and p.exists() for p in paths.values())
     assert [i.name for i in registry.list()] == [
         "tiny-flux-diffusers",
+        "tiny-flux-transformer-fp8.safetensors",
+        "tiny-flux.safetensors",
         "tiny-sd15-diffusers",
         "tiny-sd15-inpainting.safetensors",
         "tiny-sd15.safetensors",
