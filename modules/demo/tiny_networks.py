@@ -9,6 +9,8 @@
   the transformers layout of OpenCLIP), with kohya's `ss_v2` metadata;
 - DIR/Lora/tiny-flux-lora.safetensors: a LoRA for the tiny FLUX in diffusers'/PEFT's layout
   (`transformer.<module>.lora_A/lora_B.weight`) over the transformer's attention projections;
+- DIR/Lora/tiny-flux-kohya-lora.safetensors: one in kohya's FLUX layout (`lora_unet_double_blocks_0_img_attn_qkv`,
+  BFL's joined q|k|v and q|k|v|mlp, `.alpha`) over every BFL linear layer, and CLIP-L's attention (`lora_te1_*`);
 - DIR/embeddings/tiny-emb.safetensors: a 2-vector embedding (`emb_params`) for the tiny text encoder (width 32);
 - DIR/embeddings/tiny-emb-pt.pt: a 1-vector embedding in A1111's own `.pt` layout (`string_to_param`);
 - DIR/embeddings/tiny-emb-xl.safetensors: a 2-vector SDXL embedding (`clip_l` width 32, `clip_g` width 48)
@@ -27,6 +29,7 @@ TINY_EMBEDDING_XL = "tiny-emb-xl"
 TINY_XL_LORA = "tiny-xl-lora"  # not "tiny-lora-xl": searching "tiny-lora" should find one card
 TINY_SD2_LORA = "tiny-sd2-lora"
 TINY_FLUX_LORA = "tiny-flux-lora"
+TINY_FLUX_KOHYA_LORA = "tiny-flux-kohya-lora"
 _FLUX_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                  "attn.add_v_proj", "attn.to_add_out")
 LORA_RANK = 4
@@ -82,6 +85,33 @@ def peft_lora_state(model, prefix: str, targets: tuple[str, ...], rank: int = LO
     return state
 
 
+def kohya_flux_lora_state(components: dict, rank: int = LORA_RANK, seed: int = LORA_SEED + 1,
+                          scale: float = 0.3) -> dict:
+    """kohya-layout FLUX LoRA tensors over the BFL layers of a FLUX transformer (`lora_unet_<bfl name>` with
+    `.lora_down/.lora_up.weight` and `.alpha` = rank / 2) and CLIP-L's attention (`lora_te1_*`)."""
+    import torch
+
+    from modules.model_store import flux_files
+    transformer = components["transformer"]
+    bfl = flux_files.to_bfl(transformer.state_dict(), dict(transformer.config))
+    g = torch.Generator("cpu").manual_seed(seed)
+    state = {}
+    for key, weight in sorted(bfl.items()):
+        if not key.endswith(".weight") or weight.ndim != 2:
+            continue
+        stem = "lora_unet_" + key.removesuffix(".weight").replace(".", "_")
+        state[stem + ".lora_down.weight"] = torch.randn(rank, weight.shape[1], generator=g) * scale
+        state[stem + ".lora_up.weight"] = torch.randn(weight.shape[0], rank, generator=g) * scale
+        state[stem + ".alpha"] = torch.tensor(rank / 2)
+    for name, module in components["text_encoder"].named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(_TE_TARGETS):
+            stem = "lora_te1_text_model_" + name.removeprefix("text_model.").replace(".", "_")
+            state[stem + ".lora_down.weight"] = torch.randn(rank, module.in_features, generator=g) * scale
+            state[stem + ".lora_up.weight"] = torch.randn(module.out_features, rank, generator=g) * scale
+            state[stem + ".alpha"] = torch.tensor(float(rank))
+    return state
+
+
 def make_tiny_extra_networks(dir: str | Path, components: dict | None = None) -> dict[str, Path]:
     """Write the tiny LoRA and embeddings under `dir` (kept when already written by this recipe version)."""
     import torch
@@ -94,6 +124,7 @@ def make_tiny_extra_networks(dir: str | Path, components: dict | None = None) ->
         TINY_XL_LORA: root / LORA_SUBDIR / f"{TINY_XL_LORA}.safetensors",
         TINY_SD2_LORA: root / LORA_SUBDIR / f"{TINY_SD2_LORA}.safetensors",
         TINY_FLUX_LORA: root / LORA_SUBDIR / f"{TINY_FLUX_LORA}.safetensors",
+        TINY_FLUX_KOHYA_LORA: root / LORA_SUBDIR / f"{TINY_FLUX_KOHYA_LORA}.safetensors",
         TINY_EMBEDDING: root / EMBEDDINGS_SUBDIR / f"{TINY_EMBEDDING}.safetensors",
         TINY_EMBEDDING_PT: root / EMBEDDINGS_SUBDIR / f"{TINY_EMBEDDING_PT}.pt",
         TINY_EMBEDDING_XL: root / EMBEDDINGS_SUBDIR / f"{TINY_EMBEDDING_XL}.safetensors",
@@ -115,6 +146,11 @@ def make_tiny_extra_networks(dir: str | Path, components: dict | None = None) ->
         tiny_models._write_safetensors(paths[TINY_FLUX_LORA],
                                        peft_lora_state(build_tiny_flux()["transformer"], "transformer", _FLUX_TARGETS),
                                        {"ss_base_model_version": "flux1"})
+    if not tiny_models._is_current(paths[TINY_FLUX_KOHYA_LORA]):
+        from modules.demo.tiny_flow import build_tiny_flux
+        tiny_models._write_safetensors(paths[TINY_FLUX_KOHYA_LORA], kohya_flux_lora_state(build_tiny_flux()),
+                                       {"ss_network_module": "networks.lora_flux", "ss_network_dim": str(LORA_RANK),
+                                        "ss_base_model_version": "flux1"})
     dim = tiny_models.TINY_TEXT_ENCODER["hidden_size"]
     g = torch.Generator("cpu").manual_seed(EMBEDDING_SEED)
     emb = torch.randn(2, dim, generator=g)

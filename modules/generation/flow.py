@@ -10,7 +10,8 @@ own mask handling (blur, invert, fill/original, "only masked" crop and paste-bac
 one SD inpainting uses.
 
 What the SD prompt language does not do here (the text goes to the encoders as written): emphasis weights,
-prompt editing, alternation and AND, embeddings. LoRAs in diffusers'/PEFT's layout apply as on SD. Hires fix,
+prompt editing, alternation and AND, embeddings. LoRAs in diffusers'/PEFT's layout and kohya's FLUX layout apply as
+on SD. Hires fix,
 latent noise/nothing as masked content and img2img's variation seeds and noise multiplier are refused or reported
 until they are built for these families.
 """
@@ -147,7 +148,7 @@ def _setup(p: Processing, stack: contextlib.ExitStack, bundle, kind: str) -> Non
     resolved = resolve_networks(p.ctx, p.network_source)
     add_new(p.warnings, resolved.warnings)
     # LoRAs in diffusers'/PEFT's layout (`transformer.*`, `text_encoder.*`) merge as on SD; kohya's FLUX layout
-    # (joined q/k/v) does not match these modules and is reported layer by layer
+    # (BFL's joined q/k/v) is split onto diffusers' modules (networks.merge.flux_kohya_modules)
     applied = stack.enter_context(networks_applied(p.ctx, bundle, resolved, p.warnings))
     p.network_params = network_params(applied, [])
     p.first_prompt = resolved.prompt

@@ -176,3 +176,20 @@ def split_parts(state_dict: Mapping[str, "torch.Tensor"]) -> dict[str, dict[str,
         else:
             parts["transformer"][key.removeprefix(TRANSFORMER_PREFIX)] = value
     return {name: part for name, part in parts.items() if part}
+
+
+def lora_targets(num_double: int, num_single: int) -> dict[str, tuple[list[str], str]]:
+    """BFL module names as kohya's FLUX LoRAs flatten them (`double_blocks_0_img_attn_qkv`) -> (the diffusers
+    modules they cover, with "_" for ".", and how the joined output rows split: "copy", "qkv", "single", "swap")."""
+    return {bfl.replace(".", "_"): ([d.replace(".", "_") for d in names], how)
+            for bfl, names, how in _table(num_double, num_single) if not bfl.endswith("_norm")}
+
+
+def split_rows(rows: int, how: str, width: int, parts: int) -> list[tuple[int, int]]:
+    """The (start, stop) output rows of each diffusers module a joined BFL layer of `rows` rows covers."""
+    if how == "qkv":
+        step = rows // 3
+        return [(i * step, (i + 1) * step) for i in range(3)]
+    if how == "single":
+        return [(0, width), (width, 2 * width), (2 * width, 3 * width), (3 * width, rows)]
+    return [(0, rows)] * parts

@@ -65,8 +65,9 @@ class LoraWeights:
 
 
 _KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te1"))
+# `diffusion_model.`: BFL-named FLUX LoRAs (ComfyUI, ai-toolkit), read as kohya's `lora_unet_` names
 _PEFT_PREFIXES = (("unet.", "unet"), ("transformer.", "transformer"), ("text_encoder_2.", "te2"),
-                  ("text_encoder.", "te1"))
+                  ("text_encoder.", "te1"), ("diffusion_model.", "unet"))
 _SUFFIXES = (  # (suffix, role)
     (".lora_down.weight", "down"), (".lora_up.weight", "up"),
     (".lora_A.weight", "down"), (".lora_B.weight", "up"),

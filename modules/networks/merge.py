@@ -68,6 +68,34 @@ def module_index(bundle) -> dict[str, dict[str, Any]]:
     return index
 
 
+def flux_kohya_modules(bundle, modules: dict[str, Any]) -> dict[str, Any]:
+    """A kohya/BFL-layout FLUX LoRA's transformer modules (`lora_unet_double_blocks_0_img_attn_qkv`, or
+    `diffusion_model.double_blocks.0...` as ComfyUI and ai-toolkit write them) on diffusers' modules: a joined
+    q|k|v (or a single block's q|k|v|mlp) is split by output rows, each part keeping the shared down matrix and
+    the alpha, so every part's delta is exactly its rows of the joined delta; the final modulation's halves are
+    swapped as the weights are. Names it does not know are kept (and reported as not matching)."""
+    import torch
+
+    from modules.model_store import flux_files
+    config = bundle.components["transformer"].config
+    width = config.num_attention_heads * config.attention_head_dim
+    targets = flux_files.lora_targets(config.num_layers, config.num_single_layers)
+    out: dict[str, Any] = {}
+    for name, m in modules.items():
+        target = targets.get(name)
+        if target is None or not isinstance(m, LoraModule):
+            out[name] = m
+            continue
+        names, how = target
+        up = m.up
+        if how == "swap":
+            shift, scale = up.chunk(2, dim=0)
+            up = torch.cat([scale, shift], dim=0)
+        for module, (lo, hi) in zip(names, flux_files.split_rows(up.shape[0], how, width, len(names))):
+            out[module] = LoraModule(down=m.down, up=up[lo:hi], alpha=m.alpha)
+    return out
+
+
 def _scale(m: LoraModule) -> float:
     return (m.alpha / m.down.shape[0]) if m.alpha is not None else 1.0
 
@@ -120,10 +148,13 @@ def applied_loras(bundle, loras: list[AppliedLora], warnings: list[str] | None =
         return
     index = module_index(bundle)
     deltas: dict[int, tuple[Any, list]] = {}  # id(module) -> (module, [(LoraModule, multiplier), ...])
+    flux = getattr(bundle.arch, "family", None) == "flux"
     for lora in loras:
         missed = 0
         for part, modules in lora.weights.modules.items():
             mult = lora.unet_multiplier if part in ("unet", "transformer") else lora.te_multiplier
+            if flux and part == "unet":  # kohya's FLUX layout names the transformer's BFL layers under lora_unet_
+                part, modules = "transformer", flux_kohya_modules(bundle, modules)
             targets = index.get(part, {})
             for name, m in modules.items():
                 module = targets.get(name)

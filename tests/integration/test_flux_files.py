@@ -169,3 +169,120 @@ def test_over_the_api_and_in_the_memory_report(api):
     loaded = api.get(api.base + "/memory").json()["models"]
     assert {m["name"] for m in loaded if m["kind"] == "text_encoder"} == {tiny_flow.TINY_CLIP_L_FILE,
                                                                            tiny_flow.TINY_T5_FILE}
+
+
+def _merged_with(bundle, path):
+    from modules import networks
+    weights = networks.load_lora(path)
+    info = networks.LoraInfo(name=path.stem, path=path, alias=path.stem)
+    warnings: list[str] = []
+    with networks.applied_loras(bundle, [networks.AppliedLora(info, 1.0, 1.0, weights)], warnings):
+        merged = {k: v.clone() for k, v in bundle.components["transformer"].state_dict().items()}
+        te = {k: v.clone() for k, v in bundle.components["text_encoder"].state_dict().items()}
+    return merged, te, warnings
+
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusion_model"])
+def test_a_kohya_layout_flux_lora_lands_on_the_split_modules(tiny_models, tmp_path, layout):
+    """kohya's FLUX LoRA (BFL's joined layers) merged on diffusers' modules equals the LoRA added to the BFL
+    weights and converted by the (diffusers-checked) table; the BFL-named `diffusion_model.*.lora_A/B` spelling
+    gives the same; CLIP-L's layers (`lora_te1_*`) change too, and everything is restored after."""
+    from safetensors.torch import load_file, save_file
+
+    from modules.demo.tiny_networks import TINY_FLUX_KOHYA_LORA
+    from modules.model_store import sd_pipelines
+    path = tiny_models / "Lora" / f"{TINY_FLUX_KOHYA_LORA}.safetensors"
+    state = load_file(str(path))
+    if layout == "diffusion_model":
+        renamed = {}
+        for key, value in state.items():
+            if key.startswith("lora_unet_"):
+                stem, _, role = key.partition(".")
+                bfl = next(b for b in _bfl_names() if b.replace(".", "_") == stem.removeprefix("lora_unet_"))
+                role = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}.get(role, role)
+                renamed[f"diffusion_model.{bfl}.{role}"] = value
+            else:
+                renamed[key] = value
+        path = tmp_path / "bfl-named.safetensors"
+        save_file(renamed, str(path))
+    ctx = context(tiny_models, tmp_path / "out")
+    bundle = sd_pipelines.CheckpointBundle(loading.load_checkpoint(ctx.registry.find(FOLDER)))
+    transformer = bundle.components["transformer"]
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
+    te_before = {k: v.clone() for k, v in bundle.components["text_encoder"].state_dict().items()}
+    merged, te, warnings = _merged_with(bundle, path)
+    assert warnings == []
+    bfl = flux_files.to_bfl(before, dict(transformer.config))
+    for key in list(bfl):
+        stem = "lora_unet_" + key.removesuffix(".weight").replace(".", "_")
+        if key.endswith(".weight") and stem + ".lora_up.weight" in state:
+            up, down = state[stem + ".lora_up.weight"], state[stem + ".lora_down.weight"]
+            bfl[key] = bfl[key] + up @ down * (float(state[stem + ".alpha"]) / down.shape[0])
+    expected = flux_files.to_diffusers(bfl)
+    for key, value in merged.items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert sum(not torch.equal(merged[k], before[k]) for k in merged) > 20
+    assert any(not torch.equal(te[k], te_before[k]) for k in te)
+    assert all(torch.equal(v, before[k]) for k, v in transformer.state_dict().items())  # removed exactly
+
+
+def _bfl_names() -> list[str]:
+    from modules.demo.tiny_flow import TINY_FLUX_TRANSFORMER
+    return [row[0] for row in flux_files._table(TINY_FLUX_TRANSFORMER["num_layers"],
+                                                TINY_FLUX_TRANSFORMER["num_single_layers"])]
+
+
+def test_a_kohya_flux_lora_in_txt2img(tiny_models, tmp_path):
+    import dataclasses
+
+    from modules import networks
+    ctx = dataclasses.replace(context(tiny_models, tmp_path), networks=networks.ExtraNetworks([tiny_models / "Lora"],
+                                                                                              []))
+    base = ours(ctx, tiny_flow.TINY_FLUX_FILE, batch=1)
+    req = generation.validate(generation.Txt2ImgRequest(
+        prompt=PROMPT + " <lora:tiny-flux-kohya-lora:0.8>", steps=3, cfg_scale=1.0, width=64, height=64, seed=3,
+        batch_size=1, save_images=False))
+    with_lora = generation.run_txt2img(ctx, req, None, {"sd_model_checkpoint": tiny_flow.TINY_FLUX_FILE,
+                                                        "return_grid": False}, keep_samples=True)
+    assert with_lora.info["warnings"] == [] and 'Lora hashes: "tiny-flux-kohya-lora: ' in with_lora.infotexts[0]
+    assert np.abs(np.asarray(with_lora.samples) - np.asarray(base.samples)).max() > 0.01
+    again = ours(ctx, tiny_flow.TINY_FLUX_FILE, batch=1)
+    np.testing.assert_array_equal(np.asarray(again.samples), np.asarray(base.samples))  # nothing left behind
+
+
+def test_the_kohya_flux_lora_mapping_is_diffusers_own_at_flux_size():
+    """At FLUX.1's real width every kohya layer (joined q|k|v, a single block's q|k|v|mlp, the swapped final
+    modulation) lands on the diffusers module diffusers' own kohya converter puts it on, with the same delta
+    (probed with random vectors). alpha = rank here: diffusers drops the alpha of the two final layers, kohya's
+    trainer (and this project) apply it to every layer."""
+    import types
+
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_kohya_flux_lora_to_diffusers,
+    )
+
+    from modules.networks.lora_files import LoraModule
+    from modules.networks.merge import _scale, flux_kohya_modules
+    with init_empty_weights():
+        model = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)
+    g = torch.Generator().manual_seed(0)
+    state, modules = {}, {}
+    for key, weight in sorted(flux_files.to_bfl(model.state_dict(), dict(model.config)).items()):
+        if key.endswith(".weight") and weight.ndim == 2:
+            stem = key.removesuffix(".weight").replace(".", "_")
+            down, up = torch.randn(4, weight.shape[1], generator=g), torch.randn(weight.shape[0], 4, generator=g)
+            state.update({f"lora_unet_{stem}.lora_down.weight": down, f"lora_unet_{stem}.lora_up.weight": up,
+                          f"lora_unet_{stem}.alpha": torch.tensor(4.0)})
+            modules[stem] = LoraModule(down=down, up=up, alpha=4.0)
+    converted = _convert_kohya_flux_lora_to_diffusers(dict(state))
+    theirs = {k.removeprefix("transformer.").removesuffix(".lora_A.weight").replace(".", "_"):
+              (v, converted[k.replace("lora_A", "lora_B")])
+              for k, v in converted.items() if k.endswith(".lora_A.weight")}
+    mine = flux_kohya_modules(types.SimpleNamespace(components={"transformer": model}), modules)
+    assert set(mine) == set(theirs) and len(mine) == 30
+    for name, m in mine.items():
+        a, b = theirs[name]
+        x = torch.randn(a.shape[1], 3, generator=g)
+        torch.testing.assert_close(m.up @ (m.down @ x) * _scale(m), b @ (a @ x), rtol=1e-4, atol=1e-3, msg=name)
