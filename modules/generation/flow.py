@@ -220,7 +220,7 @@ def sample(p: Processing, batch_number: int, seeds: list[int], subseeds: list[in
         channels = transformer.config.in_channels
         h, w = p.height // vae_scale, p.width // vae_scale
     noise, generators = make_noise(seeds, subseeds, p.subseed_strength, (channels, h, w), p.ensd)
-    noise = noise.to(bundle.device, next(transformer.parameters()).dtype)
+    noise = noise.to(bundle.device, transformer.dtype)  # the compute dtype (fp8 files store less)
     latents = pipe._pack_latents(noise, len(seeds), channels, h, w) if bundle.arch.family == "flux" else noise
     return _run(p, batch_number, generators, latents=latents)
 

@@ -275,8 +275,10 @@ def _load_flux_file(info: CheckpointInfo, arch: ModelArch, state_dict: dict, met
     """A FLUX.1 single file: BFL's transformer-only layout or ComfyUI's all-in-one (transformer, CLIP-L, T5, VAE).
     The transformer is converted by the project's own table (flux_files); the parts the file has are built here,
     and the ones it lacks are named in `separate_parts` for the lease to add from the
-    text-encoder and VAE folders (shared there between checkpoints). Weights of any float type (fp8 included)
-    are cast to `torch_dtype`."""
+    text-encoder and VAE folders (shared there between checkpoints). Weights are cast to `torch_dtype`, except
+    that the layers a file stores in fp8 keep their fp8 weights in memory and are cast up as they run (diffusers'
+    layerwise casting, `text_encoders.keep_fp8_layers`): half the memory of fp16, the pixels of the weights cast
+    up."""
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
 
@@ -294,10 +296,12 @@ def _load_flux_file(info: CheckpointInfo, arch: ModelArch, state_dict: dict, met
     try:
         config = flux_files.transformer_config(parts["transformer"])
         weights = flux_files.to_diffusers(parts.pop("transformer"))
+        file_dtypes = {k: v.dtype for k, v in weights.items()}
         with init_empty_weights():
             transformer = FluxTransformer2DModel(**config)
         transformer.load_state_dict({k: v.to(torch_dtype) for k, v in weights.items()}, strict=True, assign=True)
         del weights
+        text_encoders.keep_fp8_layers(transformer, file_dtypes, torch_dtype)  # fp8 layers stay fp8 in memory
         components: dict[str, Any] = {"transformer": transformer, "tokenizer": clip_tokenizer()}
         if "clip_l" in parts:
             stage = "CLIP-L text encoder"

@@ -5,8 +5,8 @@ from here; the manager holds each file once, whatever checkpoint leases it (one 
 
 Files are told apart by their tensors (T5's `encoder.block.*`; CLIP's `text_model.*`, CLIP-G by its 1280 width
 or a `clip_g` name). T5's config is read from its shapes; CLIP's is the published CLIP-L/CLIP-G one (or the one a
-file carries in its `diffusers_configs` metadata, as the tiny test files do). fp8 files load by casting to the
-compute dtype (torch has no fp8 matmul on most hardware).
+file carries in its `diffusers_configs` metadata, as the tiny test files do). An fp8 T5 keeps its fp8 weights in
+memory and casts each layer up to the compute dtype as it runs (torch has no fp8 matmul on most hardware).
 
 T5's tokenizer is not shipped (no copy of its vocabulary is reachable here); `t5_tokenizer` finds one in the
 user's model folders and says exactly what to add when there is none.
@@ -134,12 +134,40 @@ def t5_config(shapes: dict[str, Any]) -> dict[str, Any]:
                 else "relu", dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 
 
+def keep_fp8_layers(model, file_dtypes: dict, compute_dtype, *, skip: tuple[type, ...] = (),
+                    skip_names: tuple[str, ...] = ()) -> int:
+    """Layers whose weights the file stores in fp8 keep them in fp8 in memory and are cast up to `compute_dtype`
+    while they run (diffusers' layerwise casting hook, per layer: storing fp8 values as fp8 loses nothing; a layer
+    whose weight or bias the file keeps in bf16/fp16 stays in the compute dtype). `file_dtypes`: parameter name -> the file's dtype.
+    Returns the number of layers kept in fp8."""
+    import torch
+    from diffusers.hooks import apply_layerwise_casting_hook
+    from diffusers.hooks.layerwise_casting import (
+        _GO_LC_SUPPORTED_PYTORCH_LAYERS as layers,
+    )
+
+    fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    if compute_dtype in fp8:
+        return 0
+    kept = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, layers) or isinstance(module, skip) or name.endswith(skip_names):
+            continue
+        stored = {file_dtypes.get(f"{name}.{p}") for p, _ in module.named_parameters(recurse=False)}
+        if len(stored) == 1 and (stored := stored.pop()) in fp8:  # weight and bias alike: exact
+            module.to(stored)
+            apply_layerwise_casting_hook(module, stored, compute_dtype, False)
+            kept += 1
+    return kept
+
+
 def _cast(state_dict: dict, dtype) -> dict:
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
 def load_t5(state_dict: dict, dtype, source: str):
     """A `T5EncoderModel` (eval, CPU) from a T5 encoder's tensors (transformers' names, any prefix above)."""
+    import torch
     from accelerate import init_empty_weights
     from transformers import T5Config, T5EncoderModel
 
@@ -158,6 +186,10 @@ def load_t5(state_dict: dict, dtype, source: str):
         raise CheckpointError(f"{source}: the T5 encoder's tensors do not fit ({len(missing)} missing, "
                               f"{len(unexpected)} unknown, e.g. {(missing or unexpected)[0]})")
     model.tie_weights()
+    # the embedding stays in the compute dtype (transformers reads the model's dtype from its first parameter), and
+    # so does each feed-forward's output layer (T5 casts its input to that layer's weight dtype)
+    keep_fp8_layers(model, {k: v.dtype for k, v in sd.items()}, dtype, skip=(torch.nn.Embedding,),
+                    skip_names=(".wo",))
     return model.eval()
 
 

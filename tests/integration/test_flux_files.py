@@ -116,9 +116,15 @@ def test_an_fp8_transformer_file_with_separate_encoders_and_vae(tiny_models, tmp
     assert_float_images_close(result.samples, expected)
     assert f"VAE: {tiny_flow.TINY_FLUX_VAE_FILE}" in result.infotexts[0]
     assert np.abs(np.asarray(result.samples) - plain(plain_pipe)).max() > 1e-4  # fp8 really rounded the weights
-    bundle = loading.load_checkpoint(ctx.registry.find(tiny_flow.TINY_FLUX_TRANSFORMER_FILE))
-    assert set(bundle.separate_parts) == {"text_encoder", "text_encoder_2", "vae", "tokenizer_2"}
-    assert bundle.components["transformer"].dtype == torch.float32
+    loaded = loading.load_checkpoint(ctx.registry.find(tiny_flow.TINY_FLUX_TRANSFORMER_FILE))
+    assert set(loaded.separate_parts) == {"text_encoder", "text_encoder_2", "vae", "tokenizer_2"}
+    transformer = loaded.components["transformer"]
+    assert transformer.dtype == torch.float32  # what it computes in
+    # what it keeps in memory: the linear layers' fp8 weights (a quarter of float32), norms in float32
+    stored = {p.dtype for n, p in transformer.named_parameters() if n.endswith("attn.to_q.weight")}
+    assert stored == {torch.float8_e4m3fn}
+    fp8_bytes = sum(p.numel() * p.element_size() for p in transformer.parameters())
+    assert fp8_bytes < 0.4 * sum(p.numel() * 4 for p in transformer.parameters())
 
 
 def test_two_transformer_files_share_one_t5_in_the_manager(tiny_models, tmp_path):
@@ -286,3 +292,27 @@ def test_the_kohya_flux_lora_mapping_is_diffusers_own_at_flux_size():
         a, b = theirs[name]
         x = torch.randn(a.shape[1], 3, generator=g)
         torch.testing.assert_close(m.up @ (m.down @ x) * _scale(m), b @ (a @ x), rtol=1e-4, atol=1e-3, msg=name)
+
+
+def test_an_fp8_t5_file_keeps_fp8_layers_and_encodes_as_its_weights_cast_up(tiny_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from modules.model_store import text_encoders
+    source = load_file(str(tiny_models / "text_encoder" / tiny_flow.TINY_T5_FILE))
+    fp8 = {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 and "relative_attention" not in k else v
+           for k, v in source.items()}
+    path = tmp_path / "t5xxl_fp8_e4m3fn.safetensors"
+    save_file(fp8, str(path))
+    info = text_encoders.TextEncoderInfo(path, text_encoders.classify(path))
+    assert info.kind == "t5"
+    model = text_encoders.load_file(info, torch.float32)
+    assert model.dtype == torch.float32
+    assert model.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.float8_e4m3fn
+    assert model.shared.weight.dtype == torch.float32  # the embedding (the model's dtype) is not kept in fp8
+    rounded = text_encoders.load_t5({k: v.float() for k, v in fp8.items()}, torch.float32, "rounded")
+    ids = torch.tensor([[5, 9, 14, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).last_hidden_state, rounded(ids).last_hidden_state, rtol=1e-5, atol=1e-5)
+    registry = text_encoders.TextEncoderRegistry([tmp_path, tiny_models / "text_encoder"])
+    registry.refresh()
+    assert registry.first("t5").path.name == tiny_flow.TINY_T5_FILE  # full precision before fp8
