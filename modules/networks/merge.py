@@ -131,6 +131,24 @@ def _delta(m: LoraModule, weight_shape) -> Any:
     return (delta * scale).reshape(weight_shape)
 
 
+def _widened(module):
+    """A layer kept in fp8 with diffusers' layerwise casting holds its weights in the compute dtype while a LoRA
+    is merged into it (merged in fp8, a LoRA's small deltas would round away); returns what `_narrow` needs."""
+    registry = getattr(module, "_diffusers_hook", None)
+    hook = registry.get_hook("layerwise_casting") if registry is not None else None
+    if hook is None or hook.storage_dtype == hook.compute_dtype:
+        return None
+    stored, hook.storage_dtype = hook.storage_dtype, hook.compute_dtype
+    module.to(hook.compute_dtype)
+    return hook, module, stored
+
+
+def _narrow(widened) -> None:
+    hook, module, stored = widened
+    hook.storage_dtype = stored
+    module.to(stored)  # the original fp8 values, exactly (they were restored in the compute dtype)
+
+
 @dataclass
 class AppliedLora:
     info: LoraInfo
@@ -175,11 +193,14 @@ def applied_loras(bundle, loras: list[AppliedLora], warnings: list[str] | None =
     # page-fault on every request), and restoring from an exact copy keeps removal bit-exact.
     originals = bundle.cache.setdefault("lora_originals", {})
     merged: list[Any] = []
+    widened: list[Any] = []
     try:
         with torch.no_grad():
             for module, named_parts in deltas.values():
                 # in name order, so that <lora:a> <lora:b> and <lora:b> <lora:a> give the same bits
                 parts = [(m, mult) for _, m, mult in sorted(named_parts, key=lambda p: p[0])]
+                if (wide := _widened(module)) is not None:
+                    widened.append(wide)
                 weight = module.weight
                 original = originals.get(id(module))
                 if original is None or original.shape != weight.shape:
@@ -207,3 +228,5 @@ def applied_loras(bundle, loras: list[AppliedLora], warnings: list[str] | None =
         with torch.no_grad():
             for weight, original in merged:
                 weight.copy_(original)  # the saved originals: removal is exact
+            for wide in widened:
+                _narrow(wide)

@@ -316,3 +316,30 @@ def test_an_fp8_t5_file_keeps_fp8_layers_and_encodes_as_its_weights_cast_up(tiny
     registry = text_encoders.TextEncoderRegistry([tmp_path, tiny_models / "text_encoder"])
     registry.refresh()
     assert registry.first("t5").path.name == tiny_flow.TINY_T5_FILE  # full precision before fp8
+
+
+def test_a_lora_on_an_fp8_file_merges_in_full_precision_and_leaves_fp8(tiny_models, tmp_path):
+    """Merged into fp8-stored layers a LoRA's deltas would round away: those layers hold float32 weights while the
+    LoRA applies (the fp8 values plus the delta, as on the same weights cast up), and go back to the exact fp8
+    values after."""
+    from modules.demo.tiny_networks import TINY_FLUX_KOHYA_LORA
+    from modules.model_store import sd_pipelines
+    ctx = context(tiny_models, tmp_path)
+    fp8 = sd_pipelines.CheckpointBundle(loading.load_checkpoint(ctx.registry.find(tiny_flow.TINY_FLUX_TRANSFORMER_FILE)))
+    folder = sd_pipelines.CheckpointBundle(loading.load_checkpoint(ctx.registry.find(FOLDER)))
+    fp8 = fp8.with_components(text_encoder=folder.components["text_encoder"])
+    transformer = fp8.components["transformer"]
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
+    with torch.no_grad():  # the folder's transformer with the same fp8-rounded values, held in float32
+        for name, p in folder.components["transformer"].named_parameters():
+            p.copy_(before[name].float())
+    path = tiny_models / "Lora" / f"{TINY_FLUX_KOHYA_LORA}.safetensors"
+    merged, _, warnings = _merged_with(fp8, path)
+    expected, _, _ = _merged_with(folder, path)
+    assert warnings == []
+    for key, value in merged.items():
+        assert value.dtype == torch.float32, key
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+    after = transformer.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k].float(), v.float()) for k, v in before.items())
+    assert after["transformer_blocks.0.attn.to_q.weight"].dtype == torch.float8_e4m3fn
