@@ -11,8 +11,8 @@ one SD inpainting uses.
 
 What the SD prompt language does not do here (the text goes to the encoders as written): emphasis weights,
 prompt editing, alternation and AND, embeddings. LoRAs in diffusers'/PEFT's layout and kohya's FLUX layout apply as
-on SD. Hires fix,
-latent noise/nothing as masked content and img2img's variation seeds and noise multiplier are refused or reported
+on SD. Hires fix runs the img2img pipeline over the upscaled first pass (latent, pixel or model upscalers). Latent
+noise/nothing as masked content and img2img's variation seeds and noise multiplier are refused or reported
 until they are built for these families.
 """
 from __future__ import annotations
@@ -112,12 +112,28 @@ class FlowStepTracker(StepTracker):
 
 
 def setup(p: Processing, stack: contextlib.ExitStack, bundle) -> None:
-    """What every batch of a flow-model txt2img request needs: the refusals, warnings, scheduler and pipeline."""
-    if p.enable_hr:
-        raise GenerationError(f"hires fix is not available for {family_name(bundle)} checkpoints yet: turn it off, "
-                              "or upscale in the Extras tab")
+    """What every batch of a flow-model txt2img request needs: the refusals, warnings, scheduler and pipeline
+    (and with hires fix, the second pass's sampler, prompt and img2img pipeline)."""
     _setup(p, stack, bundle, "txt2img")
     p.steps_per_batch = p.steps
+    if not p.enable_hr or p.upscale_only:
+        return
+    req, name = p.request, family_name(bundle)
+    p.hr_flow_sampler = p.flow_sampler
+    if req.hr_sampler_name and req.hr_sampler_name != p.sampler_name:
+        available = FLOW_SAMPLERS[bundle.arch.family]
+        p.hr_flow_sampler = req.hr_sampler_name if req.hr_sampler_name in available else DEFAULT_FLOW_SAMPLER
+        if req.hr_sampler_name not in available:
+            add_new(p.warnings, [f"hires sampler {req.hr_sampler_name!r} is not available for {name} checkpoints: "
+                                 f"used {DEFAULT_FLOW_SAMPLER}"])
+    hr_text = p.styled_hr_prompt
+    if req.hr_prompt and resolve_networks(p.ctx, hr_text).loras != resolve_networks(p.ctx, p.network_source).loras:
+        add_new(p.warnings, [f"{name} hires pass: it runs with the first pass's LoRAs (a hires prompt's own LoRAs "
+                             "are not applied to these models yet)"])
+    p.hr_texts = (prompt_parser.parse_extra_networks(hr_text)[0], p.styled_hr_negative_prompt)
+    p.hr_pipe = sd_pipelines.make_pipeline(bundle, "img2img", p.pipe.scheduler, offload=p.ctx.offload,
+                                           offload_device=p.ctx.offload_device)
+    p.steps_per_batch = p.steps + p.hr_steps
 
 
 def setup_img2img(p: Processing, stack: contextlib.ExitStack, bundle) -> None:
@@ -222,7 +238,29 @@ def sample(p: Processing, batch_number: int, seeds: list[int], subseeds: list[in
     noise, generators = make_noise(seeds, subseeds, p.subseed_strength, (channels, h, w), p.ensd)
     noise = noise.to(bundle.device, transformer.dtype)  # the compute dtype (fp8 files store less)
     latents = pipe._pack_latents(noise, len(seeds), channels, h, w) if bundle.arch.family == "flux" else noise
-    return _run(p, batch_number, generators, latents=latents)
+    latents = _run(p, batch_number, generators, latents=latents)
+    if not p.enable_hr:
+        return latents
+    from modules.generation import hires
+    hr_w, hr_h = p.hr_size
+    image = hires.upscale(bundle, p.request, latents, pipe, hr_w, hr_h)  # latents (a latent upscaler) or images
+    if p.upscale_only:
+        return image
+    return _hires(p, batch_number, seeds, image, hr_w, hr_h)
+
+
+def _hires(p: Processing, batch_number: int, seeds: list[int], image, hr_w: int, hr_h: int) -> torch.Tensor:
+    """A1111's hires fix on a flow model: the family's img2img pipeline over the upscaled first pass (latents
+    are handed over as they are, images are encoded), exactly "Hires steps" steps of the schedule
+    `hires.hires_schedule` gives, with fresh per-image generators, the hires prompt and sampler."""
+    from modules.generation import hires
+    scale = size_multiple(p.bundle)
+    if hr_w % scale or hr_h % scale:
+        raise GenerationError(f"{family_name(p.bundle)} needs the hires size in multiples of {scale}, got {hr_w}x{hr_h}")
+    total, strength = hires.hires_schedule(p.hr_steps, p.hr_denoise)
+    generators = [torch.Generator("cpu").manual_seed(s + p.ensd) for s in seeds]
+    return _run(p, batch_number, generators, image=image, strength=strength, pipe=p.hr_pipe, size=(hr_w, hr_h),
+                steps=total, sampler=p.hr_flow_sampler, texts=p.hr_texts, offset=p.steps)
 
 
 def sample_img2img(p: Processing, batch_number: int, seeds: list[int], images: list,
@@ -237,21 +275,27 @@ def sample_img2img(p: Processing, batch_number: int, seeds: list[int], images: l
     return _run(p, batch_number, generators, **inputs)
 
 
-def _run(p: Processing, batch_number: int, generators: list, **inputs) -> torch.Tensor:
-    """One denoising run of the request's pipeline: the batch's prompt embeddings, the family's guidance, a
-    fresh scheduler and progress tracker, latents out (unpacked)."""
-    pipe, bundle = p.pipe, p.bundle
+def _run(p: Processing, batch_number: int, generators: list, *, pipe=None, size: tuple[int, int] | None = None,
+         steps: int | None = None, sampler: str | None = None, texts: tuple[str, str] | None = None, offset: int = 0,
+         **inputs) -> torch.Tensor:
+    """One denoising run of the request's pipeline (or of `pipe` at `size` with `steps`, `sampler` and `texts`:
+    the hires pass): the batch's prompt embeddings, the family's guidance, a fresh scheduler and progress tracker
+    (counting on from `offset`), latents out (unpacked)."""
+    pipe, bundle = pipe or p.pipe, p.bundle
+    width, height = size or (p.width, p.height)
     lo = batch_number * p.batch_size
-    embeds = encode(p, p.all_prompts[lo], p.all_negative_prompts[lo])
+    embeds = encode(p, *(texts or (p.all_prompts[lo], p.all_negative_prompts[lo])))
     kw: dict[str, Any] = {k: v.repeat(len(generators), *[1] * (v.ndim - 1)) for k, v in embeds.items()}
     if bundle.arch.family == "flux":
         kw.update(guidance_scale=p.distilled_cfg_scale, true_cfg_scale=max(p.cfg_scale, 1.0))
     else:
         kw.update(guidance_scale=p.cfg_scale)
-    p.tracker = FlowStepTracker(p.job, p.steps_per_batch, p.preview_every, pipe, p.height, p.width)
-    pipe.scheduler = make_flow_scheduler(p.flow_sampler, bundle.arch.family, bundle.scheduler_config, p.flow_shift)
+    p.tracker = FlowStepTracker(p.job, p.steps_per_batch, p.preview_every, pipe, height, width)
+    p.tracker.offset = offset
+    pipe.scheduler = make_flow_scheduler(sampler or p.flow_sampler, bundle.arch.family, bundle.scheduler_config,
+                                         p.flow_shift)
     with torch.inference_mode():
-        out = pipe(height=p.height, width=p.width, num_inference_steps=p.steps, generator=generators,
+        out = pipe(height=height, width=width, num_inference_steps=steps or p.steps, generator=generators,
                    output_type="latent", max_sequence_length=p.max_sequence_length, callback_on_step_end=p.tracker,
                    callback_on_step_end_tensor_inputs=["latents"], **inputs, **kw).images
     return p.tracker.unpack(out)

@@ -1,7 +1,7 @@
 """FLUX from the browser: a user picks the FLUX folder in the checkpoint box, sets Distilled CFG Scale, and sees the
 image with FLUX's infotext and the note that the SD sampler they had was replaced by Euler; sends it to img2img
 and gets a new image; paints a mask in the Inpaint tab and gets the stroke repainted with the rest of the picture
-kept; hires fix (not built for FLUX yet) is a visible notice, not a dead job."""
+kept; and turns on hires fix, which makes the picture at twice the size."""
 from __future__ import annotations
 
 import datetime
@@ -73,8 +73,11 @@ def test_flux_from_the_checkpoint_box_with_distilled_cfg(page, tiny_models, tmp_
         page.locator("#txt2img_hr").get_by_text("Hires. fix").first.click()
         page.locator("#txt2img_enable_hr input").check()
         page.click("#txt2img_generate")
-        expect(page.locator("#txt2img_error")).to_contain_text("hires fix is not available for FLUX",
-                                                               timeout=GEN_TIMEOUT)
+        expect(page.locator("#html_info_txt2img .infotext")).to_contain_text("Hires upscale: 2", timeout=GEN_TIMEOUT)
+        assert "Model: tiny-flux-diffusers" in infotext(page) and "Hires upscaler: Latent" in infotext(page)
+        newest = sorted((srv.data_dir / "outputs" / "txt2img-images" / day).glob("*.png"))[-1]
+        with Image.open(newest) as im:
+            assert im.size == (128, 128)  # the tab's 64x64 at Upscale by 2
         assert srv.alive() and not page.errors, page.errors
     finally:
         srv.stop()

@@ -229,12 +229,60 @@ def test_flow_inpainting_matches_plain_diffusers_and_keeps_the_outside(context, 
     assert result.info["warnings"] == []
 
 
+@pytest.mark.parametrize("name, upscaler", [(FLUX, "Latent"), (FLUX, "Lanczos"), (SD3, "Latent")])
+def test_hires_fix_is_the_img2img_pipeline_over_the_upscaled_first_pass(context, tiny_models, plain, name, upscaler):
+    """Hires fix on a flow model equals plain diffusers: the txt2img pipeline's latents, upscaled (in latent space,
+    or decoded and resized with Lanczos), through the family's img2img pipeline for exactly Hires steps of the
+    A1111 schedule, with fresh per-image generators."""
+    from diffusers import FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline
+    from PIL import Image
+
+    from modules.generation.hires import hires_schedule
+    cfg = 1.0 if name == FLUX else 5.0
+    result = ours(context, name, cfg=cfg, steps=3, enable_hr=True, hr_scale=2.0, hr_upscaler=upscaler,
+                  hr_second_pass_steps=2, denoising_strength=0.6)
+    base = plain[name]
+    root = tiny_models / "Stable-diffusion" / name
+    second = (FluxImg2ImgPipeline if name == FLUX else StableDiffusion3Img2ImgPipeline).from_pretrained(
+        root, local_files_only=True)
+    second.set_progress_bar_config(disable=True)
+    if name == FLUX:
+        embeds, pooled, _ = base.encode_prompt(PROMPT, None, num_images_per_prompt=1, max_sequence_length=512)
+        kw = repeated({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, 2)
+        kw.update(guidance_scale=3.5, max_sequence_length=512)
+    else:
+        embeds, neg, pooled, neg_pooled = base.encode_prompt(PROMPT, None, None, num_images_per_prompt=1,
+                                                             negative_prompt=NEGATIVE, do_classifier_free_guidance=True,
+                                                             max_sequence_length=256)
+        kw = repeated({"prompt_embeds": embeds, "negative_prompt_embeds": neg, "pooled_prompt_embeds": pooled,
+                       "negative_pooled_prompt_embeds": neg_pooled}, 2)
+        kw.update(guidance_scale=cfg, max_sequence_length=256)
+    first = base(height=64, width=64, num_inference_steps=3, output_type="latent",
+                 generator=[torch.Generator("cpu").manual_seed(7 + i) for i in range(2)], **kw).images
+    if name == FLUX:
+        first = base._unpack_latents(first, 64, 64, base.vae_scale_factor)
+    if upscaler == "Latent":
+        image = torch.nn.functional.interpolate(first, size=(16, 16), mode="bilinear")
+    else:
+        vae = base.vae
+        with torch.no_grad():
+            decoded = vae.decode(first / vae.config.scaling_factor + vae.config.shift_factor).sample
+        image = [im.resize((128, 128), Image.Resampling.LANCZOS)
+                 for im in base.image_processor.postprocess(decoded, output_type="pil")]
+    total, strength = hires_schedule(2, 0.6)
+    expected = second(image=image, strength=strength, num_inference_steps=total, height=128, width=128,
+                      generator=[torch.Generator("cpu").manual_seed(7 + i) for i in range(2)], output_type="np",
+                      **kw).images
+    assert_float_images_close(result.samples, expected)
+    assert result.images[0].size == (128, 128)
+    text = result.infotexts[0]
+    assert "Hires upscale: 2.0" in text and "Hires steps: 2" in text and f"Hires upscaler: {upscaler}" in text
+
+
 def test_what_flow_models_do_not_do_yet_is_said(context):
     fallback = ours(context, FLUX, batch=1, sampler="DPM++ 2M")
     assert "Sampler: Euler" in fallback.infotexts[0]
     assert any("'DPM++ 2M' is not available for FLUX" in w for w in fallback.info["warnings"])
-    with pytest.raises(generation.GenerationError, match="hires fix is not available for FLUX"):
-        ours(context, FLUX, batch=1, enable_hr=True, denoising_strength=0.5)
     with pytest.raises(generation.GenerationError, match="multiples of 16"):
         generation.run_txt2img(context, generation.validate(generation.Txt2ImgRequest(
             prompt="x", steps=2, width=72, height=64, save_images=False)), None, {"sd_model_checkpoint": FLUX})
