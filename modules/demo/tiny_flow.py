@@ -5,8 +5,9 @@ demos, in the layout their diffusers pipelines save:
   T5-like encoder for the sequence, the double- and single-stream transformer with distilled guidance
   embedded, a 16-channel-latent VAE with a shift factor, and dev's dynamically shifted flow-matching
   schedule), every part a few kB;
-- Stable-diffusion/tiny-sd3-diffusers/: SD3's design (two projected CLIP encoders, T5, the MMDiT transformer,
-  a shifted flow-matching schedule);
+- Stable-diffusion/tiny-sd3-diffusers/: SD3's design (two projected CLIP encoders, T5, the MMDiT transformer
+  with SD3.5's q/k norms and SD3.5 Medium's second attention, a shifted flow-matching schedule), and the same
+  weights as Stability AI's all-in-one single file, Stable-diffusion/tiny-sd3.safetensors;
 - the FLUX folder's weights as single files, as people download them: Stable-diffusion/tiny-flux.safetensors in
   ComfyUI's all-in-one layout (BFL transformer, CLIP-L, T5, VAE), Stable-diffusion/tiny-flux-transformer-fp8
   .safetensors (BFL's transformer-only layout, float8_e4m3fn) with text_encoder/tiny-clip-l.safetensors,
@@ -47,9 +48,12 @@ TINY_FLOW_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_ou
 # SD3: CLIP-L-like (32) and CLIP-G-like (48) encoders, their hidden states joined (80) and padded to T5's width
 # (96) as SD3's 768 + 1280 are padded to 4096; pooled outputs joined (32 + 32).
 TINY_SD3_T5 = dict(TINY_T5, d_model=96, d_kv=12, num_heads=8)
+# SD3.5's design: q/k RMS norms (single files take the head size from them) and, as SD3.5 Medium, a second
+# self-attention in the first block
 TINY_SD3_TRANSFORMER = dict(sample_size=8, patch_size=1, in_channels=16, num_layers=2, attention_head_dim=8,
                             num_attention_heads=4, joint_attention_dim=96, caption_projection_dim=32,
-                            pooled_projection_dim=64, out_channels=16, pos_embed_max_size=16)
+                            pooled_projection_dim=64, out_channels=16, pos_embed_max_size=16, qk_norm="rms_norm",
+                            dual_attention_layers=(0,))
 
 
 def t5_tokenizer():
@@ -172,6 +176,7 @@ def make_tiny_flow_models(root: Path) -> dict[str, Path]:
     return paths
 
 
+TINY_SD3_FILE = "tiny-sd3.safetensors"
 TINY_FLUX_FILE = "tiny-flux.safetensors"
 TINY_FLUX_TRANSFORMER_FILE = "tiny-flux-transformer-fp8.safetensors"
 TINY_CLIP_L_FILE = "tiny-clip-l.safetensors"
@@ -235,3 +240,34 @@ def make_tiny_flux_files(models_root: Path) -> dict[str, Path]:
         vae_meta = {"diffusers_configs": json.dumps({"vae": configs["vae"]}, sort_keys=True, default=list)}
         _write_safetensors(paths[TINY_FLUX_VAE_FILE], {k: v.contiguous() for k, v in parts["vae"].items()}, vae_meta)
     return paths
+
+
+def make_tiny_sd3_file(models_root: Path) -> Path:
+    """Stable-diffusion/tiny-sd3.safetensors: the tiny SD3 folder's weights in Stability AI's all-in-one layout
+    (`model.diffusion_model.joint_blocks.*`, `text_encoders.{clip_l,clip_g,t5xxl}.transformer.*`,
+    `first_stage_model.*`); the CLIP, VAE and scheduler configs ride in its metadata."""
+    import json
+
+    from modules.demo.tiny_models import _is_current, _step, _write_safetensors
+    from modules.model_store import sd3_files
+    from modules.model_store.ldm_convert import vae_to_ldm
+
+    path = Path(models_root) / "Stable-diffusion" / TINY_SD3_FILE
+    if _is_current(path):
+        return path
+    with _step("tiny SD3 single file", path.parent):
+        c = build_tiny_sd3()
+        transformer = c["transformer"]
+        state = {sd3_files.TRANSFORMER_PREFIX + k: v
+                 for k, v in sd3_files.to_sai(transformer.state_dict(), dict(transformer.config)).items()}
+        for part, component in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")):
+            prefix = sd3_files.PART_PREFIXES[part]
+            state.update({prefix + k: v for k, v in c[component].state_dict().items() if not k.endswith("position_ids")})
+        state.update({sd3_files.PART_PREFIXES["t5xxl"] + k: v for k, v in c["text_encoder_3"].state_dict().items()
+                      if k != "encoder.embed_tokens.weight"})
+        state.update(vae_to_ldm(c["vae"].state_dict(), dict(c["vae"].config)))  # first_stage_model.*
+        configs = {"vae": dict(c["vae"].config), "text_encoder": c["text_encoder"].config.to_dict(),
+                   "text_encoder_2": c["text_encoder_2"].config.to_dict(), "scheduler": dict(c["scheduler"].config)}
+        _write_safetensors(path, {k: v.contiguous() for k, v in state.items()},
+                           {"diffusers_configs": json.dumps(configs, sort_keys=True, default=list)})
+    return path

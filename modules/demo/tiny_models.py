@@ -465,10 +465,13 @@ def make_tiny_models(dir: str | os.PathLike, full_size: bool = False) -> dict[st
     from modules.demo.tiny_flow import (
         make_tiny_flow_models,  # tiny-flux-diffusers, tiny-sd3-diffusers
         make_tiny_flux_files,  # tiny-flux.safetensors, tiny-flux-transformer-fp8 + text_encoder/, VAE/tiny-flux-ae
+        make_tiny_sd3_file,  # tiny-sd3.safetensors
     )
     paths.update(make_tiny_flow_models(root))
     flux_files = make_tiny_flux_files(Path(dir))  # the checkpoints are listed; text_encoder/ and VAE/ are not
     paths.update({p.stem: p for p in flux_files.values() if p.parent == root})
+    sd3_file = make_tiny_sd3_file(Path(dir))
+    paths[sd3_file.stem] = sd3_file
     vae_file = Path(dir) / "VAE" / f"{TINY_VAE_FILE}.safetensors"
     if not _is_current(vae_file):
         with _step("VAE/tiny-vae", vae_file.parent):

@@ -49,19 +49,28 @@ def leased_checkpoint(ctx: GenerationContext, settings: dict, warnings: list[str
             raise GenerationError("no checkpoint found: put a .safetensors file in models/Stable-diffusion (or start "
                                   "with --demo)" if not skipped else "no checkpoint can be loaded: " + "; ".join(
                                       f"{n}: {why}" for n, why in skipped.items()))
-        if bundle.separate_parts:  # a FLUX transformer-only file: its text encoders from models/text_encoder
+        if bundle.separate_parts:  # a FLUX/SD3 transformer-only file: its text encoders from models/text_encoder
             bundle = stack.enter_context(sd_pipelines.use_separate_parts(
                 ctx.manager, bundle, ctx.text_encoders, flow_folders(ctx), dtype=ctx.dtype))
         vae = ctx.vaes.choose(settings.get("sd_vae"), info.filename) if ctx.vaes is not None else None
         if vae is None and "vae" in bundle.separate_parts:
-            vae = ctx.vaes.for_latent_channels(16, prefer=("flux", "ae")) if ctx.vaes is not None else None
-            if vae is None:
-                raise checkpoint_files.CheckpointError(
-                    f"{info.name} holds no VAE: put FLUX's VAE (ae.safetensors) in models/VAE")
+            vae = separate_vae(ctx, bundle)
         bundle = stack.enter_context(sd_pipelines.use_vae(ctx.manager, bundle, vae, dtype=ctx.vae_dtype or ctx.dtype,
                                                           attention=ctx.attention))
         prediction = settings.get("sd_prediction_type") or "Automatic"
         yield bundle if prediction == "Automatic" else bundle.with_prediction_type(prediction)
+
+
+def separate_vae(ctx, bundle):
+    """The VAE file for a checkpoint file that has none: a 16-channel one from the VAE folder (FLUX's `ae`, or for
+    SD3 only a file named for SD3: the two VAEs have the same shape and different weights)."""
+    flux = bundle.arch.family == "flux"
+    prefer = ("flux", "ae") if flux else ("sd3", "sd3.5")
+    vae = ctx.vaes.for_latent_channels(16, prefer=prefer, only_preferred=not flux) if ctx.vaes is not None else None
+    if vae is None:
+        what = "FLUX's VAE (ae.safetensors)" if flux else "SD3's VAE (a file with sd3 in its name)"
+        raise checkpoint_files.CheckpointError(f"{bundle.info.name} holds no VAE: put {what} in models/VAE")
+    return vae
 
 
 def flow_folders(ctx) -> list:

@@ -172,9 +172,6 @@ def _describe_unknown(keys: list[str]) -> str:
         k.startswith("model.diffusion_model.") for k in keys
     ):
         return "it looks like a VAE; put it in the VAE folder"
-    if any(k.startswith(("model.diffusion_model.joint_blocks", "joint_blocks")) for k in keys):
-        return ("it looks like a Stable Diffusion 3 single file, which is not supported yet: use the model's "
-                "diffusers folder (with model_index.json) in the checkpoints folder")
     return "it has no Stable Diffusion UNet (model.diffusion_model.*) weights"
 
 
@@ -211,9 +208,11 @@ def detect_architecture(
         return dataclasses.replace(arch, prediction_type=sidecar) if sidecar else arch
 
     keys = list(shapes.keys())
-    from modules.model_store import flux_files
+    from modules.model_store import flux_files, sd3_files
     if flux_files.is_flux_transformer(keys):
         return ModelArch(family="flux", inpainting=False, prediction_type="flow")
+    if sd3_files.is_sd3_transformer(keys):
+        return ModelArch(family="sd3", inpainting=False, prediction_type="flow")
     if UNET_INPUT_KEY not in shapes:
         raise UnsupportedCheckpointError(f"Not a Stable Diffusion checkpoint: {_describe_unknown(keys)}.")
 

@@ -108,14 +108,15 @@ class CheckpointInfo:
 
 
 def _is_flow_model(info: CheckpointInfo) -> bool:
-    """A FLUX/SD3 diffusers folder or a FLUX single file (by its header): never the default while an SD model is."""
+    """A FLUX/SD3 diffusers folder or single file (by its header): never the default while an SD model is."""
     if not info.is_diffusers_folder:
         if not info.filename.lower().endswith(".safetensors"):
             return False
-        from modules.model_store import flux_files
+        from modules.model_store import flux_files, sd3_files
         from modules.model_store.checkpoint_files import read_safetensors_shapes
         try:
-            return flux_files.is_flux_transformer(read_safetensors_shapes(info.filename))
+            keys = read_safetensors_shapes(info.filename)
+            return flux_files.is_flux_transformer(keys) or sd3_files.is_sd3_transformer(keys)
         except (OSError, ValueError):
             return False
     try:

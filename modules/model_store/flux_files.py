@@ -108,25 +108,24 @@ def transformer_config(shapes: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _suffixes(name: str, source: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(BFL parameter, diffusers parameter) suffix pairs present for the BFL name `name` in `source`."""
-    pairs = [(".weight", ".weight"), (".bias", ".bias"), (".scale", ".weight")]
+    """(original parameter, diffusers parameter) suffix pairs present for the original name `name` in `source`;
+    "" is a bare tensor (SD3's `pos_embed`)."""
+    pairs = [(".weight", ".weight"), (".bias", ".bias"), (".scale", ".weight"), ("", "")]
     return [(b, d) for b, d in pairs if name + b in source]
 
 
-def to_diffusers(state_dict: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
-    """A BFL-layout FLUX transformer state dict (optionally under `model.diffusion_model.`) in diffusers'
-    layout. Keys the table does not know raise KeyError (naming them): nothing is dropped silently."""
+def convert_rows(sd: Mapping[str, "torch.Tensor"], rows, width: int, family: str) -> dict[str, "torch.Tensor"]:
+    """An original-layout state dict through a table of (original name, diffusers names, how) rows: "qkv" split in
+    three, "single" split q|k|v|mlp (`width` each for q, k, v), "swap" halves exchanged, "copy" as is. Keys no row
+    places raise KeyError (naming one): nothing is dropped silently."""
     import torch
 
-    sd = {k.removeprefix(TRANSFORMER_PREFIX): v for k, v in state_dict.items()}
-    config = transformer_config(sd)
-    width = config["attention_head_dim"] * config["num_attention_heads"]
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
-    for bfl, names, how in _table(config["num_layers"], config["num_single_layers"]):
-        for b_suffix, d_suffix in _suffixes(bfl, sd):
-            value = sd[bfl + b_suffix]
-            used.add(bfl + b_suffix)
+    for original, names, how in rows:
+        for o_suffix, d_suffix in _suffixes(original, sd):
+            value = sd[original + o_suffix]
+            used.add(original + o_suffix)
             if how == "qkv":
                 parts = torch.chunk(value, 3, dim=0)
             elif how == "single":
@@ -140,25 +139,40 @@ def to_diffusers(state_dict: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.T
                 out[name + d_suffix] = part.contiguous() if how != "copy" else part
     unknown = sorted(set(sd) - used)
     if unknown:
-        raise KeyError(f"{len(unknown)} FLUX transformer tensors this project cannot place, e.g. {unknown[0]}")
+        raise KeyError(f"{len(unknown)} {family} transformer tensors this project cannot place, e.g. {unknown[0]}")
     return out
+
+
+def invert_rows(state_dict: Mapping[str, "torch.Tensor"], rows) -> dict[str, "torch.Tensor"]:
+    """The inverse of `convert_rows`: diffusers' names back to the original layout (joined, halves swapped back;
+    a norm scale is `.scale` where the original name ends in `_norm`, FLUX's spelling)."""
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    for original, names, how in rows:
+        for d_suffix in (s for s in (".weight", ".bias", "") if names[0] + s in state_dict):
+            o_suffix = ".scale" if original.endswith("_norm") and d_suffix == ".weight" else d_suffix
+            parts = [state_dict[n + d_suffix] for n in names]
+            if how == "swap":
+                scale, shift = parts[0].chunk(2, dim=0)
+                parts = [torch.cat([shift, scale], dim=0)]
+            out[original + o_suffix] = torch.cat(parts, dim=0).contiguous() if len(parts) > 1 else parts[0].contiguous()
+    return out
+
+
+def to_diffusers(state_dict: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    """A BFL-layout FLUX transformer state dict (optionally under `model.diffusion_model.`) in diffusers'
+    layout. Keys the table does not know raise KeyError (naming them): nothing is dropped silently."""
+    sd = {k.removeprefix(TRANSFORMER_PREFIX): v for k, v in state_dict.items()}
+    config = transformer_config(sd)
+    width = config["attention_head_dim"] * config["num_attention_heads"]
+    return convert_rows(sd, _table(config["num_layers"], config["num_single_layers"]), width, "FLUX")
 
 
 def to_bfl(state_dict: Mapping[str, "torch.Tensor"], config: Mapping[str, Any]) -> dict[str, "torch.Tensor"]:
     """The inverse of `to_diffusers` (diffusers' `FluxTransformer2DModel` state dict and config -> BFL's layout),
     used to write FLUX single files such as the tiny test models."""
-    import torch
-
-    out: dict[str, torch.Tensor] = {}
-    for bfl, names, how in _table(config["num_layers"], config["num_single_layers"]):
-        for d_suffix in (s for s in (".weight", ".bias") if names[0] + s in state_dict):
-            b_suffix = ".scale" if bfl.endswith("_norm") else d_suffix
-            parts = [state_dict[n + d_suffix] for n in names]
-            if how == "swap":
-                scale, shift = parts[0].chunk(2, dim=0)
-                parts = [torch.cat([shift, scale], dim=0)]
-            out[bfl + b_suffix] = torch.cat(parts, dim=0).contiguous() if len(parts) > 1 else parts[0].contiguous()
-    return out
+    return invert_rows(state_dict, _table(config["num_layers"], config["num_single_layers"]))
 
 
 def split_parts(state_dict: Mapping[str, "torch.Tensor"]) -> dict[str, dict[str, "torch.Tensor"]]:

@@ -54,9 +54,9 @@ class LoadedCheckpoint:
     arch: ModelArch
     components: dict[str, Any]
     config_dir: Path
-    # components the file does not hold -> what supplies them at lease time ("clip_l", "t5", "vae",
-    # "t5_tokenizer"; see sd_pipelines.use_separate_parts)
-    separate_parts: dict[str, str] = dataclasses.field(default_factory=dict)
+    # components the file does not hold -> (what supplies them at lease time: "clip_l", "clip_g", "t5", "vae",
+    # "t5_tokenizer"; whether a CLIP needs its projection), see sd_pipelines.use_separate_parts
+    separate_parts: dict[str, tuple[str, bool]] = dataclasses.field(default_factory=dict)
 
 
 _COMPONENT_CONFIG_FILES = {
@@ -204,8 +204,10 @@ def _load_single_file(info: CheckpointInfo, torch_dtype, vae_dtype) -> LoadedChe
     _normalize_ldm_keys(state_dict)
     metadata = extras.get("metadata", {})
     arch = detect_architecture(state_dict, metadata=metadata)
-    if arch.family == "flux":
-        return _load_flux_file(info, arch, state_dict, metadata, torch_dtype, vae_dtype)
+    if arch.is_flow:  # FLUX.1 and SD3 single files: flow_files
+        from modules.model_store.flow_files import load_flow_file
+        _install_warning_filter()
+        return load_flow_file(info, arch, state_dict, metadata, torch_dtype, vae_dtype)
     sidecar = sidecar_prediction_type(info.filename)
     if sidecar:
         arch = ModelArch(arch.family, arch.inpainting, sidecar)
@@ -264,69 +266,6 @@ def _load_single_file(info: CheckpointInfo, torch_dtype, vae_dtype) -> LoadedChe
     components.update(_tokenizers(arch))
     components.update(pipeline_extras(arch))
     return LoadedCheckpoint(info=info, arch=arch, components=_finish(components), config_dir=config_dir)
-
-
-# what a FLUX file may leave out, and where the studio then finds it (see sd_pipelines.use_separate_parts)
-FLUX_SEPARATE_PARTS = {"text_encoder": "clip_l", "text_encoder_2": "t5", "vae": "vae"}
-
-
-def _load_flux_file(info: CheckpointInfo, arch: ModelArch, state_dict: dict, metadata: dict, torch_dtype,
-                    vae_dtype) -> LoadedCheckpoint:
-    """A FLUX.1 single file: BFL's transformer-only layout or ComfyUI's all-in-one (transformer, CLIP-L, T5, VAE).
-    The transformer is converted by the project's own table (flux_files); the parts the file has are built here,
-    and the ones it lacks are named in `separate_parts` for the lease to add from the
-    text-encoder and VAE folders (shared there between checkpoints). Weights are cast to `torch_dtype`, except
-    that the layers a file stores in fp8 keep their fp8 weights in memory and are cast up as they run (diffusers'
-    layerwise casting, `text_encoders.keep_fp8_layers`): half the memory of fp16, the pixels of the weights cast
-    up."""
-    from accelerate import init_empty_weights
-    from diffusers import FluxTransformer2DModel
-
-    from modules.model_store import flux_files, text_encoders
-    from modules.model_store.sd_vae import _vae_from_state_dict
-    from modules.prompting.clip_tokenizer import clip_tokenizer
-
-    _install_warning_filter()
-    source = info.name
-    configs = metadata.get(DIFFUSERS_CONFIGS_METADATA_KEY)
-    config_dir = materialized_config_dir(configs, arch) if configs else arch.config_dir
-    parts = flux_files.split_parts(state_dict)
-    state_dict.clear()
-    stage = "transformer"
-    try:
-        config = flux_files.transformer_config(parts["transformer"])
-        weights = flux_files.to_diffusers(parts.pop("transformer"))
-        file_dtypes = {k: v.dtype for k, v in weights.items()}
-        with init_empty_weights():
-            transformer = FluxTransformer2DModel(**config)
-        transformer.load_state_dict({k: v.to(torch_dtype) for k, v in weights.items()}, strict=True, assign=True)
-        del weights
-        text_encoders.keep_fp8_layers(transformer, file_dtypes, torch_dtype)  # fp8 layers stay fp8 in memory
-        components: dict[str, Any] = {"transformer": transformer, "tokenizer": clip_tokenizer()}
-        if "clip_l" in parts:
-            stage = "CLIP-L text encoder"
-            clip_config = text_encoders.clip_config("clip_l", metadata)
-            components["text_encoder"] = text_encoders.load_clip(parts.pop("clip_l"), clip_config, torch_dtype, source)
-        if "t5xxl" in parts:
-            stage = "T5 text encoder"
-            components["text_encoder_2"] = text_encoders.load_t5(parts.pop("t5xxl"), torch_dtype, source)
-        if "vae" in parts:
-            stage = "VAE"
-            components["vae"] = _vae_from_state_dict(parts.pop("vae"), config_dir, vae_dtype)
-            _assert_fully_loaded(components["vae"], stage, source)
-    except CheckpointError:
-        raise
-    except (ValueError, KeyError, RuntimeError, OSError, TypeError) as e:
-        raise CheckpointError(f"Cannot load the {stage} of {source} as a FLUX.1 file: {e}") from e
-    scheduler_config = read_json(config_dir / "scheduler" / "scheduler_config.json")
-    if not config["guidance_embeds"]:  # FLUX.1-schnell: a fixed shift of 1, as its own repository says
-        scheduler_config.update(shift=1.0, use_dynamic_shifting=False)
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-    separate = {name: kind for name, kind in FLUX_SEPARATE_PARTS.items() if name not in components}
-    separate["tokenizer_2"] = "t5_tokenizer"  # never in a file
-    return LoadedCheckpoint(info=info, arch=arch, components=_finish(components), config_dir=config_dir,
-                            separate_parts=separate)
 
 
 def _variant(folder: Path) -> str | None:

@@ -127,33 +127,32 @@ def use_vae(manager, bundle: CheckpointBundle, vae, *, dtype: torch.dtype,
         yield bundle.with_vae(model, vae)
 
 
-SEPARATE_PART_NAMES = {"clip_l": "CLIP-L", "t5": "T5-XXL", "clip_g": "CLIP-G"}
-
-
 @contextlib.contextmanager
 def use_separate_parts(manager, bundle: CheckpointBundle, text_encoder_files, checkpoint_folders, *,
                        dtype: torch.dtype) -> Iterator[CheckpointBundle]:
-    """Lease the text encoders a checkpoint file does not hold (FLUX transformer-only files) from the text-encoder
-    folders, each file once in the manager for every checkpoint that uses it, and add T5's tokenizer; yields the
-    bundle with them. The VAE such a file lacks comes through `use_vae`. CheckpointError naming the file to add
-    when one is not there."""
+    """Lease the text encoders a checkpoint file does not hold (FLUX and SD3 transformer-only files) from the
+    text-encoder folders, each file once in the manager for every checkpoint that uses it, and add T5's tokenizer;
+    yields the bundle with them. The VAE such a file lacks comes through `use_vae`. CheckpointError naming the
+    file to add when one is not there."""
     from modules.model_store import text_encoders
     from modules.model_store.checkpoint_files import CheckpointError
 
-    wanted = {name: kind for name, kind in bundle.separate_parts.items() if kind in SEPARATE_PART_NAMES}
     parts = {}
-    if "t5_tokenizer" in bundle.separate_parts.values():
-        parts["tokenizer_2"] = text_encoders.t5_tokenizer(text_encoder_files, checkpoint_folders)
     with contextlib.ExitStack() as stack:
-        for name, kind in wanted.items():
+        for name, (kind, projection) in bundle.separate_parts.items():
+            if kind == "t5_tokenizer":
+                parts[name] = text_encoders.t5_tokenizer(text_encoder_files, checkpoint_folders)
+                continue
+            if kind not in text_encoders.KIND_NAMES:
+                continue
             info = text_encoder_files.first(kind) if text_encoder_files is not None else None
             if info is None:
                 raise CheckpointError(
-                    f"{bundle.info.name} holds no {SEPARATE_PART_NAMES[kind]} text encoder: put one (for example "
+                    f"{bundle.info.name} holds no {text_encoders.KIND_NAMES[kind]} text encoder: put one (for example "
                     f"{'t5xxl_fp16' if kind == 't5' else kind}.safetensors) in models/text_encoder")
             parts[name] = stack.enter_context(manager.use(
-                info.key(dtype), lambda info=info: text_encoders.load_file(info, dtype), kind="text_encoder",
-                name=info.name))
+                info.key(dtype, projection), lambda info=info, projection=projection: text_encoders.load_file(
+                    info, dtype, projection), kind="text_encoder", name=info.name))
             parts[name].to(bundle.device)
         yield bundle.with_components(**parts) if parts else bundle
 

@@ -137,11 +137,16 @@ class VaeRegistry:
             raise UnknownVaeError(f"VAE {choice!r} not found (available: {', '.join(self.choices())})")
         return info
 
-    def for_latent_channels(self, channels: int, prefer: tuple[str, ...] = ()) -> VaeInfo | None:
+    def for_latent_channels(self, channels: int, prefer: tuple[str, ...] = (),
+                            only_preferred: bool = False) -> VaeInfo | None:
         """The first VAE file whose decoder takes `channels` latent channels (16: FLUX's and SD3's), one whose
-        name holds a word of `prefer` first; for checkpoint files that ship without a VAE."""
-        matches = [info for info in self._items if not info.is_folder and _latent_channels(info.path) == channels]
-        matches.sort(key=lambda info: (not any(w in info.path.stem.lower() for w in prefer), info.name.lower()))
+        name holds a word of `prefer` first (only those with `only_preferred`); for checkpoint files that ship
+        without a VAE."""
+        def preferred(info):
+            return any(w in info.path.stem.lower() for w in prefer)
+        matches = [info for info in self._items if not info.is_folder and _latent_channels(info.path) == channels
+                   and (preferred(info) or not only_preferred)]
+        matches.sort(key=lambda info: (not preferred(info), info.name.lower()))
         return matches[0] if matches else None
 
     def near_checkpoint(self, checkpoint: Path) -> VaeInfo | None:

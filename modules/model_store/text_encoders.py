@@ -32,6 +32,7 @@ log = logging.getLogger("webui.text_encoders")
 FOLDER_NAMES = ("text_encoder", "text_encoders")
 EXTENSIONS = (".safetensors",)
 KINDS = ("clip_l", "clip_g", "t5")
+KIND_NAMES = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5": "T5-XXL"}
 _T5_PREFIXES = ("text_encoders.t5xxl.transformer.", "transformer.")
 _CLIP_PREFIXES = ("text_encoders.clip_l.transformer.", "text_encoders.clip_g.transformer.", "transformer.")
 T5_TOKENIZER_HELP = ("T5's tokenizer is not shipped with the studio: put a FLUX or SD3 diffusers folder (its "
@@ -49,8 +50,9 @@ class TextEncoderInfo:
     def name(self) -> str:
         return self.path.name
 
-    def key(self, dtype) -> str:
-        return f"text_encoder:{self.path}:{str(dtype).removeprefix('torch.')}"
+    def key(self, dtype, projection: bool = False) -> str:
+        """The manager's key: one entry per file, dtype and CLIP head (SD3 reads CLIP-L's projection, FLUX not)."""
+        return f"text_encoder:{self.path}:{str(dtype).removeprefix('torch.')}{':projection' if projection else ''}"
 
 
 def strip_prefixes(state_dict: dict, prefixes: tuple[str, ...]) -> dict:
@@ -193,16 +195,17 @@ def load_t5(state_dict: dict, dtype, source: str):
     return model.eval()
 
 
-def clip_config(kind: str, metadata: dict[str, str]) -> dict[str, Any]:
-    """A CLIP text config: the file's own (`diffusers_configs` metadata) or the published CLIP-L / CLIP-G one."""
+def clip_config(kind: str, metadata: dict[str, str], component: str = "text_encoder") -> dict[str, Any]:
+    """A CLIP text config: the file's own (`diffusers_configs` metadata, its `component` entry) or the published
+    CLIP-L / CLIP-G one."""
     from modules.core.paths import SD_CONFIGS_DIR
 
     configs = metadata.get(DIFFUSERS_CONFIGS_METADATA_KEY)
     if configs:
         try:
-            return json.loads(configs)["text_encoder"]
+            return json.loads(configs)[component]
         except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"the file's {DIFFUSERS_CONFIGS_METADATA_KEY} metadata has no text_encoder") from e
+            raise CheckpointError(f"the file's {DIFFUSERS_CONFIGS_METADATA_KEY} metadata has no {component}") from e
     sub = "sdxl/text_encoder_2" if kind == "clip_g" else "sd1/text_encoder"
     return json.loads((SD_CONFIGS_DIR / sub / "config.json").read_text(encoding="utf-8"))
 
@@ -233,14 +236,15 @@ def load_clip(state_dict: dict, config: dict, dtype, source: str, *, projection:
     return model.eval()
 
 
-def load_file(info: TextEncoderInfo, dtype):
-    """The encoder module of a text-encoder file (what the manager holds)."""
+def load_file(info: TextEncoderInfo, dtype, projection: bool = False):
+    """The encoder module of a text-encoder file (what the manager holds); CLIP with its projection for SD3."""
     from modules.model_store.checkpoint_files import load_state_dict_and_extras
 
     state_dict, extras = load_state_dict_and_extras(info.path)
     if info.kind == "t5":
         return load_t5(state_dict, dtype, info.name)
-    return load_clip(state_dict, clip_config(info.kind, extras.get("metadata", {})), dtype, info.name)
+    return load_clip(state_dict, clip_config(info.kind, extras.get("metadata", {})), dtype, info.name,
+                     projection=projection)
 
 
 def t5_tokenizer(registry: TextEncoderRegistry | None, checkpoint_folders: list[Path]):

@@ -152,7 +152,6 @@ def test_detect_accepts_tensors_and_modelspec_metadata():
     [
         ({"lora_unet_down_blocks_0.alpha": ()}, "LoRA"),
         ({"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.conv_in.weight": (512, 4, 3, 3)}, "VAE"),
-        ({"model.diffusion_model.joint_blocks.0.x": (1,)}, "Stable Diffusion 3"),
         (shapes([SD1_TE], 8), "instruct-pix2pix"),
         (shapes(["conditioner.embedders.0.model.token_embedding.weight"]), "refiner"),
         (shapes([]), "no text encoder"),
@@ -487,10 +486,7 @@ def test_flux_single_files_are_detected(tmp_path, keys):
     assert checkpoint_files.detect_architecture(path) == checkpoint_files.ModelArch("flux", False, "flow")
 
 
-def test_sd3_single_files_are_refused_with_what_to_use_instead(tmp_path):
+def test_sd3_single_files_are_detected(tmp_path):
     path = tmp_path / "model.safetensors"
     save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(2, 2)}, str(path))
-    with pytest.raises(checkpoint_files.UnsupportedCheckpointError) as err:
-        checkpoint_files.detect_architecture(path)
-    assert "a Stable Diffusion 3 single file, which is not supported yet: use the model's diffusers folder" \
-        in str(err.value)
+    assert checkpoint_files.detect_architecture(path) == checkpoint_files.ModelArch("sd3", False, "flow")

@@ -40,7 +40,7 @@ def test_layout_and_registry(models_dir, registry):
     assert set(paths) == {"tiny-sd15", "tiny-sd15-diffusers", "tiny-sd15-inpainting", "tiny-sdxl",
                           "tiny-sdxl-diffusers", "tiny-sd2", "tiny-sd2-diffusers", "tiny-sd2-v",
                           "tiny-sd2-v-diffusers", "tiny-sd2-inpainting", "tiny-flux-diffusers", "tiny-sd3-diffusers",
-                          "tiny-flux", "tiny-flux-transformer-fp8"}
+                          "tiny-flux", "tiny-flux-transformer-fp8", "tiny-sd3"}
     assert all(p.parent == root / "Stable-diffusion" and p.exists() for p in paths.values())
     assert [i.name for i in registry.list()] == [
         "tiny-flux-diffusers",
@@ -55,6 +55,7 @@ def test_layout_and_registry(models_dir, registry):
         "tiny-sd2-v.safetensors",
         "tiny-sd2.safetensors",
         "tiny-sd3-diffusers",
+        "tiny-sd3.safetensors",
         "tiny-sdxl-diffusers",
         "tiny-sdxl.safetensors",
     ]

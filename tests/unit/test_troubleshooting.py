@@ -34,7 +34,7 @@ MESSAGES = [
     ("modules/networks/extra_networks.py", "is not a number"),
     ("modules/networks/merge.py", "of its layers do not match this checkpoint and were skipped"),
     ("modules/model_store/text_encoders.py", "T5's tokenizer is not shipped with the studio"),
-    ("modules/generation/leases.py", "holds no VAE: put FLUX's VAE (ae.safetensors) in models/VAE"),
+    ("modules/generation/leases.py", "FLUX's VAE (ae.safetensors)"),
     ("modules/model_store/sd_pipelines.py", "text encoder: put one (for example "),
     ("modules/captioning/models.py", "put a transformers folder in"),
     ("modules/captioning/models.py", "offline mode (HF_HUB_OFFLINE is set). Unset it, or "),

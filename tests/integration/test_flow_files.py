@@ -1,7 +1,8 @@
-"""FLUX.1 single files: ComfyUI's all-in-one file and BFL's transformer-only file (here in fp8) with CLIP-L and T5
-from models/text_encoder and the VAE from models/VAE. They are detected and listed, give the pixels of plain
-diffusers' FluxPipeline over the same weights, share one T5 between checkpoints in the model manager, and a missing
-part is a message naming the file to add."""
+"""FLUX.1 and SD3 single files: ComfyUI's FLUX all-in-one file and BFL's transformer-only file (here in fp8) with
+CLIP-L and T5 from models/text_encoder and the VAE from models/VAE; Stability AI's SD3 all-in-one file and a
+transformer-only one. They are detected and listed, give the pixels of plain diffusers' pipelines over the same
+weights, share one T5 between checkpoints in the model manager, a missing part is a message naming the file to
+add, and kohya-layout FLUX LoRAs land on diffusers' layers."""
 from __future__ import annotations
 
 import shutil
@@ -343,3 +344,111 @@ def test_a_lora_on_an_fp8_file_merges_in_full_precision_and_leaves_fp8(tiny_mode
     after = transformer.state_dict()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k].float(), v.float()) for k, v in before.items())
     assert after["transformer_blocks.0.attn.to_q.weight"].dtype == torch.float8_e4m3fn
+
+
+
+SD3_FOLDER = "tiny-sd3-diffusers"
+
+
+@pytest.mark.parametrize("config", [
+    {},  # SD3 Medium's design: no q/k norms, patch 2
+    {"qk_norm": "rms_norm", "dual_attention_layers": (0, 1)},  # SD3.5 Medium's
+])
+def test_the_sd3_table_is_diffusers_own_converter_read_both_ways(config):
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import (
+        convert_sd3_transformer_checkpoint_to_diffusers,
+    )
+
+    from modules.model_store import sd3_files
+    torch.manual_seed(0)
+    head_dim = 64 if not config else 8  # without q/k norms the head size is SD3's own 64
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=3,
+                                  attention_head_dim=head_dim, num_attention_heads=2, joint_attention_dim=48,
+                                  caption_projection_dim=2 * head_dim, pooled_projection_dim=32, out_channels=16,
+                                  pos_embed_max_size=16, **config)
+    weights = model.state_dict()
+    sai = sd3_files.to_sai(weights, dict(model.config))
+    assert "joint_blocks.2.context_block.adaLN_modulation.1.weight" in sai and "pos_embed" in sai
+    theirs = convert_sd3_transformer_checkpoint_to_diffusers(dict(sai))
+    mine = sd3_files.to_diffusers(sai)
+    assert set(mine) == set(theirs) == set(weights)
+    assert all(torch.equal(mine[k], theirs[k]) and torch.equal(mine[k], weights[k]) for k in weights)
+    read = sd3_files.transformer_config(sai)
+    assert {k: v for k, v in read.items() if k != "sample_size"} == \
+        {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(model.config).items() if k in read
+         and k != "sample_size"}
+
+
+def test_the_sd3_all_in_one_file_gives_the_folders_pixels(tiny_models, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+    assert checkpoint_files.detect_architecture(tiny_models / "Stable-diffusion" / tiny_flow.TINY_SD3_FILE) == \
+        checkpoint_files.ModelArch("sd3", False, "flow")
+    ctx = context(tiny_models, tmp_path)
+    result = _sd3(ctx, tiny_flow.TINY_SD3_FILE)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_models / "Stable-diffusion" / SD3_FOLDER, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert_float_images_close(result.samples, _plain_sd3(pipe))
+    assert "Model: tiny-sd3," in result.infotexts[0] and result.info["warnings"] == []
+
+
+def _sd3(ctx, checkpoint):
+    req = generation.validate(generation.Txt2ImgRequest(prompt=PROMPT, negative_prompt="blurry", steps=3, cfg_scale=5.0,
+                                                        width=64, height=64, seed=3, batch_size=1, save_images=False))
+    return generation.run_txt2img(ctx, req, None, {"sd_model_checkpoint": checkpoint, "return_grid": False},
+                                  keep_samples=True)
+
+
+def _plain_sd3(pipe):
+    e, n, p, np_ = pipe.encode_prompt(PROMPT, None, None, num_images_per_prompt=1, negative_prompt="blurry",
+                                      do_classifier_free_guidance=True, max_sequence_length=256)
+    return pipe(prompt_embeds=e, negative_prompt_embeds=n, pooled_prompt_embeds=p, negative_pooled_prompt_embeds=np_,
+                guidance_scale=5.0, num_inference_steps=3, height=64, width=64, output_type="np",
+                generator=[torch.Generator("cpu").manual_seed(3)], max_sequence_length=256).images
+
+
+def _sd3_parts(tiny_models, models):
+    """tiny-sd3.safetensors taken apart as SAI ships SD3.5: the transformer alone, CLIP-L, CLIP-G and T5 files in
+    models/text_encoder, the VAE in models/VAE (named for SD3); the tokenizer from the SD3 folder."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from modules.model_store import sd3_files
+    source = tiny_models / "Stable-diffusion" / tiny_flow.TINY_SD3_FILE
+    with safe_open(str(source), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+        configs = json.loads(f.metadata()["diffusers_configs"])
+    parts = sd3_files.split_parts(state)
+    (models / "Stable-diffusion").mkdir(parents=True)
+    (models / "text_encoder").mkdir()
+    (models / "VAE").mkdir()
+    save_file(parts["transformer"], str(models / "Stable-diffusion" / "sd3-transformer.safetensors"))
+    for part, component in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")):
+        save_file(parts[part], str(models / "text_encoder" / f"{part}.safetensors"),
+                  {"diffusers_configs": json.dumps({"text_encoder": configs[component]})})
+    save_file(parts["t5xxl"], str(models / "text_encoder" / "t5xxl_fp16.safetensors"))
+    vae = {k.removeprefix("first_stage_model."): v for k, v in parts["vae"].items()}
+    save_file(vae, str(models / "VAE" / "sd3-vae.safetensors"), {"diffusers_configs": json.dumps({"vae": configs["vae"]})})
+    shutil.copytree(tiny_models / "Stable-diffusion" / SD3_FOLDER, models / "Stable-diffusion" / SD3_FOLDER)
+
+
+def test_an_sd3_transformer_file_with_separate_encoders_and_vae(tiny_models, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+    models = tmp_path / "models"
+    _sd3_parts(tiny_models, models)
+    ctx = context(models, tmp_path / "out")
+    assert {i.name: i.kind for i in ctx.text_encoders.list()} == {"clip_g.safetensors": "clip_g",
+                                                                  "clip_l.safetensors": "clip_l",
+                                                                  "t5xxl_fp16.safetensors": "t5"}
+    result = _sd3(ctx, "sd3-transformer.safetensors")
+    pipe = StableDiffusion3Pipeline.from_pretrained(models / "Stable-diffusion" / SD3_FOLDER, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert_float_images_close(result.samples, _plain_sd3(pipe))
+    assert "VAE: sd3-vae.safetensors" in result.infotexts[0]
+    # FLUX's VAE has SD3's shape but not its weights: it is never taken for an SD3 file
+    (models / "VAE" / "sd3-vae.safetensors").rename(models / "VAE" / "ae.safetensors")
+    ctx = context(models, tmp_path / "out2")
+    with pytest.raises(CheckpointError, match="holds no VAE: put SD3's VAE"):
+        _sd3(ctx, "sd3-transformer.safetensors")
