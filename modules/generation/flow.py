@@ -9,8 +9,9 @@ which put the init image's (noised) latents back outside the mask after every st
 own mask handling (blur, invert, fill/original, "only masked" crop and paste-back, the final composite) is the
 one SD inpainting uses.
 
-What the SD prompt language does not do here (the text goes to the encoders as written): emphasis weights,
-prompt editing, alternation and AND, embeddings. LoRAs in diffusers'/PEFT's layout and kohya's FLUX layout apply as
+Emphasis, `(word:1.3)`, weights the encoders' token embeddings as A1111 does for SD (flow_emphasis: T5's on
+FLUX; CLIP-L/G's and T5's on SD3). What the SD prompt language does not do here (the text goes to the encoders as
+written): prompt editing, alternation, AND and BREAK, embeddings. LoRAs in diffusers'/PEFT's layout and kohya's FLUX layout apply as
 on SD. Hires fix runs the img2img pipeline over the upscaled first pass (latent, pixel or model upscalers). Latent
 noise/nothing as masked content and img2img's variation seeds and noise multiplier are refused or reported
 until they are built for these families.
@@ -29,7 +30,7 @@ from modules.generation.params import GenerationError
 from modules.generation.processing import network_params
 from modules.generation.sampling import StepTracker, decode_latents, make_noise
 from modules.model_store import sd_pipelines
-from modules.prompting import prompt_parser
+from modules.prompting import flow_emphasis, prompt_parser
 
 if TYPE_CHECKING:
     from modules.generation.processing import Processing
@@ -42,7 +43,8 @@ FLOW_SAMPLERS = {
     "sd3": {"Euler": "FlowMatchEulerDiscreteScheduler", "Heun": "FlowMatchHeunDiscreteScheduler"},
 }
 DEFAULT_FLOW_SAMPLER = "Euler"
-_PROMPT_SYNTAX = re.compile(r"[()\[\]]|\bAND\b|\bBREAK\b")
+# what the flow encoders do not do (emphasis they do): prompt editing [a:b:n], alternation [a|b], AND, BREAK
+_PROMPT_SYNTAX = re.compile(r"\[[^\[\]]*[:|][^\[\]]*\]|\bAND\b|\bBREAK\b")
 
 
 def family_name(bundle) -> str:
@@ -169,8 +171,8 @@ def _setup(p: Processing, stack: contextlib.ExitStack, bundle, kind: str) -> Non
     p.network_params = network_params(applied, [])
     p.first_prompt = resolved.prompt
     if any(_PROMPT_SYNTAX.search(t) for t in (resolved.prompt, p.all_negative_prompts[0])):
-        add_new(p.warnings, [f"{name}: emphasis, prompt editing, AND and BREAK are not applied; the text goes to "
-                             "the encoders as written"])
+        add_new(p.warnings, [f"{name}: prompt editing, alternation, AND and BREAK are not applied; the text goes "
+                             "to the encoders as written (emphasis is)"])
     p.flow_sampler = flow_sampler(p, bundle)
     p.sampler_name = p.flow_sampler
     p.flow_shift = float(p.settings.get("flow_shift", 0.0) or 0.0)
@@ -200,7 +202,9 @@ def encode(p: Processing, prompt: str, negative: str) -> dict[str, torch.Tensor]
     key = prompt + "\0" + negative
     if key in cache:
         return cache[key]
-    pipe, text, device = p.pipe, _text(p, prompt), p.bundle.device
+    pipe, device = p.pipe, p.bundle.device
+    text, spans = flow_emphasis.weighted_text(_text(p, prompt))
+    negative, negative_spans = flow_emphasis.weighted_text(negative)
     true_cfg = p.cfg_scale > 1
     with torch.inference_mode():
         if p.bundle.arch.family == "flux":
@@ -221,8 +225,27 @@ def encode(p: Processing, prompt: str, negative: str) -> dict[str, torch.Tensor]
             out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
             if true_cfg:
                 out.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
+    out["prompt_embeds"] = _emphasized(p, out["prompt_embeds"], text, spans)
+    if "negative_prompt_embeds" in out:
+        out["negative_prompt_embeds"] = _emphasized(p, out["negative_prompt_embeds"], negative, negative_spans)
     cache[key] = out
     return out
+
+
+def _emphasized(p: Processing, z: torch.Tensor, text: str, spans) -> torch.Tensor:
+    """The sequence embeddings of `text` with its emphasis weights applied (see flow_emphasis): T5's rows on
+    FLUX; on SD3 the 77 CLIP rows and then T5's."""
+    if not flow_emphasis.has_weights(spans):
+        return z
+    pipe = p.pipe
+    if p.bundle.arch.family == "flux":
+        return flow_emphasis.emphasize(z, flow_emphasis.token_weights(pipe.tokenizer_2, text, spans, z.shape[1]))
+    clip = pipe.tokenizer_max_length
+    return torch.cat([
+        flow_emphasis.emphasize(z[:, :clip], flow_emphasis.token_weights(pipe.tokenizer, text, spans, clip)),
+        flow_emphasis.emphasize(z[:, clip:], flow_emphasis.token_weights(pipe.tokenizer_3, text, spans,
+                                                                         z.shape[1] - clip)),
+    ], dim=1)
 
 
 def sample(p: Processing, batch_number: int, seeds: list[int], subseeds: list[int]) -> torch.Tensor:

@@ -294,16 +294,57 @@ def test_prompt_syntax_and_lora_tags_are_reported_on_flux(tiny_models, tmp_path)
     from modules import networks
     ctx = generation.local_context([tiny_models / "Stable-diffusion"], tmp_path / "out")
     ctx = dataclasses.replace(ctx, networks=networks.ExtraNetworks([tiny_models / "Lora"], [tiny_models / "embeddings"]))
-    req = generation.validate(generation.Txt2ImgRequest(prompt="a (cat:1.3) <lora:tiny-lora:1>", steps=2, width=64,
+    req = generation.validate(generation.Txt2ImgRequest(prompt="a [cat:dog:1] <lora:tiny-lora:1>", steps=2, width=64,
                                                         height=64, seed=1, save_images=False, cfg_scale=1.0))
     result = generation.run_txt2img(ctx, req, None, {"sd_model_checkpoint": FLUX})
     warnings = " | ".join(result.info["warnings"])
     assert "LoRA tiny-lora: " in warnings and "do not match this checkpoint" in warnings  # an SD1 LoRA
-    assert "emphasis, prompt editing, AND and BREAK are not applied" in warnings
+    assert "prompt editing, alternation, AND and BREAK are not applied" in warnings
     long = generation.validate(generation.Txt2ImgRequest(prompt="cat " * 300, steps=1, width=64, height=64,
                                                          save_images=False, cfg_scale=1.0))
     result = generation.run_txt2img(ctx, long, None, {"sd_model_checkpoint": SD3})
     assert any("T5 tokens; SD3 reads the first 256" in w for w in result.info["warnings"])
+
+
+@pytest.mark.parametrize("name", [FLUX, SD3])
+def test_emphasis_weights_the_encoders_rows_as_a1111_does(context, plain, name):
+    """`(cat:1.5)` on a flow model: the pipeline's embeddings of the plain text with the rows of "cat" (T5's, and on
+    SD3 also CLIP's) scaled by 1.5 and the whole rescaled to its mean; no weights is exactly the plain text, and the
+    image changes."""
+    from modules.generation import flow
+    from modules.prompting import flow_emphasis
+    cfg = 1.0 if name == FLUX else 5.0
+    text = "a photo of a (cat:1.5), highly detailed"
+    weighted = ours(context, name, batch=1, cfg=cfg, prompt=text)
+    same = ours(context, name, batch=1, cfg=cfg, prompt="a photo of a (cat:1.0), highly detailed")
+    base = ours(context, name, batch=1, cfg=cfg)
+    assert_float_images_close(same.samples, base.samples, atol=0)
+    # the tiny random models barely listen to one token: the pictures differ a little, not by eye (weight 1.0 gave
+    # the same floats exactly, so any difference is the weight's)
+    assert np.abs(np.asarray(weighted.samples) - np.asarray(base.samples)).max() > 1e-5
+    assert weighted.info["warnings"] == [] or all("not applied" not in w for w in weighted.info["warnings"])
+    pipe = plain[name]
+    p = type("P", (), {})()
+    p.pipe, p.bundle = pipe, type("B", (), {"arch": type("A", (), {"family": "flux" if name == FLUX else "sd3"})()})()
+    plain_text, spans = flow_emphasis.weighted_text(text)
+    assert plain_text == PROMPT
+    if name == FLUX:
+        z = pipe.encode_prompt(PROMPT, None, num_images_per_prompt=1, max_sequence_length=512)[0]
+        rows = [(pipe.tokenizer_2, slice(0, None))]
+    else:
+        z = pipe.encode_prompt(PROMPT, None, None, num_images_per_prompt=1, do_classifier_free_guidance=False,
+                               max_sequence_length=256)[0]
+        rows = [(pipe.tokenizer, slice(0, 77)), (pipe.tokenizer_3, slice(77, None))]
+    out = flow._emphasized(p, z, plain_text, spans)
+    for tokenizer, part in rows:
+        ids = tokenizer(PROMPT, padding="max_length", max_length=z[:, part].shape[1], truncation=True).input_ids
+        cat = [i for i, t in enumerate(ids) if tokenizer.decode([t]).strip() == "cat"]
+        assert len(cat) == 1, [tokenizer.decode([t]) for t in ids[:12]]
+        a, b = z[0, part], out[0, part]
+        scale = a.mean() / (a * torch.tensor([1.5 if i in cat else 1.0 for i in range(a.shape[0])])[:, None]).mean()
+        expected = a.clone()
+        expected[cat[0]] *= 1.5
+        torch.testing.assert_close(b, expected * scale, rtol=1e-5, atol=1e-6)
 
 
 def test_a_diffusers_layout_flux_lora_merges_as_diffusers_loads_it(context, tiny_models, plain, tmp_path):
