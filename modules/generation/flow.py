@@ -30,7 +30,7 @@ from modules.generation.params import GenerationError
 from modules.generation.processing import network_params
 from modules.generation.sampling import StepTracker, decode_latents, make_noise
 from modules.model_store import sd_pipelines
-from modules.prompting import flow_emphasis, prompt_parser
+from modules.prompting import flow_emphasis, prompt_parser, prompts
 
 if TYPE_CHECKING:
     from modules.generation.processing import Processing
@@ -238,14 +238,16 @@ def _emphasized(p: Processing, z: torch.Tensor, text: str, spans) -> torch.Tenso
     if not flow_emphasis.has_weights(spans):
         return z
     pipe = p.pipe
+    normalize = p.settings.get("emphasis", prompts.EMPHASIS_ORIGINAL) != prompts.EMPHASIS_NONE
+
+    def weighted(rows, tokenizer):
+        weights = flow_emphasis.token_weights(tokenizer, text, spans, rows.shape[1])
+        return flow_emphasis.emphasize(rows, weights, normalize)
+
     if p.bundle.arch.family == "flux":
-        return flow_emphasis.emphasize(z, flow_emphasis.token_weights(pipe.tokenizer_2, text, spans, z.shape[1]))
+        return weighted(z, pipe.tokenizer_2)
     clip = pipe.tokenizer_max_length
-    return torch.cat([
-        flow_emphasis.emphasize(z[:, :clip], flow_emphasis.token_weights(pipe.tokenizer, text, spans, clip)),
-        flow_emphasis.emphasize(z[:, clip:], flow_emphasis.token_weights(pipe.tokenizer_3, text, spans,
-                                                                         z.shape[1] - clip)),
-    ], dim=1)
+    return torch.cat([weighted(z[:, :clip], pipe.tokenizer), weighted(z[:, clip:], pipe.tokenizer_3)], dim=1)
 
 
 def sample(p: Processing, batch_number: int, seeds: list[int], subseeds: list[int]) -> torch.Tensor:

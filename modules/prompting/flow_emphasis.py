@@ -51,8 +51,9 @@ def token_weights(tokenizer, plain: str, spans, length: int) -> "torch.Tensor":
     return torch.tensor(weights)
 
 
-def emphasize(z: "torch.Tensor", weights: "torch.Tensor") -> "torch.Tensor":
-    """Rows of `z` (batch x tokens x width) times their weights, rescaled to the mean `z` had (A1111)."""
+def emphasize(z: "torch.Tensor", weights: "torch.Tensor", normalize: bool = True) -> "torch.Tensor":
+    """Rows of `z` (batch x tokens x width) times their weights, rescaled to the mean `z` had (A1111's "Original"
+    emphasis; `normalize` False is its "No norm")."""
     original = z.mean()
     z = z * weights.to(z.device, z.dtype)[None, :, None]
-    return z * (original / z.mean())
+    return z * (original / z.mean()) if normalize else z

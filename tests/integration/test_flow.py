@@ -326,6 +326,7 @@ def test_emphasis_weights_the_encoders_rows_as_a1111_does(context, plain, name):
     pipe = plain[name]
     p = type("P", (), {})()
     p.pipe, p.bundle = pipe, type("B", (), {"arch": type("A", (), {"family": "flux" if name == FLUX else "sd3"})()})()
+    p.settings = {}
     plain_text, spans = flow_emphasis.weighted_text(text)
     assert plain_text == PROMPT
     if name == FLUX:
@@ -345,6 +346,10 @@ def test_emphasis_weights_the_encoders_rows_as_a1111_does(context, plain, name):
         expected = a.clone()
         expected[cat[0]] *= 1.5
         torch.testing.assert_close(b, expected * scale, rtol=1e-5, atol=1e-6)
+    p.settings = {"emphasis": "No norm"}  # A1111's other mode: the weights without the rescale
+    no_norm = flow._emphasized(p, z, plain_text, spans)
+    changed = (no_norm != z).any(dim=-1)[0]
+    assert int(changed.sum()) == len(rows)  # only the "cat" row of each encoder
 
 
 def test_a_diffusers_layout_flux_lora_merges_as_diffusers_loads_it(context, tiny_models, plain, tmp_path):
