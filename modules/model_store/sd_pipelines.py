@@ -153,7 +153,6 @@ def use_separate_parts(manager, bundle: CheckpointBundle, text_encoder_files, ch
             parts[name] = stack.enter_context(manager.use(
                 info.key(dtype, projection), lambda info=info, projection=projection: text_encoders.load_file(
                     info, dtype, projection), kind="text_encoder", name=info.name))
-            parts[name].to(bundle.device)
         yield bundle.with_components(**parts) if parts else bundle
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -192,6 +193,10 @@ def applied_loras(bundle, loras: list[AppliedLora], warnings: list[str] | None =
     # use: cloning them afresh for each request cost more than the sampling saved (fresh multi-MB allocations
     # page-fault on every request), and restoring from an exact copy keeps removal bit-exact.
     originals = bundle.cache.setdefault("lora_originals", {})
+    owners = bundle.cache.setdefault("lora_original_owners", {})  # id -> weakref of the module the original is of
+    for gone in [key for key, ref in owners.items() if ref() is None]:  # their modules were unloaded: free the copies
+        owners.pop(gone)
+        originals.pop(gone, None)
     merged: list[Any] = []
     widened: list[Any] = []
     try:
@@ -203,6 +208,10 @@ def applied_loras(bundle, loras: list[AppliedLora], warnings: list[str] | None =
                     widened.append(wide)
                 weight = module.weight
                 original = originals.get(id(module))
+                owner = owners.get(id(module))
+                if owner is None or owner() is not module:  # a module that shares a freed one's id (a text
+                    original = None  # encoder leased from the manager can be unloaded and another loaded)
+                owners[id(module)] = weakref.ref(module)
                 if original is None or original.shape != weight.shape:
                     original = originals[id(module)] = weight.detach().to("cpu", copy=True)
                 merged.append((weight, original))
