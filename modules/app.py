@@ -105,6 +105,11 @@ class Webui:
             self.folders.checkpoint_dirs.append(demo_root / "Stable-diffusion")
             for kind in ("ESRGAN", "RealESRGAN"):  # the tiny upscalers
                 self.folders.upscaler_dirs.setdefault(kind, []).append(demo_root / kind)
+            # the tiny FLUX transformer file's text encoders and VAE, and the tiny VAE files
+            self.text_encoders.folders.append(demo_root / "text_encoder")
+            self.text_encoders.refresh()
+            self.vaes.extra_folders.append(demo_root / "VAE")
+            self.vaes.refresh()
         self.registry = checkpoints.CheckpointRegistry(self.folders.checkpoint_dirs, self.folders.checkpoint_files,
                                                      self.hash_cache)
         self.registry.refresh()

@@ -93,17 +93,20 @@ class VaeRegistry:
 
     def __init__(self, folder: Path, hash_cache: HashCache | None = None):
         self.folder = Path(folder)
+        self.extra_folders: list[Path] = []  # more folders listed after the VAE folder (--demo's tiny VAEs)
         self.hash_cache = hash_cache
         self._items: list[VaeInfo] = []
 
     def refresh(self) -> list[VaeInfo]:
         items: list[VaeInfo] = []
-        if self.folder.is_dir():
-            for path in sorted(self.folder.rglob("*")):
+        for folder in [self.folder, *self.extra_folders]:
+            if not folder.is_dir():
+                continue
+            for path in sorted(folder.rglob("*")):
                 if path.is_file() and path.suffix.lower() in VAE_SUFFIXES and not _inside_folder_vae(path):
-                    items.append(VaeInfo(path.relative_to(self.folder).as_posix(), path, self.hash_cache))
+                    items.append(VaeInfo(path.relative_to(folder).as_posix(), path, self.hash_cache))
                 elif path.is_dir() and _is_vae_folder(path):
-                    items.append(VaeInfo(path.relative_to(self.folder).as_posix(), path, self.hash_cache))
+                    items.append(VaeInfo(path.relative_to(folder).as_posix(), path, self.hash_cache))
         self._items = items
         return list(items)
 

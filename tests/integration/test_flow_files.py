@@ -452,3 +452,25 @@ def test_an_sd3_transformer_file_with_separate_encoders_and_vae(tiny_models, tmp
     ctx = context(models, tmp_path / "out2")
     with pytest.raises(CheckpointError, match="holds no VAE: put SD3's VAE"):
         _sd3(ctx, "sd3-transformer.safetensors")
+
+
+def test_the_demo_set_runs_the_flux_transformer_file(tiny_models, tmp_path):
+    """--demo lists the tiny FLUX files, and the transformer-only one finds its text encoders and VAE in the demo
+    set (its text_encoder/ and VAE/ folders join the user's)."""
+    import requests
+
+    from tests.conftest import Server
+    data = tmp_path / "data"
+    shutil.copytree(tiny_models, data / "demo-models")  # the set --demo would make, made already
+    srv = Server(["--demo", "--api", "--models-dir", str(tmp_path / "empty-models")], data)
+    try:
+        base = srv.url + "/sdapi/v1"
+        vaes = [v["model_name"] for v in requests.get(base + "/sd-vae", timeout=30).json()]
+        assert tiny_flow.TINY_FLUX_VAE_FILE in vaes
+        r = requests.post(base + "/txt2img", timeout=300, json={
+            "prompt": "a cat", "steps": 2, "width": 64, "height": 64, "cfg_scale": 1,
+            "override_settings": {"sd_model_checkpoint": tiny_flow.TINY_FLUX_TRANSFORMER_FILE}})
+        assert r.status_code == 200, r.text
+        assert f"VAE: {tiny_flow.TINY_FLUX_VAE_FILE}" in r.json()["info"]
+    finally:
+        srv.stop()
