@@ -1,7 +1,7 @@
 """txt2img on the rectified-flow transformer families, FLUX.1 and SD3: the same processing loop as SD (seeds,
 per-image generators, variation seeds, batches, progress, previews, infotext, saving), with their own diffusers
 pipelines, text encoders (CLIP for the pooled vector and, for SD3, part of the sequence; T5 for the long
-sequence), flow-matching samplers and FLUX's distilled guidance.
+sequence), flow-matching samplers (Euler, DPM++ 2M, UniPC; Heun on SD3) and FLUX's distilled guidance.
 
 img2img runs their img2img pipelines (the init image encoded, noised to the denoising strength by the
 pipeline's own generators, as a plain diffusers call with the same seeds); a mask runs their inpaint pipelines,
@@ -36,11 +36,13 @@ if TYPE_CHECKING:
     from modules.generation.processing import Processing
 
 FAMILY_NAMES = {"flux": "FLUX", "sd3": "SD3"}
-# A1111/Forge sampler names -> the diffusers flow-matching scheduler class, per family. The pipelines set the
-# sigmas themselves (FLUX passes its own list, which FlowMatchHeun cannot take), so not every class suits both.
+# A1111/Forge sampler names -> the diffusers scheduler class, per family. The pipelines set the sigmas themselves
+# (FLUX passes its own list, which FlowMatchHeun cannot take), so not every class suits both. DPM++ 2M and UniPC
+# are diffusers' multistep solvers in their flow-matching mode (flow sigmas, flow prediction, the model's shift).
+_MULTISTEP = {"DPM++ 2M": "DPMSolverMultistepScheduler", "UniPC": "UniPCMultistepScheduler"}
 FLOW_SAMPLERS = {
-    "flux": {"Euler": "FlowMatchEulerDiscreteScheduler"},
-    "sd3": {"Euler": "FlowMatchEulerDiscreteScheduler", "Heun": "FlowMatchHeunDiscreteScheduler"},
+    "flux": {"Euler": "FlowMatchEulerDiscreteScheduler", **_MULTISTEP},
+    "sd3": {"Euler": "FlowMatchEulerDiscreteScheduler", "Heun": "FlowMatchHeunDiscreteScheduler", **_MULTISTEP},
 }
 DEFAULT_FLOW_SAMPLER = "Euler"
 # what the flow encoders do not do (emphasis they do): prompt editing [a:b:n], alternation [a|b], AND, BREAK
@@ -69,8 +71,11 @@ def make_flow_scheduler(sampler: str, family: str, scheduler_config: dict, shift
 
     cls = getattr(diffusers, FLOW_SAMPLERS[family][sampler])
     overrides: dict[str, Any] = {}
+    if sampler in _MULTISTEP:
+        overrides = {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
+                     "flow_shift": float(scheduler_config.get("shift", 1.0)), "solver_order": 2}
     if shift > 0:
-        overrides = {"shift": float(shift), "use_dynamic_shifting": False}
+        overrides.update(shift=float(shift), flow_shift=float(shift), use_dynamic_shifting=False)
     accepted = samplers.init_parameters(cls)
     return cls.from_config({k: v for k, v in {**scheduler_config, **overrides}.items() if k in accepted})
 

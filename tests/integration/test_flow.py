@@ -117,6 +117,19 @@ def test_flux_distilled_guidance_and_real_cfg_match_plain_diffusers(context, pla
     assert_float_images_close(real.samples, plain_flux(plain[FLUX], batch=1, cfg=4.0))
 
 
+@pytest.mark.parametrize("sampler", ["DPM++ 2M", "UniPC"])
+def test_flux_multistep_samplers_match_plain_diffusers_and_solve_the_same_flow(context, plain, sampler):
+    """DPM++ 2M and UniPC on FLUX are diffusers' solvers in flow mode (equal to plain diffusers), and they integrate
+    the same flow as Euler: at 12 steps they are nearer a 150-step Euler picture than Euler at 12 steps is."""
+    result = ours(context, FLUX, batch=1, steps=12, sampler=sampler)
+    expected = plain_flux(plain[FLUX], batch=1, steps=12, scheduler=_multistep(sampler, plain[FLUX].scheduler.config))
+    assert_float_images_close(result.samples, expected)
+    assert f"Sampler: {sampler}" in result.infotexts[0] and result.info["warnings"] == []
+    reference = np.asarray(ours(context, FLUX, batch=1, steps=150).samples)
+    euler = np.asarray(ours(context, FLUX, batch=1, steps=12).samples)
+    assert np.abs(np.asarray(result.samples) - reference).mean() < np.abs(euler - reference).mean()
+
+
 def test_the_shift_setting_replaces_the_models_schedule(context, plain):
     shifted = ours(context, FLUX, batch=1, settings={"flow_shift": 6.0})
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(plain[FLUX].scheduler.config, shift=6.0,
@@ -125,11 +138,20 @@ def test_the_shift_setting_replaces_the_models_schedule(context, plain):
     assert "Shift: 6.0" in shifted.infotexts[0]
 
 
-@pytest.mark.parametrize("sampler", ["Euler", "Heun"])
+def _multistep(name, config):
+    """diffusers' multistep solvers in their flow-matching mode, as a plain diffusers user sets them up."""
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+    cls = DPMSolverMultistepScheduler if name == "DPM++ 2M" else UniPCMultistepScheduler
+    return cls.from_config(config, use_flow_sigmas=True, prediction_type="flow_prediction",
+                           flow_shift=config["shift"], solver_order=2)
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Heun", "DPM++ 2M", "UniPC"])
 def test_sd3_txt2img_matches_plain_diffusers(context, plain, sampler):
     result = ours(context, SD3, cfg=5.0, sampler=sampler)
     config = plain[SD3].scheduler.config
-    scheduler = FlowMatchHeunDiscreteScheduler.from_config(config) if sampler == "Heun" else None
+    scheduler = FlowMatchHeunDiscreteScheduler.from_config(config) if sampler == "Heun" else \
+        _multistep(sampler, config) if sampler in ("DPM++ 2M", "UniPC") else None
     expected = plain_sd3(plain[SD3], scheduler=scheduler)
     assert_float_images_close(result.samples, expected)
     for a, b in zip(result.images, plain[SD3].image_processor.numpy_to_pil(expected)):
@@ -280,9 +302,9 @@ def test_hires_fix_is_the_img2img_pipeline_over_the_upscaled_first_pass(context,
 
 
 def test_what_flow_models_do_not_do_yet_is_said(context):
-    fallback = ours(context, FLUX, batch=1, sampler="DPM++ 2M")
+    fallback = ours(context, FLUX, batch=1, sampler="DDIM")
     assert "Sampler: Euler" in fallback.infotexts[0]
-    assert any("'DPM++ 2M' is not available for FLUX" in w for w in fallback.info["warnings"])
+    assert any("'DDIM' is not available for FLUX" in w for w in fallback.info["warnings"])
     with pytest.raises(generation.GenerationError, match="multiples of 16"):
         generation.run_txt2img(context, generation.validate(generation.Txt2ImgRequest(
             prompt="x", steps=2, width=72, height=64, save_images=False)), None, {"sd_model_checkpoint": FLUX})
