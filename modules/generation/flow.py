@@ -11,8 +11,8 @@ one SD inpainting uses.
 
 Emphasis, `(word:1.3)`, weights the encoders' token embeddings as A1111 does for SD (flow_emphasis: T5's on
 FLUX; CLIP-L/G's and T5's on SD3). What the SD prompt language does not do here (the text goes to the encoders as
-written): prompt editing, alternation, AND and BREAK, embeddings. LoRAs in diffusers'/PEFT's layout and kohya's FLUX layout apply as
-on SD. Hires fix runs the img2img pipeline over the upscaled first pass (latent, pixel or model upscalers). Latent
+written): prompt editing, alternation, AND and BREAK, embeddings. LoRAs in diffusers'/PEFT's layout and kohya's FLUX and SD3 layouts
+apply as on SD. Hires fix runs the img2img pipeline over the upscaled first pass (latent, pixel or model upscalers). Latent
 noise/nothing as masked content and img2img's variation seeds and noise multiplier are refused or reported
 until they are built for these families.
 """
@@ -170,8 +170,8 @@ def _setup(p: Processing, stack: contextlib.ExitStack, bundle, kind: str) -> Non
     p.network_source = p.all_prompts[0]
     resolved = resolve_networks(p.ctx, p.network_source)
     add_new(p.warnings, resolved.warnings)
-    # LoRAs in diffusers'/PEFT's layout (`transformer.*`, `text_encoder.*`) merge as on SD; kohya's FLUX layout
-    # (BFL's joined q/k/v) is split onto diffusers' modules (networks.merge.flux_kohya_modules)
+    # LoRAs in diffusers'/PEFT's layout (`transformer.*`, `text_encoder.*`) merge as on SD; kohya's FLUX and SD3
+    # layouts (the original joined q/k/v) are split onto diffusers' modules (networks.merge.kohya_flow_modules)
     applied = stack.enter_context(networks_applied(p.ctx, bundle, resolved, p.warnings))
     p.network_params = network_params(applied, [])
     p.first_prompt = resolved.prompt

@@ -192,15 +192,20 @@ def split_parts(state_dict: Mapping[str, "torch.Tensor"]) -> dict[str, dict[str,
     return {name: part for name, part in parts.items() if part}
 
 
-def lora_targets(num_double: int, num_single: int) -> dict[str, tuple[list[str], str]]:
-    """BFL module names as kohya's FLUX LoRAs flatten them (`double_blocks_0_img_attn_qkv`) -> (the diffusers
-    modules they cover, with "_" for ".", and how the joined output rows split: "copy", "qkv", "single", "swap")."""
-    return {bfl.replace(".", "_"): ([d.replace(".", "_") for d in names], how)
-            for bfl, names, how in _table(num_double, num_single) if not bfl.endswith("_norm")}
+def lora_targets(rows) -> dict[str, tuple[list[str], str]]:
+    """Original module names of a conversion table as kohya's LoRAs flatten them (FLUX's
+    `double_blocks_0_img_attn_qkv`, SD3's `joint_blocks_0_x_block_attn_qkv`) -> (the diffusers modules they cover,
+    with "_" for ".", and how the joined output rows split: "copy", "qkv", "single", "swap")."""
+    return {original.replace(".", "_"): ([d.replace(".", "_") for d in names], how) for original, names, how in rows}
+
+
+def table(config: Mapping[str, Any]) -> list[tuple[str, list[str], str]]:
+    """The conversion table of a FLUX transformer with this (diffusers) config."""
+    return _table(config["num_layers"], config["num_single_layers"])
 
 
 def split_rows(rows: int, how: str, width: int, parts: int) -> list[tuple[int, int]]:
-    """The (start, stop) output rows of each diffusers module a joined BFL layer of `rows` rows covers."""
+    """The (start, stop) output rows of each diffusers module a joined layer of `rows` rows covers."""
     if how == "qkv":
         step = rows // 3
         return [(i * step, (i + 1) * step) for i in range(3)]

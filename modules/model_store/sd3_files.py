@@ -63,6 +63,11 @@ def transformer_config(shapes: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def table(config: Mapping[str, Any]) -> list[tuple[str, list[str], str]]:
+    """The conversion table of an SD3 transformer with this (diffusers) config."""
+    return _table(config)
+
+
 def _table(config: Mapping[str, Any]) -> list[tuple[str, list[str], str]]:
     rows = [
         ("pos_embed", ["pos_embed.pos_embed"], "copy"),

@@ -69,18 +69,20 @@ def module_index(bundle) -> dict[str, dict[str, Any]]:
     return index
 
 
-def flux_kohya_modules(bundle, modules: dict[str, Any]) -> dict[str, Any]:
-    """A kohya/BFL-layout FLUX LoRA's transformer modules (`lora_unet_double_blocks_0_img_attn_qkv`, or
-    `diffusion_model.double_blocks.0...` as ComfyUI and ai-toolkit write them) on diffusers' modules: a joined
-    q|k|v (or a single block's q|k|v|mlp) is split by output rows, each part keeping the shared down matrix and
-    the alpha, so every part's delta is exactly its rows of the joined delta; the final modulation's halves are
-    swapped as the weights are. Names it does not know are kept (and reported as not matching)."""
+def kohya_flow_modules(bundle, modules: dict[str, Any]) -> dict[str, Any]:
+    """A kohya-layout FLUX or SD3 LoRA's transformer modules (FLUX's `lora_unet_double_blocks_0_img_attn_qkv`, or
+    `diffusion_model.double_blocks.0...` as ComfyUI and ai-toolkit write them; SD3's
+    `lora_unet_joint_blocks_0_x_block_attn_qkv`) on diffusers' modules: a joined q|k|v (or FLUX's single-block
+    q|k|v|mlp) is split by output rows, each part keeping the shared down matrix and the alpha, so every part's
+    delta is exactly its rows of the joined delta; modulations stored (shift, scale) have their halves swapped as
+    the weights do. Names it does not know are kept (and reported as not matching)."""
     import torch
 
-    from modules.model_store import flux_files
+    from modules.model_store import flux_files, sd3_files
     config = bundle.components["transformer"].config
     width = config.num_attention_heads * config.attention_head_dim
-    targets = flux_files.lora_targets(config.num_layers, config.num_single_layers)
+    layout = flux_files if bundle.arch.family == "flux" else sd3_files
+    targets = flux_files.lora_targets(layout.table(dict(config)))
     out: dict[str, Any] = {}
     for name, m in modules.items():
         target = targets.get(name)
@@ -167,13 +169,13 @@ def applied_loras(bundle, loras: list[AppliedLora], warnings: list[str] | None =
         return
     index = module_index(bundle)
     deltas: dict[int, tuple[Any, list]] = {}  # id(module) -> (module, [(LoraModule, multiplier), ...])
-    flux = getattr(bundle.arch, "family", None) == "flux"
+    flow = getattr(bundle.arch, "family", None) in ("flux", "sd3")
     for lora in loras:
         missed = 0
         for part, modules in lora.weights.modules.items():
             mult = lora.unet_multiplier if part in ("unet", "transformer") else lora.te_multiplier
-            if flux and part == "unet":  # kohya's FLUX layout names the transformer's BFL layers under lora_unet_
-                part, modules = "transformer", flux_kohya_modules(bundle, modules)
+            if flow and part == "unet":  # kohya names the FLUX/SD3 transformer's original layers under lora_unet_
+                part, modules = "transformer", kohya_flow_modules(bundle, modules)
             targets = index.get(part, {})
             for name, m in modules.items():
                 module = targets.get(name)

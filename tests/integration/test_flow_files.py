@@ -271,7 +271,7 @@ def test_the_kohya_flux_lora_mapping_is_diffusers_own_at_flux_size():
     )
 
     from modules.networks.lora_files import LoraModule
-    from modules.networks.merge import _scale, flux_kohya_modules
+    from modules.networks.merge import _scale, kohya_flow_modules
     with init_empty_weights():
         model = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)
     g = torch.Generator().manual_seed(0)
@@ -287,7 +287,8 @@ def test_the_kohya_flux_lora_mapping_is_diffusers_own_at_flux_size():
     theirs = {k.removeprefix("transformer.").removesuffix(".lora_A.weight").replace(".", "_"):
               (v, converted[k.replace("lora_A", "lora_B")])
               for k, v in converted.items() if k.endswith(".lora_A.weight")}
-    mine = flux_kohya_modules(types.SimpleNamespace(components={"transformer": model}), modules)
+    mine = kohya_flow_modules(types.SimpleNamespace(components={"transformer": model},
+                                                    arch=types.SimpleNamespace(family="flux")), modules)
     assert set(mine) == set(theirs) and len(mine) == 30
     for name, m in mine.items():
         a, b = theirs[name]
@@ -474,3 +475,51 @@ def test_the_demo_set_runs_the_flux_transformer_file(tiny_models, tmp_path):
         assert f"VAE: {tiny_flow.TINY_FLUX_VAE_FILE}" in r.json()["info"]
     finally:
         srv.stop()
+
+
+
+def test_a_kohya_layout_sd3_lora_lands_on_the_split_modules(tiny_models, tmp_path):
+    """kohya's SD3 LoRA names (`lora_unet_joint_blocks_0_x_block_attn_qkv`, SAI's joined q|k|v) merged on diffusers'
+    modules equal the LoRA added to the SAI-layout weights and converted by the (diffusers-checked) SD3 table; in
+    txt2img it changes the picture and is named in the infotext."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from modules import networks
+    from modules.model_store import sd3_files, sd_pipelines
+    ctx = context(tiny_models, tmp_path / "out")
+    bundle = sd_pipelines.CheckpointBundle(loading.load_checkpoint(ctx.registry.find(SD3_FOLDER)))
+    transformer = bundle.components["transformer"]
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
+    sai = sd3_files.to_sai(before, dict(transformer.config))
+    g = torch.Generator().manual_seed(5)
+    state = {}
+    for key, weight in sorted(sai.items()):
+        if key.endswith(".weight") and weight.ndim == 2:
+            stem = "lora_unet_" + key.removesuffix(".weight").replace(".", "_")
+            state[stem + ".lora_down.weight"] = torch.randn(4, weight.shape[1], generator=g) * 0.3
+            state[stem + ".lora_up.weight"] = torch.randn(weight.shape[0], 4, generator=g) * 0.3
+            state[stem + ".alpha"] = torch.tensor(2.0)
+    (tmp_path / "Lora").mkdir()
+    path = tmp_path / "Lora" / "sd3-kohya.safetensors"
+    save_file(state, str(path))
+    merged, _, warnings = _merged_with(bundle, path)
+    assert warnings == []
+    for key in list(sai):
+        stem = "lora_unet_" + key.removesuffix(".weight").replace(".", "_")
+        if stem + ".lora_up.weight" in state:
+            sai[key] = sai[key] + state[stem + ".lora_up.weight"] @ state[stem + ".lora_down.weight"] * 0.5
+    expected = sd3_files.to_diffusers(sai)
+    for key, value in merged.items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert all(torch.equal(v, before[k]) for k, v in transformer.state_dict().items())
+    ctx = dataclasses.replace(ctx, networks=networks.ExtraNetworks([tmp_path / "Lora"], []))
+    req = generation.validate(generation.Txt2ImgRequest(prompt=PROMPT + " <lora:sd3-kohya:1>", negative_prompt="blurry",
+                                                        steps=3, cfg_scale=5.0, width=64, height=64, seed=3,
+                                                        save_images=False))
+    result = generation.run_txt2img(ctx, req, None, {"sd_model_checkpoint": SD3_FOLDER, "return_grid": False},
+                                    keep_samples=True)
+    assert result.info["warnings"] == [] and 'Lora hashes: "sd3-kohya: ' in result.infotexts[0]
+    base = _sd3(ctx, SD3_FOLDER)
+    assert np.abs(np.asarray(result.samples) - np.asarray(base.samples)).max() > 0.01
