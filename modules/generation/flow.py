@@ -6,15 +6,14 @@ sequence), flow-matching samplers (Euler, DPM++ 2M, UniPC; Heun on SD3) and FLUX
 img2img runs their img2img pipelines (the init image encoded, noised to the denoising strength by the
 pipeline's own generators, as a plain diffusers call with the same seeds); a mask runs their inpaint pipelines,
 which put the init image's (noised) latents back outside the mask after every step; around them the studio's
-own mask handling (blur, invert, fill/original, "only masked" crop and paste-back, the final composite) is the
-one SD inpainting uses.
+own mask handling (blur, invert, masked content, "only masked" crop and paste-back, the final composite) is the
+one SD inpainting uses ("latent noise"/"latent nothing": `masked_content_latents`).
 
 Emphasis, `(word:1.3)`, weights the encoders' token embeddings as A1111 does for SD (flow_emphasis: T5's on
 FLUX; CLIP-L/G's and T5's on SD3). What the SD prompt language does not do here (the text goes to the encoders as
 written): prompt editing, alternation, AND and BREAK, embeddings. LoRAs in diffusers'/PEFT's layout and kohya's FLUX and SD3 layouts
-apply as on SD. Hires fix runs the img2img pipeline over the upscaled first pass (latent, pixel or model upscalers). Latent
-noise/nothing as masked content and img2img's variation seeds and noise multiplier are refused or reported
-until they are built for these families.
+apply as on SD. Hires fix runs the img2img pipeline over the upscaled first pass (latent, pixel or model upscalers).
+img2img's variation seeds and noise multiplier are reported as not applied.
 """
 from __future__ import annotations
 
@@ -152,9 +151,6 @@ def setup_img2img(p: Processing, stack: contextlib.ExitStack, bundle) -> None:
     if p.subseed_strength > 0 or p.multiplier != 1:
         add_new(p.warnings, [f"{name} img2img: variation seeds and the noise multiplier are not applied (the "
                              "pipeline noises the init image with the seed's own noise)"])
-    if req.mask is not None and req.inpainting_fill in (2, 3):
-        add_new(p.warnings, [f"{name} inpainting: masked content 'latent noise' and 'latent nothing' are not "
-                             "built for these models; 'fill' was used"])
     _setup(p, stack, bundle, "inpaint" if req.mask is not None else "img2img")
     p.steps_per_batch = p.run_steps
 
@@ -302,7 +298,35 @@ def sample_img2img(p: Processing, batch_number: int, seeds: list[int], images: l
     inputs: dict[str, Any] = {"image": images, "strength": p.denoising_strength}
     if masks is not None:
         inputs["mask_image"] = masks
+        if p.request.inpainting_fill in (2, 3):
+            latents = masked_content_latents(p, images, masks, seeds)
+            inputs.update(image=latents, masked_image_latents=latents)
     return _run(p, batch_number, generators, **inputs)
+
+
+def masked_content_latents(p: Processing, images: list, masks: list, seeds: list[int]) -> torch.Tensor:
+    """A1111's masked content "latent noise" / "latent nothing" on a flow model: the init images' latents (in the
+    pipeline's own normalisation, (x - shift) x scale) with the masked part replaced by the seed's noise or by
+    zeros, handed to the inpaint pipeline as its image (it noises them to the denoising strength as usual)."""
+    import numpy as np
+    from PIL import Image
+
+    pipe = p.pipe
+    vae = pipe.vae
+    x = pipe.image_processor.preprocess(images, height=p.height, width=p.width).to(vae.device, vae.dtype)
+    with torch.inference_mode():
+        latents = vae.encode(x).latent_dist.mode()
+    latents = (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+    h, w = latents.shape[-2:]
+    mask = torch.stack([torch.from_numpy(np.asarray(m.convert("L").resize((w, h), Image.Resampling.BILINEAR),
+                                                    dtype=np.float32) / 255.0) for m in masks])
+    mask = mask[:, None].to(latents.device, latents.dtype).round()
+    if p.request.inpainting_fill == 2:
+        noise, _ = make_noise(seeds, seeds, 0.0, tuple(latents.shape[1:]), p.ensd)
+        replacement = noise.to(latents.device, latents.dtype)
+    else:
+        replacement = torch.zeros_like(latents)
+    return latents * (1 - mask) + replacement * mask
 
 
 def _run(p: Processing, batch_number: int, generators: list, *, pipe=None, size: tuple[int, int] | None = None,

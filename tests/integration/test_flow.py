@@ -301,6 +301,70 @@ def test_hires_fix_is_the_img2img_pipeline_over_the_upscaled_first_pass(context,
     assert "Hires upscale: 2.0" in text and "Hires steps: 2" in text and f"Hires upscaler: {upscaler}" in text
 
 
+@pytest.mark.parametrize("name", [FLUX, SD3])
+def test_latent_noise_and_latent_nothing_inpaint_from_replaced_latents(context, tiny_models, name):
+    """"latent noise" and "latent nothing": the inpaint pipeline starts from the init latents with the masked part
+    replaced by the seed's noise or zeros (equal to plain diffusers handed those latents as image and masked-image
+    latents); outside the mask the picture is kept, and the two contents give different pictures (at a strength
+    below 1: at full strength the start is pure noise whatever the content)."""
+    from diffusers import FluxInpaintPipeline, StableDiffusion3InpaintPipeline
+
+    from modules.generation import img2img
+    from modules.generation.img2img_params import Img2ImgRequest, validate_img2img
+    from modules.generation.sampling import make_noise
+    from tests.integration.test_img2img import box_mask, picture
+    init, box = picture(), (16, 16, 48, 48)
+    cfg = 1.0 if name == FLUX else 5.0
+    results = {}
+    for fill in (2, 3):
+        req = validate_img2img(Img2ImgRequest(prompt=PROMPT, negative_prompt=NEGATIVE, sampler_name="Euler", steps=4,
+                                              cfg_scale=cfg, width=64, height=64, seed=5, batch_size=1,
+                                              init_images=[init], mask=box_mask(box=box), mask_blur_x=0, mask_blur_y=0,
+                                              inpainting_fill=fill, inpaint_full_res=False, denoising_strength=0.5,
+                                              save_images=False))
+        results[fill] = img2img.run_img2img(context, req, None, {"sd_model_checkpoint": name, "return_grid": False},
+                                            keep_samples=True)
+        assert f"Masked content: {['latent noise', 'latent nothing'][fill - 2]}" in results[fill].infotexts[0]
+        assert results[fill].info["warnings"] == []
+        got, orig = np.asarray(results[fill].images[0], np.int16), np.asarray(init, np.int16)
+        keep = np.ones(orig.shape[:2], bool)
+        keep[box[1]:box[3], box[0]:box[2]] = False
+        assert np.array_equal(got[keep], orig[keep])
+    assert mean_abs_difference(results[2].images[0], results[3].images[0]) > 1
+    # plain diffusers handed the replaced latents ("latent nothing": zeros under the mask)
+    cls = FluxInpaintPipeline if name == FLUX else StableDiffusion3InpaintPipeline
+    pipe = cls.from_pretrained(tiny_models / "Stable-diffusion" / name, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    vae = pipe.vae
+    from modules.generation import images as pix
+    filled = pix.fill(init, box_mask(box=box))  # A1111 fills the masked area first, then replaces its latents
+    with torch.no_grad():
+        lat = vae.encode(pipe.image_processor.preprocess([filled], height=64, width=64)).latent_dist.mode()
+    lat = (lat - vae.config.shift_factor) * vae.config.scaling_factor
+    masked = torch.zeros(1, 1, 8, 8)
+    masked[..., 2:6, 2:6] = 1  # the box, at the latents' 1/8 size
+    noise, _ = make_noise([5], [5], 0.0, tuple(lat.shape[1:]), 0)
+    for fill, replacement in ((2, noise), (3, torch.zeros_like(lat))):
+        start = lat * (1 - masked) + replacement * masked
+        if name == FLUX:
+            embeds, pooled, _ = pipe.encode_prompt(PROMPT, None, num_images_per_prompt=1, max_sequence_length=512)
+            kw = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "guidance_scale": 3.5,
+                  "max_sequence_length": 512}
+        else:
+            e, n, pl, npl = pipe.encode_prompt(PROMPT, None, None, num_images_per_prompt=1, negative_prompt=NEGATIVE,
+                                               do_classifier_free_guidance=True, max_sequence_length=256)
+            kw = {"prompt_embeds": e, "negative_prompt_embeds": n, "pooled_prompt_embeds": pl,
+                  "negative_pooled_prompt_embeds": npl, "guidance_scale": cfg, "max_sequence_length": 256}
+        out = pipe(image=start, masked_image_latents=start, mask_image=[box_mask(box=box)], strength=0.5,
+                   num_inference_steps=4, height=64, width=64, generator=[torch.Generator("cpu").manual_seed(5)],
+                   output_type="latent", **kw).images
+        if name == FLUX:
+            out = pipe._unpack_latents(out, 64, 64, pipe.vae_scale_factor)
+        with torch.no_grad():
+            decoded = vae.decode(out / vae.config.scaling_factor + vae.config.shift_factor).sample
+        assert_float_images_close(results[fill].samples, pipe.image_processor.postprocess(decoded, output_type="np"))
+
+
 def test_what_flow_models_do_not_do_yet_is_said(context):
     fallback = ours(context, FLUX, batch=1, sampler="DDIM")
     assert "Sampler: Euler" in fallback.infotexts[0]
@@ -430,7 +494,7 @@ def test_flux_over_the_api_txt2img_img2img_and_inpainting(api):
     assert r.status_code == 200 and "Denoising strength: 0.75" in r.json()["info"], r.text
     r = api.post(api.base + "/img2img", json={**body, "mask": b64(box_mask()), "inpainting_fill": 2})
     assert r.status_code == 200 and "Masked content: latent noise" in r.json()["info"], r.text
-    assert "'latent noise' and 'latent nothing' are not built for these models" in r.text
+    assert "not built" not in r.text
     models = {m["model_name"] for m in api.get(api.base + "/sd-models").json()}
     assert {FLUX, SD3} <= models
     loaded = {m["name"]: m for m in api.get(api.base + "/memory").json()["models"]}
