@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from modules.core import samplers
-from modules.generation.leases import add_new, networks_applied, resolve_networks
+from modules.generation.leases import MergedLoras, add_new, leased_passes, resolve_networks
 from modules.generation.params import GenerationError
 from modules.generation.processing import network_params
 from modules.generation.sampling import StepTracker, decode_latents, make_noise
@@ -120,9 +120,10 @@ class FlowStepTracker(StepTracker):
 def setup(p: Processing, stack: contextlib.ExitStack, bundle) -> None:
     """What every batch of a flow-model txt2img request needs: the refusals, warnings, scheduler and pipeline
     (and with hires fix, the second pass's sampler, prompt and img2img pipeline)."""
-    _setup(p, stack, bundle, "txt2img")
+    hires = p.enable_hr and not p.upscale_only
+    _setup(p, stack, bundle, "txt2img", hires_prompt=p.styled_hr_prompt if hires and p.request.hr_prompt else None)
     p.steps_per_batch = p.steps
-    if not p.enable_hr or p.upscale_only:
+    if not hires:
         return
     req, name = p.request, family_name(bundle)
     p.hr_flow_sampler = p.flow_sampler
@@ -132,11 +133,7 @@ def setup(p: Processing, stack: contextlib.ExitStack, bundle) -> None:
         if req.hr_sampler_name not in available:
             add_new(p.warnings, [f"hires sampler {req.hr_sampler_name!r} is not available for {name} checkpoints: "
                                  f"used {DEFAULT_FLOW_SAMPLER}"])
-    hr_text = p.styled_hr_prompt
-    if req.hr_prompt and resolve_networks(p.ctx, hr_text).loras != resolve_networks(p.ctx, p.network_source).loras:
-        add_new(p.warnings, [f"{name} hires pass: it runs with the first pass's LoRAs (a hires prompt's own LoRAs "
-                             "are not applied to these models yet)"])
-    p.hr_texts = (prompt_parser.parse_extra_networks(hr_text)[0], p.styled_hr_negative_prompt)
+    p.hr_texts = (p.hr_prompt_text, p.styled_hr_negative_prompt)
     p.hr_pipe = sd_pipelines.make_pipeline(bundle, "img2img", p.pipe.scheduler, offload=p.ctx.offload,
                                            offload_device=p.ctx.offload_device)
     p.steps_per_batch = p.steps + p.hr_steps
@@ -155,7 +152,9 @@ def setup_img2img(p: Processing, stack: contextlib.ExitStack, bundle) -> None:
     p.steps_per_batch = p.run_steps
 
 
-def _setup(p: Processing, stack: contextlib.ExitStack, bundle, kind: str) -> None:
+def _setup(p: Processing, stack: contextlib.ExitStack, bundle, kind: str, hires_prompt: str | None = None) -> None:
+    """The pass's checks, LoRAs (with `hires_prompt`, the hires pass's own too: merged in turn, as on SD),
+    sampler, scheduler and pipeline."""
     name = family_name(bundle)
     scale = size_multiple(bundle)
     if p.width % scale or p.height % scale:
@@ -168,9 +167,14 @@ def _setup(p: Processing, stack: contextlib.ExitStack, bundle, kind: str) -> Non
     add_new(p.warnings, resolved.warnings)
     # LoRAs in diffusers'/PEFT's layout (`transformer.*`, `text_encoder.*`) merge as on SD; kohya's FLUX and SD3
     # layouts (the original joined q/k/v) are split onto diffusers' modules (networks.merge.kohya_flow_modules)
-    applied = stack.enter_context(networks_applied(p.ctx, bundle, resolved, p.warnings))
-    p.network_params = network_params(applied, [])
-    p.first_prompt = resolved.prompt
+    hr_resolved = resolve_networks(p.ctx, hires_prompt) if hires_prompt else resolved
+    add_new(p.warnings, hr_resolved.warnings)
+    p.applied, p.hr_applied = stack.enter_context(leased_passes(p.ctx, resolved, hr_resolved, p.warnings))
+    p.merged = stack.enter_context(MergedLoras(bundle, p.warnings))
+    p.merged.use(p.applied)
+    first_names = {a.info.name for a in p.applied}
+    p.network_params = network_params(p.applied + [a for a in p.hr_applied if a.info.name not in first_names], [])
+    p.first_prompt, p.hr_prompt_text = resolved.prompt, hr_resolved.prompt
     if any(_PROMPT_SYNTAX.search(t) for t in (resolved.prompt, p.all_negative_prompts[0])):
         add_new(p.warnings, [f"{name}: prompt editing, alternation, AND and BREAK are not applied; the text goes "
                              "to the encoders as written (emphasis is)"])
@@ -264,6 +268,7 @@ def sample(p: Processing, batch_number: int, seeds: list[int], subseeds: list[in
     noise, generators = make_noise(seeds, subseeds, p.subseed_strength, (channels, h, w), p.ensd)
     noise = noise.to(bundle.device, transformer.dtype)  # the compute dtype (fp8 files store less)
     latents = pipe._pack_latents(noise, len(seeds), channels, h, w) if bundle.arch.family == "flux" else noise
+    p.merged.use(p.applied)  # the first pass's LoRAs again after the previous batch's hires pass
     latents = _run(p, batch_number, generators, latents=latents)
     if not p.enable_hr:
         return latents
@@ -285,6 +290,8 @@ def _hires(p: Processing, batch_number: int, seeds: list[int], image, hr_w: int,
         raise GenerationError(f"{family_name(p.bundle)} needs the hires size in multiples of {scale}, got {hr_w}x{hr_h}")
     total, strength = hires.hires_schedule(p.hr_steps, p.hr_denoise)
     generators = [torch.Generator("cpu").manual_seed(s + p.ensd) for s in seeds]
+    if p.merged.use(p.hr_applied):  # the hires prompt's own LoRAs: its texts are encoded with them
+        p.__dict__.pop("_flow_embeds", None)
     return _run(p, batch_number, generators, image=image, strength=strength, pipe=p.hr_pipe, size=(hr_w, hr_h),
                 steps=total, sampler=p.hr_flow_sampler, texts=p.hr_texts, offset=p.steps)
 

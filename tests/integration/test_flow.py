@@ -365,6 +365,22 @@ def test_latent_noise_and_latent_nothing_inpaint_from_replaced_latents(context, 
         assert_float_images_close(results[fill].samples, pipe.image_processor.postprocess(decoded, output_type="np"))
 
 
+def test_a_hires_prompts_own_lora_applies_to_the_hires_pass(tiny_models, tmp_path):
+    import dataclasses
+
+    from modules import networks
+    ctx = generation.local_context([tiny_models / "Stable-diffusion"], tmp_path / "out")
+    ctx = dataclasses.replace(ctx, networks=networks.ExtraNetworks([tiny_models / "Lora"], []))
+    hires = dict(enable_hr=True, hr_scale=2.0, hr_upscaler="Latent", hr_second_pass_steps=2, denoising_strength=0.6)
+    plain_hr = ours(ctx, FLUX, batch=1, n_iter=2, steps=3, hr_prompt=PROMPT + " at night", **hires)
+    with_lora = ours(ctx, FLUX, batch=1, n_iter=2, steps=3, hr_prompt=PROMPT + " at night <lora:tiny-flux-lora:1>",
+                     **hires)
+    assert with_lora.info["warnings"] == [] and 'Lora hashes: "tiny-flux-lora: ' in with_lora.infotexts[0]
+    assert mean_abs_difference(with_lora.images[1], plain_hr.images[1]) > 1  # the second batch too
+    again = ours(ctx, FLUX, batch=1, n_iter=2, steps=3, hr_prompt=PROMPT + " at night", **hires)
+    assert_float_images_close(again.samples, plain_hr.samples, atol=0)  # the LoRA was taken out exactly
+
+
 def test_what_flow_models_do_not_do_yet_is_said(context):
     fallback = ours(context, FLUX, batch=1, sampler="DDIM")
     assert "Sampler: Euler" in fallback.infotexts[0]
