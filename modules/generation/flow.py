@@ -24,7 +24,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from modules.core import samplers
-from modules.generation.leases import MergedLoras, add_new, leased_passes, resolve_networks
+from modules.generation.leases import (
+    MergedLoras,
+    add_new,
+    leased_passes,
+    resolve_networks,
+)
 from modules.generation.params import GenerationError
 from modules.generation.processing import network_params
 from modules.generation.sampling import StepTracker, decode_latents, make_noise
