@@ -55,6 +55,21 @@ def repeated(tensors, batch):
     return {k: t.repeat(batch, *[1] * (t.ndim - 1)) for k, t in tensors.items()}
 
 
+def plain_inputs(pipe, name, batch, cfg):
+    """A plain diffusers call's prompt inputs for PROMPT (and NEGATIVE on SD3) and its guidance, the prompt encoded
+    once and repeated over the batch."""
+    if name == FLUX:
+        embeds, pooled, _ = pipe.encode_prompt(PROMPT, None, num_images_per_prompt=1, max_sequence_length=512)
+        kw = repeated({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, batch)
+        return dict(kw, guidance_scale=3.5, max_sequence_length=512)
+    embeds, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPT, None, None, num_images_per_prompt=1,
+                                                         negative_prompt=NEGATIVE, do_classifier_free_guidance=True,
+                                                         max_sequence_length=256)
+    kw = repeated({"prompt_embeds": embeds, "negative_prompt_embeds": neg, "pooled_prompt_embeds": pooled,
+                   "negative_pooled_prompt_embeds": neg_pooled}, batch)
+    return dict(kw, guidance_scale=cfg, max_sequence_length=256)
+
+
 def plain_flux(pipe, *, seed=7, batch=2, steps=4, cfg=1.0, distilled=3.5, scheduler=None):
     embeds, pooled, _ = pipe.encode_prompt(PROMPT, None, num_images_per_prompt=1, max_sequence_length=512)
     kw = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
@@ -178,17 +193,7 @@ def test_flow_img2img_matches_plain_diffusers(context, tiny_models, name):
     pipe = cls.from_pretrained(tiny_models / "Stable-diffusion" / name, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
-    if name == FLUX:
-        embeds, pooled, _ = pipe.encode_prompt(PROMPT, None, num_images_per_prompt=1, max_sequence_length=512)
-        kw = repeated({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, batch)
-        kw.update(guidance_scale=3.5, max_sequence_length=512)
-    else:
-        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPT, None, None, num_images_per_prompt=1,
-                                                             negative_prompt=NEGATIVE,
-                                                             do_classifier_free_guidance=True, max_sequence_length=256)
-        kw = repeated({"prompt_embeds": embeds, "negative_prompt_embeds": neg, "pooled_prompt_embeds": pooled,
-                       "negative_pooled_prompt_embeds": neg_pooled}, batch)
-        kw.update(guidance_scale=cfg, max_sequence_length=256)
+    kw = plain_inputs(pipe, name, batch, cfg)
     expected = pipe(image=[init] * batch, strength=strength, num_inference_steps=steps, height=64, width=64,
                     generator=generators, output_type="np", **kw).images
     assert_float_images_close(result.samples, expected)
@@ -211,24 +216,15 @@ def test_flow_inpainting_matches_plain_diffusers_and_keeps_the_outside(context, 
     cfg = 1.0 if name == FLUX else 5.0
     req = validate_img2img(Img2ImgRequest(prompt=PROMPT, negative_prompt=NEGATIVE, sampler_name="Euler", steps=steps,
                                           cfg_scale=cfg, width=64, height=64, seed=seed, batch_size=batch,
-                                          init_images=[init], mask=mask, mask_blur_x=0, mask_blur_y=0, inpainting_fill=1, inpaint_full_res=False,
+                                          init_images=[init], mask=mask, mask_blur_x=0, mask_blur_y=0, inpainting_fill=1,
+                                          inpaint_full_res=False,
                                           denoising_strength=strength, save_images=False))
     result = img2img.run_img2img(context, req, None, {"sd_model_checkpoint": name, "return_grid": False},
                                  keep_samples=True)
     cls = FluxInpaintPipeline if name == FLUX else StableDiffusion3InpaintPipeline
     pipe = cls.from_pretrained(tiny_models / "Stable-diffusion" / name, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    if name == FLUX:
-        embeds, pooled, _ = pipe.encode_prompt(PROMPT, None, num_images_per_prompt=1, max_sequence_length=512)
-        kw = repeated({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, batch)
-        kw.update(guidance_scale=3.5, max_sequence_length=512)
-    else:
-        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPT, None, None, num_images_per_prompt=1,
-                                                             negative_prompt=NEGATIVE,
-                                                             do_classifier_free_guidance=True, max_sequence_length=256)
-        kw = repeated({"prompt_embeds": embeds, "negative_prompt_embeds": neg, "pooled_prompt_embeds": pooled,
-                       "negative_pooled_prompt_embeds": neg_pooled}, batch)
-        kw.update(guidance_scale=cfg, max_sequence_length=256)
+    kw = plain_inputs(pipe, name, batch, cfg)
     out = pipe(image=[init] * batch, mask_image=[mask] * batch, strength=strength, num_inference_steps=steps,
                height=64, width=64, generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)],
                output_type="np" if name == FLUX else "latent", **kw).images
@@ -268,17 +264,7 @@ def test_hires_fix_is_the_img2img_pipeline_over_the_upscaled_first_pass(context,
     second = (FluxImg2ImgPipeline if name == FLUX else StableDiffusion3Img2ImgPipeline).from_pretrained(
         root, local_files_only=True)
     second.set_progress_bar_config(disable=True)
-    if name == FLUX:
-        embeds, pooled, _ = base.encode_prompt(PROMPT, None, num_images_per_prompt=1, max_sequence_length=512)
-        kw = repeated({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, 2)
-        kw.update(guidance_scale=3.5, max_sequence_length=512)
-    else:
-        embeds, neg, pooled, neg_pooled = base.encode_prompt(PROMPT, None, None, num_images_per_prompt=1,
-                                                             negative_prompt=NEGATIVE, do_classifier_free_guidance=True,
-                                                             max_sequence_length=256)
-        kw = repeated({"prompt_embeds": embeds, "negative_prompt_embeds": neg, "pooled_prompt_embeds": pooled,
-                       "negative_pooled_prompt_embeds": neg_pooled}, 2)
-        kw.update(guidance_scale=cfg, max_sequence_length=256)
+    kw = plain_inputs(base, name, 2, cfg)
     first = base(height=64, width=64, num_inference_steps=3, output_type="latent",
                  generator=[torch.Generator("cpu").manual_seed(7 + i) for i in range(2)], **kw).images
     if name == FLUX:
@@ -346,15 +332,7 @@ def test_latent_noise_and_latent_nothing_inpaint_from_replaced_latents(context, 
     noise, _ = make_noise([5], [5], 0.0, tuple(lat.shape[1:]), 0)
     for fill, replacement in ((2, noise), (3, torch.zeros_like(lat))):
         start = lat * (1 - masked) + replacement * masked
-        if name == FLUX:
-            embeds, pooled, _ = pipe.encode_prompt(PROMPT, None, num_images_per_prompt=1, max_sequence_length=512)
-            kw = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "guidance_scale": 3.5,
-                  "max_sequence_length": 512}
-        else:
-            e, n, pl, npl = pipe.encode_prompt(PROMPT, None, None, num_images_per_prompt=1, negative_prompt=NEGATIVE,
-                                               do_classifier_free_guidance=True, max_sequence_length=256)
-            kw = {"prompt_embeds": e, "negative_prompt_embeds": n, "pooled_prompt_embeds": pl,
-                  "negative_pooled_prompt_embeds": npl, "guidance_scale": cfg, "max_sequence_length": 256}
+        kw = plain_inputs(pipe, name, 1, cfg)
         out = pipe(image=start, masked_image_latents=start, mask_image=[box_mask(box=box)], strength=0.5,
                    num_inference_steps=4, height=64, width=64, generator=[torch.Generator("cpu").manual_seed(5)],
                    output_type="latent", **kw).images
