@@ -291,7 +291,7 @@ _TEXT_FIELDS = {
 }
 # Infotext keys that A1111 applies as settings for one request (override_settings), not as fields.
 _SETTING_FIELDS = {"Clip skip": "CLIP_stop_at_last_layers", "ENSD": "eta_noise_seed_delta"}
-_FLOAT_SETTING_FIELDS = {"Eta DDIM": "eta_ddim", "Eta": "eta_ancestral"}
+_FLOAT_SETTING_FIELDS = {"Eta DDIM": "eta_ddim", "Eta": "eta_ancestral", "Shift": "flow_shift"}  # Shift: FLUX/SD3
 
 
 def infotext_to_txt2img_fields(parsed: Mapping[str, Any]) -> dict[str, Any]:

@@ -261,6 +261,14 @@ def test_txt2img_fields_without_hires_and_with_garbage_numbers():
     assert fields["override_settings"] == {"CLIP_stop_at_last_layers": 1}
 
 
+def test_a_flux_infotext_gives_distilled_cfg_and_the_shift_back():
+    parsed = parse_infotext("a cat\nSteps: 20, Sampler: Euler, CFG scale: 1.0, Seed: 5, Size: 1024x1024, "
+                            "Model: flux1-dev, Distilled CFG Scale: 2.5, Shift: 3.0, Version: 0.1.0")
+    fields = infotext_to_txt2img_fields(parsed)
+    assert fields["distilled_cfg_scale"] == 2.5 and fields["cfg_scale"] == 1.0
+    assert fields["override_settings"]["flow_shift"] == 3.0
+
+
 def _png_with(text_chunks: dict[str, str]) -> Image.Image:
     info = PngImagePlugin.PngInfo()
     for key, value in text_chunks.items():
