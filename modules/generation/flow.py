@@ -18,6 +18,7 @@ img2img's variation seeds and noise multiplier are reported as not applied.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -76,12 +77,34 @@ def make_flow_scheduler(sampler: str, family: str, scheduler_config: dict, shift
     cls = getattr(diffusers, FLOW_SAMPLERS[family][sampler])
     overrides: dict[str, Any] = {}
     if sampler in _MULTISTEP:
+        cls = _own_flow_schedule(cls)
         overrides = {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
                      "flow_shift": float(scheduler_config.get("shift", 1.0)), "solver_order": 2}
     if shift > 0:
         overrides.update(shift=float(shift), flow_shift=float(shift), use_dynamic_shifting=False)
     accepted = samplers.init_parameters(cls)
     return cls.from_config({k: v for k, v in {**scheduler_config, **overrides}.items() if k in accepted})
+
+
+@functools.cache
+def _own_flow_schedule(cls):
+    """`cls` (a multistep solver) as the flow pipelines need it everywhere: it makes its own flow schedule whatever
+    sigmas a pipeline hands it (FLUX's img2img and inpaint pipelines always pass their default linspace(1, 1/n),
+    which DPM++ cannot take; FluxPipeline drops them for a solver in flow mode, and this does the same everywhere,
+    so every pass gets the txt2img schedule), and it has the flow schedulers' `scale_noise`."""
+    class OwnFlowSchedule(cls):
+        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
+            if num_inference_steps is None and sigmas is not None:  # diffusers' retrieve_timesteps passes one or
+                num_inference_steps = len(sigmas)  # the other: the count of the sigmas is the count of steps
+            return super().set_timesteps(num_inference_steps, device, **({"mu": mu} if mu is not None else {}))
+
+        def scale_noise(self, sample, timestep, noise):
+            """The flow-matching schedulers' noising, which the img2img and inpaint pipelines call: in flow mode
+            the solver's add_noise is that interpolation, (1 - sigma) x sample + sigma x noise, at the same step."""
+            return self.add_noise(sample, noise, timestep)
+
+    OwnFlowSchedule.__name__ = OwnFlowSchedule.__qualname__ = cls.__name__
+    return OwnFlowSchedule
 
 
 def size_multiple(bundle) -> int:

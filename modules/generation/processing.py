@@ -347,8 +347,10 @@ def base_infotext_params(p: Processing, index: int, denoising_strength) -> dict[
     return {
         "Steps": p.steps,
         "Sampler": p.sampler_name,
-        # "Automatic" is written as the schedule it stands for (as A1111 does), so the text reproduces the image.
-        "Schedule type": written_schedule(p.sampler_name, p.scheduler),
+        # "Automatic" is written as the schedule it stands for (as A1111 does), so the text reproduces the image;
+        # FLUX and SD3 use their own flow schedule whatever the type (pasted back, a type would only warn)
+        "Schedule type": None if p.bundle is not None and p.bundle.arch.is_flow else written_schedule(
+            p.sampler_name, p.scheduler),
         "CFG scale": p.cfg_scale,
         "Seed": p.all_seeds[index],
         "Size": f"{p.width}x{p.height}",

@@ -140,9 +140,31 @@ def test_flux_multistep_samplers_match_plain_diffusers_and_solve_the_same_flow(c
     expected = plain_flux(plain[FLUX], batch=1, steps=12, scheduler=_multistep(sampler, plain[FLUX].scheduler.config))
     assert_float_images_close(result.samples, expected)
     assert f"Sampler: {sampler}" in result.infotexts[0] and result.info["warnings"] == []
+    assert "Schedule type" not in result.infotexts[0]  # the flow schedule is the model's own, not DPM++'s Karras
     reference = np.asarray(ours(context, FLUX, batch=1, steps=150).samples)
     euler = np.asarray(ours(context, FLUX, batch=1, steps=12).samples)
     assert np.abs(np.asarray(result.samples) - reference).mean() < np.abs(euler - reference).mean()
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ 2M", "UniPC"])
+@pytest.mark.parametrize("name", [FLUX, SD3])
+def test_multistep_samplers_in_img2img_inpainting_and_hires(context, name, sampler):
+    """FLUX's img2img and inpaint pipelines hand a scheduler their own sigmas, which DPM++ cannot take: the
+    multistep solvers make their own flow schedule in every pass, so img2img, inpainting and hires fix run with
+    them (and img2img at strength 1 is txt2img's schedule)."""
+    from modules.generation import img2img
+    from modules.generation.img2img_params import Img2ImgRequest, validate_img2img
+    from tests.integration.test_img2img import box_mask, picture
+    cfg = 1.0 if name == FLUX else 5.0
+    for mask in (None, box_mask()):
+        req = validate_img2img(Img2ImgRequest(prompt=PROMPT, sampler_name=sampler, steps=4, cfg_scale=cfg, width=64,
+                                              height=64, seed=3, init_images=[picture()], mask=mask,
+                                              denoising_strength=0.6, save_images=False))
+        result = img2img.run_img2img(context, req, None, {"sd_model_checkpoint": name})
+        assert f"Sampler: {sampler}" in result.infotexts[0] and result.info["warnings"] == []
+    hires = ours(context, name, batch=1, cfg=cfg, steps=3, sampler=sampler, enable_hr=True, hr_scale=2.0,
+                 hr_second_pass_steps=2, denoising_strength=0.5)
+    assert hires.images[0].size == (128, 128) and f"Sampler: {sampler}" in hires.infotexts[0]
 
 
 def test_the_shift_setting_replaces_the_models_schedule(context, plain):
