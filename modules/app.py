@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -99,6 +100,9 @@ class Webui:
         specs = default_specs()
         # the VAE setting accepts the files found now (and after /refresh-vae), so a saved choice survives a restart
         specs["sd_vae"] = dataclasses.replace(specs["sd_vae"], choices=self.vaes.choices)
+        for kind in ("clip_l", "clip_g", "t5"):  # the text-encoder files found now (and after a rescan)
+            key = f"sd_text_encoder_{kind}"
+            specs[key] = dataclasses.replace(specs[key], choices=functools.partial(self.text_encoders.choices, kind))
         self.options = Options(self.folders.config_file, specs, frozen=args.freeze_settings)
         if args.demo:
             demo_root = self.demo_models_dir()

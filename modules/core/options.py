@@ -85,6 +85,13 @@ def default_specs() -> dict[str, OptionSpec]:
         "sd_prediction_type": S("Automatic", "Prediction type (Automatic: what the checkpoint says or its weights "
                                 "show; set epsilon or v_prediction when an SD2 model gives grey or noisy images)",
                                 "Stable Diffusion", choices=("Automatic", "epsilon", "v_prediction")),
+        "sd_text_encoder_clip_l": S("Automatic", "CLIP-L text encoder for FLUX/SD3 files that ship without one (a "
+                                    "file of models/text_encoder; Automatic: the first, full precision before fp8)",
+                                    "Stable Diffusion", choices=("Automatic",)),
+        "sd_text_encoder_clip_g": S("Automatic", "CLIP-G text encoder for SD3 files that ship without one",
+                                    "Stable Diffusion", choices=("Automatic",)),
+        "sd_text_encoder_t5": S("Automatic", "T5-XXL text encoder for FLUX/SD3 files that ship without one",
+                                "Stable Diffusion", choices=("Automatic",)),
         "flow_shift": S(0.0, "Shift for SD3 and FLUX (the flow-matching timestep shift; 0: the model's own, FLUX.1-dev's "
                         "grows with the image size)", "Stable Diffusion", float, 0.0, 100.0),
         "emphasis": S("Original", "Emphasis mode: (word:1.2) weights, rescaled to the original mean or not",

@@ -50,8 +50,9 @@ def leased_checkpoint(ctx: GenerationContext, settings: dict, warnings: list[str
                                   "with --demo)" if not skipped else "no checkpoint can be loaded: " + "; ".join(
                                       f"{n}: {why}" for n, why in skipped.items()))
         if bundle.separate_parts:  # a FLUX/SD3 transformer-only file: its text encoders from models/text_encoder
+            choices = {kind: settings.get(f"sd_text_encoder_{kind}") for kind in ("clip_l", "clip_g", "t5")}
             bundle = stack.enter_context(sd_pipelines.use_separate_parts(
-                ctx.manager, bundle, ctx.text_encoders, flow_folders(ctx), dtype=ctx.dtype))
+                ctx.manager, bundle, ctx.text_encoders, flow_folders(ctx), dtype=ctx.dtype, choices=choices))
         vae = ctx.vaes.choose(settings.get("sd_vae"), info.filename) if ctx.vaes is not None else None
         if vae is None and "vae" in bundle.separate_parts:
             vae = separate_vae(ctx, bundle)

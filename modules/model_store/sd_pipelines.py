@@ -129,11 +129,11 @@ def use_vae(manager, bundle: CheckpointBundle, vae, *, dtype: torch.dtype,
 
 @contextlib.contextmanager
 def use_separate_parts(manager, bundle: CheckpointBundle, text_encoder_files, checkpoint_folders, *,
-                       dtype: torch.dtype) -> Iterator[CheckpointBundle]:
+                       dtype: torch.dtype, choices: dict[str, str] | None = None) -> Iterator[CheckpointBundle]:
     """Lease the text encoders a checkpoint file does not hold (FLUX and SD3 transformer-only files) from the
     text-encoder folders, each file once in the manager for every checkpoint that uses it, and add T5's tokenizer;
-    yields the bundle with them. The VAE such a file lacks comes through `use_vae`. CheckpointError naming the
-    file to add when one is not there."""
+    yields the bundle with them (`choices`: kind -> the file its setting names, else Automatic). The VAE such a
+    file lacks comes through `use_vae`. CheckpointError naming the file to add when one is not there."""
     from modules.model_store import text_encoders
     from modules.model_store.checkpoint_files import CheckpointError
 
@@ -145,7 +145,8 @@ def use_separate_parts(manager, bundle: CheckpointBundle, text_encoder_files, ch
                 continue
             if kind not in text_encoders.KIND_NAMES:
                 continue
-            info = text_encoder_files.first(kind) if text_encoder_files is not None else None
+            info = text_encoder_files.pick(kind, (choices or {}).get(kind)) if text_encoder_files is not None \
+                else None
             if info is None:
                 raise CheckpointError(
                     f"{bundle.info.name} holds no {text_encoders.KIND_NAMES[kind]} text encoder: put one (for example "

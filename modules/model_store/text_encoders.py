@@ -112,6 +112,22 @@ class TextEncoderRegistry:
         items.sort(key=lambda i: ("fp8" in i.name.lower(), str(i.path).lower()))
         return items[0] if items else None
 
+    def choices(self, kind: str) -> list[str]:
+        """What the `sd_text_encoder_<kind>` setting accepts: Automatic and every file of that kind."""
+        return ["Automatic", *[i.name for i in self.list() if i.kind == kind]]
+
+    def pick(self, kind: str, choice: str | None) -> TextEncoderInfo | None:
+        """The file of `kind` a request uses: the one its setting names, or for Automatic (or no setting)
+        `first`. CheckpointError for a name that is not there."""
+        choice = (choice or "Automatic").strip()
+        if choice == "Automatic":
+            return self.first(kind)
+        for info in self.list():
+            if info.kind == kind and choice.lower() in (info.name.lower(), info.path.stem.lower()):
+                return info
+        raise CheckpointError(f"no {KIND_NAMES[kind]} text encoder named {choice!r} in the text-encoder folders "
+                              f"(there are: {', '.join(self.choices(kind)[1:]) or 'none'})")
+
     def tokenizer_folders(self) -> list[Path]:
         """Folders under the text-encoder folders that hold a T5 tokenizer's files."""
         out = []

@@ -176,6 +176,13 @@ def test_over_the_api_and_in_the_memory_report(api):
     loaded = api.get(api.base + "/memory").json()["models"]
     assert {m["name"] for m in loaded if m["kind"] == "text_encoder"} == {tiny_flow.TINY_CLIP_L_FILE,
                                                                            tiny_flow.TINY_T5_FILE}
+    options = api.get(api.base + "/options").json()
+    assert options["sd_text_encoder_t5"] == "Automatic"
+    r = api.post(api.base + "/txt2img", json={"prompt": "a cat", "steps": 1, "width": 64, "height": 64,
+                                              "override_settings": {
+                                                  "sd_model_checkpoint": tiny_flow.TINY_FLUX_TRANSFORMER_FILE,
+                                                  "sd_text_encoder_t5": "no-such-t5"}})
+    assert r.status_code == 400 and "sd_text_encoder_t5' must be one of" in r.text, r.text
 
 
 def _merged_with(bundle, path):
@@ -523,3 +530,36 @@ def test_a_kohya_layout_sd3_lora_lands_on_the_split_modules(tiny_models, tmp_pat
     assert result.info["warnings"] == [] and 'Lora hashes: "sd3-kohya: ' in result.infotexts[0]
     base = _sd3(ctx, SD3_FOLDER)
     assert np.abs(np.asarray(result.samples) - np.asarray(base.samples)).max() > 0.01
+
+
+def test_a_setting_picks_the_text_encoder_file(tiny_models, tmp_path):
+    """Two T5 files: Automatic takes the full-precision one, the `sd_text_encoder_t5` setting the one it names
+    (an fp8 copy here, its layers kept in fp8), and a name that is not there is a message listing what is."""
+    from safetensors.torch import load_file, save_file
+
+    models = tmp_path / "models"
+    for sub in ("text_encoder", "VAE"):
+        shutil.copytree(tiny_models / sub, models / sub)
+    (models / "Stable-diffusion").mkdir()
+    shutil.copy(tiny_models / "Stable-diffusion" / tiny_flow.TINY_FLUX_TRANSFORMER_FILE, models / "Stable-diffusion")
+    shutil.copytree(tiny_models / "Stable-diffusion" / FOLDER, models / "Stable-diffusion" / FOLDER)
+    t5 = load_file(str(models / "text_encoder" / tiny_flow.TINY_T5_FILE))
+    save_file({k: v.to(torch.float8_e4m3fn) if v.ndim == 2 and "relative" not in k else v for k, v in t5.items()},
+              str(models / "text_encoder" / "t5xxl_fp8_e4m3fn.safetensors"))
+    ctx = context(models, tmp_path / "out")
+    assert ctx.text_encoders.choices("t5") == ["Automatic", "t5xxl_fp8_e4m3fn.safetensors", tiny_flow.TINY_T5_FILE]
+
+    def t5_entries():
+        return sorted(e["name"] for e in ctx.manager.report() if e["kind"] == "text_encoder" and "t5" in e["name"])
+
+    def run(choice):
+        req = generation.validate(generation.Txt2ImgRequest(prompt=PROMPT, steps=1, cfg_scale=1.0, width=64, height=64,
+                                                            seed=1, save_images=False))
+        return generation.run_txt2img(ctx, req, None, {"sd_model_checkpoint": tiny_flow.TINY_FLUX_TRANSFORMER_FILE,
+                                                       "sd_text_encoder_t5": choice})
+    run("Automatic")
+    assert t5_entries() == [tiny_flow.TINY_T5_FILE]
+    run("t5xxl_fp8_e4m3fn")  # the name without its extension works too
+    assert t5_entries() == ["t5xxl_fp8_e4m3fn.safetensors", tiny_flow.TINY_T5_FILE]
+    with pytest.raises(CheckpointError, match="no T5-XXL text encoder named 'nope' in the text-encoder folders"):
+        run("nope")
