@@ -33,7 +33,12 @@ from modules.generation.leases import (
 )
 from modules.generation.params import GenerationError
 from modules.generation.processing import network_params
-from modules.generation.sampling import StepTracker, decode_latents, make_noise
+from modules.generation.sampling import (
+    StepTracker,
+    decode_latents,
+    make_noise,
+    masked_content,
+)
 from modules.model_store import sd_pipelines
 from modules.prompting import flow_emphasis, prompt_parser, prompts
 
@@ -58,15 +63,23 @@ def family_name(bundle) -> str:
     return FAMILY_NAMES[bundle.arch.family]
 
 
-def flow_sampler(p: Processing, bundle) -> str:
-    """The request's sampler if this family has it, else Euler with a warning (the UI's default sampler is an
-    SD one: a FLUX model picked in the checkpoint list should still make an image)."""
+def flow_sampler(p: Processing, bundle, name: str | None = None, what: str = "sampler") -> str:
+    """The request's sampler (or `name`, the hires one) if this family has it, else Euler with a warning (a
+    FLUX model picked in the checkpoint list should still make an image with an SD sampler chosen)."""
+    name = p.sampler_name if name is None else name
     available = FLOW_SAMPLERS[bundle.arch.family]
-    if p.sampler_name in available:
-        return p.sampler_name
-    add_new(p.warnings, [f"sampler {p.sampler_name!r} is not available for {family_name(bundle)} checkpoints "
+    if name in available:
+        return name
+    add_new(p.warnings, [f"{what} {name!r} is not available for {family_name(bundle)} checkpoints "
                          f"(they have {', '.join(available)}): used {DEFAULT_FLOW_SAMPLER}"])
     return DEFAULT_FLOW_SAMPLER
+
+
+def check_size(bundle, width: int, height: int, what: str = "width and height") -> None:
+    """GenerationError unless the sides are multiples of the family's `size_multiple`."""
+    scale = size_multiple(bundle)
+    if width % scale or height % scale:
+        raise GenerationError(f"{family_name(bundle)} needs {what} in multiples of {scale}, got {width}x{height}")
 
 
 def make_flow_scheduler(sampler: str, family: str, scheduler_config: dict, shift: float):
@@ -153,14 +166,11 @@ def setup(p: Processing, stack: contextlib.ExitStack, bundle) -> None:
     p.steps_per_batch = p.steps
     if not hires:
         return
-    req, name = p.request, family_name(bundle)
+    req = p.request
     p.hr_flow_sampler = p.flow_sampler
     if req.hr_sampler_name and req.hr_sampler_name != p.sampler_name:
-        available = FLOW_SAMPLERS[bundle.arch.family]
-        p.hr_flow_sampler = req.hr_sampler_name if req.hr_sampler_name in available else DEFAULT_FLOW_SAMPLER
-        if req.hr_sampler_name not in available:
-            add_new(p.warnings, [f"hires sampler {req.hr_sampler_name!r} is not available for {name} checkpoints: "
-                                 f"used {DEFAULT_FLOW_SAMPLER}"])
+        p.hr_flow_sampler = flow_sampler(p, bundle, req.hr_sampler_name, "hires sampler")
+    check_size(bundle, *p.hr_size, "the hires size")
     p.hr_texts = (p.hr_prompt_text, p.styled_hr_negative_prompt)
     p.hr_pipe = sd_pipelines.make_pipeline(bundle, "img2img", p.pipe.scheduler, offload=p.ctx.offload,
                                            offload_device=p.ctx.offload_device)
@@ -184,9 +194,7 @@ def _setup(p: Processing, stack: contextlib.ExitStack, bundle, kind: str, hires_
     """The pass's checks, LoRAs (with `hires_prompt`, the hires pass's own too: merged in turn, as on SD),
     sampler, scheduler and pipeline."""
     name = family_name(bundle)
-    scale = size_multiple(bundle)
-    if p.width % scale or p.height % scale:
-        raise GenerationError(f"{name} needs width and height in multiples of {scale}, got {p.width}x{p.height}")
+    check_size(bundle, p.width, p.height)
     if p.scheduler not in ("Automatic", "", None):
         add_new(p.warnings, [f"schedule type {p.scheduler!r} is not used by {name} checkpoints: their own flow "
                              "schedule (shifted by the Shift setting) is"])
@@ -313,9 +321,6 @@ def _hires(p: Processing, batch_number: int, seeds: list[int], image, hr_w: int,
     are handed over as they are, images are encoded), exactly "Hires steps" steps of the schedule
     `hires.hires_schedule` gives, with fresh per-image generators, the hires prompt and sampler."""
     from modules.generation import hires
-    scale = size_multiple(p.bundle)
-    if hr_w % scale or hr_h % scale:
-        raise GenerationError(f"{family_name(p.bundle)} needs the hires size in multiples of {scale}, got {hr_w}x{hr_h}")
     total, strength = hires.hires_schedule(p.hr_steps, p.hr_denoise)
     generators = [torch.Generator("cpu").manual_seed(s + p.ensd) for s in seeds]
     if p.merged.use(p.hr_applied):  # the hires prompt's own LoRAs: its texts are encoded with them
@@ -343,25 +348,13 @@ def masked_content_latents(p: Processing, images: list, masks: list, seeds: list
     """A1111's masked content "latent noise" / "latent nothing" on a flow model: the init images' latents (in the
     pipeline's own normalisation, (x - shift) x scale) with the masked part replaced by the seed's noise or by
     zeros, handed to the inpaint pipeline as its image (it noises them to the denoising strength as usual)."""
-    import numpy as np
-    from PIL import Image
-
-    pipe = p.pipe
-    vae = pipe.vae
-    x = pipe.image_processor.preprocess(images, height=p.height, width=p.width).to(vae.device, vae.dtype)
+    vae = p.pipe.vae
+    x = p.pipe.image_processor.preprocess(images, height=p.height, width=p.width).to(vae.device, vae.dtype)
     with torch.inference_mode():
         latents = vae.encode(x).latent_dist.mode()
     latents = (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
-    h, w = latents.shape[-2:]
-    mask = torch.stack([torch.from_numpy(np.asarray(m.convert("L").resize((w, h), Image.Resampling.BILINEAR),
-                                                    dtype=np.float32) / 255.0) for m in masks])
-    mask = mask[:, None].to(latents.device, latents.dtype).round()
-    if p.request.inpainting_fill == 2:
-        noise, _ = make_noise(seeds, seeds, 0.0, tuple(latents.shape[1:]), p.ensd)
-        replacement = noise.to(latents.device, latents.dtype)
-    else:
-        replacement = torch.zeros_like(latents)
-    return latents * (1 - mask) + replacement * mask
+    noise, _ = make_noise(seeds, seeds, 0.0, tuple(latents.shape[1:]), p.ensd)
+    return masked_content(latents, masks, p.request.inpainting_fill, noise)
 
 
 def _run(p: Processing, batch_number: int, generators: list, *, pipe=None, size: tuple[int, int] | None = None,

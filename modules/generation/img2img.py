@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -47,6 +46,7 @@ from modules.generation.processing import (
 from modules.generation.sampling import (
     StepTracker,
     make_noise,
+    masked_content,
     sample_latents,
     scheduler_order,
     text_conditioner,
@@ -249,12 +249,7 @@ def _pass_inputs(pipe, req: Img2ImgRequest, batch: list[Prepared], kind: str, no
     if req.mask is None or req.inpainting_fill not in (2, 3):
         return kw, False
     # latent noise / latent nothing: the masked part of the init latents is noise / zeros
-    init = _encode(pipe, works, w, h)
-    lat_mask = torch.stack([torch.from_numpy(np.asarray(
-        m.resize((init.shape[-1], init.shape[-2]), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0)
-        for m in masks])[:, None].to(init.device, init.dtype).round()
-    replacement = noise.to(init.device, init.dtype) if req.inpainting_fill == 2 else torch.zeros_like(init)
-    kw["image"] = init * (1 - lat_mask) + replacement * lat_mask
+    kw["image"] = masked_content(_encode(pipe, works, w, h), masks, req.inpainting_fill, noise)
     # the inpaint pipeline cannot mask latents it was handed: give it the masked-image latents (a 4-channel
     # UNet never reads them, so the init latents stand in there)
     kw["masked_image_latents"] = _encode_masked(pipe, works, masks, w, h) if inpainting_model else kw["image"]

@@ -145,3 +145,17 @@ def text_conditioner(ctx: GenerationContext, bundle, settings: dict, clip_skip: 
         embeddings=ctx.networks.embeddings.all() if ctx.networks is not None else None,
         comma_backtrack=int(settings.get("comma_padding_backtrack", prompts.COMMA_BACKTRACK)),
         sdxl_clip_l_skip=bool(settings.get("sdxl_clip_l_skip", False)))
+
+
+def masked_content(latents: torch.Tensor, masks: list, fill: int, noise: torch.Tensor | None) -> torch.Tensor:
+    """A1111's masked content in latent space: the masked part of `latents` (L masks, white = repaint, resized to
+    the latents and rounded) replaced by `noise` ("latent noise", fill 2) or by zeros ("latent nothing", 3)."""
+    import numpy as np
+    from PIL import Image
+
+    h, w = latents.shape[-2:]
+    mask = torch.stack([torch.from_numpy(np.asarray(m.convert("L").resize((w, h), Image.Resampling.BILINEAR),
+                                                    dtype=np.float32) / 255.0) for m in masks])
+    mask = mask[:, None].to(latents.device, latents.dtype).round()
+    replacement = noise.to(latents.device, latents.dtype) if fill == 2 else torch.zeros_like(latents)
+    return latents * (1 - mask) + replacement * mask

@@ -4,6 +4,7 @@ as A1111's `sd_model_checkpoint` does; which files failed to load and are left o
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -108,22 +109,34 @@ class CheckpointInfo:
 
 
 def _is_flow_model(info: CheckpointInfo) -> bool:
-    """A FLUX/SD3 diffusers folder or single file (by its header): never the default while an SD model is."""
-    if not info.is_diffusers_folder:
-        if not info.filename.lower().endswith(".safetensors"):
-            return False
-        from modules.model_store import flux_files, sd3_files
-        from modules.model_store.checkpoint_files import read_safetensors_shapes
-        try:
-            keys = read_safetensors_shapes(info.filename)
-            return flux_files.is_flux_transformer(keys) or sd3_files.is_sd3_transformer(keys)
-        except (OSError, ValueError):
-            return False
+    """A FLUX/SD3 diffusers folder or single file: never the default while an SD model is. Read once per file
+    version (its header or model_index.json), not on every request that picks a default."""
+    path = Path(info.filename) / "model_index.json" if info.is_diffusers_folder else Path(info.filename)
     try:
-        with open(Path(info.filename) / "model_index.json", encoding="utf-8") as f:
-            return json.load(f).get("_class_name") in FLOW_PIPELINES
-    except (OSError, ValueError, AttributeError):
+        stat = path.stat()
+    except OSError:
         return False
+    return _is_flow_file(str(path), info.is_diffusers_folder, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_flow_file(path: str, model_index: bool, mtime_ns: int, size: int) -> bool:
+    """`_is_flow_model` for one version of one file (`mtime_ns` and `size` are the cache's key, not read here)."""
+    if model_index:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f).get("_class_name") in FLOW_PIPELINES
+        except (OSError, ValueError, AttributeError):
+            return False
+    if not path.lower().endswith(".safetensors"):
+        return False
+    from modules.model_store import flux_files, sd3_files
+    from modules.model_store.checkpoint_files import read_safetensors_shapes
+    try:
+        keys = read_safetensors_shapes(path)
+    except (OSError, ValueError):
+        return False
+    return flux_files.is_flux_transformer(keys) or sd3_files.is_sd3_transformer(keys)
 
 
 _TITLE_RE = re.compile(r"^(?P<name>.+?)\s*\[(?P<hash>[0-9a-fA-F]{8,64})\]$")
@@ -179,8 +192,8 @@ class CheckpointRegistry:
 
     def usable(self) -> list[CheckpointInfo]:
         """The checkpoints in list order, less those known not to load: the candidates for the default. FLUX and
-        SD3 folders come last: they cannot do img2img or hires fix yet, so they are a default only when nothing
-        else is there."""
+        SD3 models come last: they are large and read few of A1111's prompt and sampler settings, so they are a
+        default only when nothing else is there."""
         bad = self.unusable()
         return sorted((info for info in self.list() if info.name not in bad), key=_is_flow_model)
 

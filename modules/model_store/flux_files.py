@@ -114,28 +114,33 @@ def _suffixes(name: str, source: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [(b, d) for b, d in pairs if name + b in source]
 
 
+def split_joined(value: "torch.Tensor", how: str, width: int) -> tuple["torch.Tensor", ...]:
+    """An original layer's tensor (a weight, a bias, or a LoRA's up matrix: anything with its output rows first)
+    as the diffusers modules' parts: "qkv" in three, "single" as q|k|v (`width` rows each) and the rest (the
+    MLP), "swap" with its (shift, scale) halves exchanged, "copy" as it is."""
+    import torch
+
+    if how == "qkv":
+        return torch.chunk(value, 3, dim=0)
+    if how == "single":
+        return torch.split(value, [width, width, width, value.shape[0] - 3 * width], dim=0)
+    if how == "swap":
+        shift, scale = value.chunk(2, dim=0)
+        return (torch.cat([scale, shift], dim=0),)
+    return (value,)
+
+
 def convert_rows(sd: Mapping[str, "torch.Tensor"], rows, width: int, family: str) -> dict[str, "torch.Tensor"]:
     """An original-layout state dict through a table of (original name, diffusers names, how) rows: "qkv" split in
     three, "single" split q|k|v|mlp (`width` each for q, k, v), "swap" halves exchanged, "copy" as is. Keys no row
     places raise KeyError (naming one): nothing is dropped silently."""
-    import torch
 
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for original, names, how in rows:
         for o_suffix, d_suffix in _suffixes(original, sd):
-            value = sd[original + o_suffix]
             used.add(original + o_suffix)
-            if how == "qkv":
-                parts = torch.chunk(value, 3, dim=0)
-            elif how == "single":
-                parts = torch.split(value, [width, width, width, value.shape[0] - 3 * width], dim=0)
-            elif how == "swap":
-                shift, scale = value.chunk(2, dim=0)
-                parts = (torch.cat([scale, shift], dim=0),)
-            else:
-                parts = (value,)
-            for name, part in zip(names, parts):
+            for name, part in zip(names, split_joined(sd[original + o_suffix], how, width)):
                 out[name + d_suffix] = part.contiguous() if how != "copy" else part
     unknown = sorted(set(sd) - used)
     if unknown:
@@ -166,13 +171,13 @@ def to_diffusers(state_dict: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.T
     sd = {k.removeprefix(TRANSFORMER_PREFIX): v for k, v in state_dict.items()}
     config = transformer_config(sd)
     width = config["attention_head_dim"] * config["num_attention_heads"]
-    return convert_rows(sd, _table(config["num_layers"], config["num_single_layers"]), width, "FLUX")
+    return convert_rows(sd, table(config), width, "FLUX")
 
 
 def to_bfl(state_dict: Mapping[str, "torch.Tensor"], config: Mapping[str, Any]) -> dict[str, "torch.Tensor"]:
     """The inverse of `to_diffusers` (diffusers' `FluxTransformer2DModel` state dict and config -> BFL's layout),
     used to write FLUX single files such as the tiny test models."""
-    return invert_rows(state_dict, _table(config["num_layers"], config["num_single_layers"]))
+    return invert_rows(state_dict, table(config))
 
 
 def split_parts(state_dict: Mapping[str, "torch.Tensor"]) -> dict[str, dict[str, "torch.Tensor"]]:
@@ -204,11 +209,3 @@ def table(config: Mapping[str, Any]) -> list[tuple[str, list[str], str]]:
     return _table(config["num_layers"], config["num_single_layers"])
 
 
-def split_rows(rows: int, how: str, width: int, parts: int) -> list[tuple[int, int]]:
-    """The (start, stop) output rows of each diffusers module a joined layer of `rows` rows covers."""
-    if how == "qkv":
-        step = rows // 3
-        return [(i * step, (i + 1) * step) for i in range(3)]
-    if how == "single":
-        return [(0, width), (width, 2 * width), (2 * width, 3 * width), (3 * width, rows)]
-    return [(0, rows)] * parts

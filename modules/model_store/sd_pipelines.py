@@ -28,7 +28,7 @@ class CheckpointBundle:
         self.config_dir = loaded.config_dir  # the diffusers configs it was built with (a VAE file's shape)
         self.components = dict(loaded.components)
         # what the file does not hold, added per lease from the shared text-encoder and VAE files
-        self.separate_parts = dict(getattr(loaded, "separate_parts", {}))
+        self.separate_parts = dict(loaded.separate_parts)
         self.scheduler_config = dict(self.components["scheduler"].config)
         self.vae_info = None  # the VAE file used instead of the checkpoint's own (see `with_vae`), if any
         # What is kept with the checkpoint across requests (the LoRA layer index and the originals of the weights

@@ -183,26 +183,35 @@ def _cast(state_dict: dict, dtype) -> dict:
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
+def _assemble(make, state_dict: dict, dtype, source: str, what: str, ignored=()):
+    """A transformers model built by `make` on the meta device and given `state_dict` (cast to `dtype`); missing or
+    unknown tensors (besides `ignored` suffixes) are a CheckpointError naming `what` and the file."""
+    from accelerate import init_empty_weights
+    try:
+        with init_empty_weights():
+            model = make()
+        missing, unexpected = model.load_state_dict(_cast(state_dict, dtype), strict=False, assign=True)
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{source}: not a {what} this project can load ({e})") from e
+    missing = [k for k in missing if not k.endswith(ignored)]
+    unexpected = [k for k in unexpected if not k.endswith(ignored)]
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: the {what}'s tensors do not fit ({len(missing)} missing, "
+                              f"{len(unexpected)} unknown, e.g. {(missing or unexpected)[0]})")
+    return model
+
+
 def load_t5(state_dict: dict, dtype, source: str):
     """A `T5EncoderModel` (eval, CPU) from a T5 encoder's tensors (transformers' names, any prefix above)."""
     import torch
-    from accelerate import init_empty_weights
     from transformers import T5Config, T5EncoderModel
 
     sd = strip_prefixes(state_dict, _T5_PREFIXES)
     if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
         sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
     sd.pop("encoder.embed_tokens.weight", None)
-    try:
-        with init_empty_weights():
-            model = T5EncoderModel(T5Config(**t5_config(sd)))
-        missing, unexpected = model.load_state_dict(_cast(sd, dtype), strict=False, assign=True)
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{source}: not a T5 encoder this project can load ({e})") from e
-    missing = [k for k in missing if k != "encoder.embed_tokens.weight"]
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: the T5 encoder's tensors do not fit ({len(missing)} missing, "
-                              f"{len(unexpected)} unknown, e.g. {(missing or unexpected)[0]})")
+    model = _assemble(lambda: T5EncoderModel(T5Config(**t5_config(sd))), sd, dtype, source, "T5 encoder",
+                      ignored=("encoder.embed_tokens.weight",))  # tied to `shared`
     model.tie_weights()
     # the embedding stays in the compute dtype (transformers reads the model's dtype from its first parameter), and
     # so does each feed-forward's output layer (T5 casts its input to that layer's weight dtype)
@@ -228,28 +237,15 @@ def clip_config(kind: str, metadata: dict[str, str], component: str = "text_enco
 
 def load_clip(state_dict: dict, config: dict, dtype, source: str, *, projection: bool = False):
     """A `CLIPTextModel` (or `CLIPTextModelWithProjection`) from CLIP text tensors in transformers' names."""
-    from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     sd = strip_prefixes(state_dict, _CLIP_PREFIXES)
     cls = CLIPTextModelWithProjection if projection else CLIPTextModel
     if not projection:  # transformers 5's CLIPTextModel has no `text_model.` level; files (and the projected model) do
-        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
-    if not projection:
-        sd.pop("text_projection.weight", None)
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
-    try:
-        with init_empty_weights():
-            model = cls(CLIPTextConfig(**config))
-        missing, unexpected = model.load_state_dict(_cast(sd, dtype), strict=False, assign=True)
-    except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{source}: not a CLIP text encoder this project can load ({e})") from e
-    missing = [k for k in missing if not k.endswith("position_ids")]
-    unexpected = [k for k in unexpected if not k.endswith("position_ids")]
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: the CLIP encoder's tensors do not fit ({len(missing)} missing, "
-                              f"{len(unexpected)} unknown, e.g. {(missing or unexpected)[0]})")
-    return model.eval()
+        sd = {k.removeprefix("text_model."): v for k, v in sd.items() if k != "text_projection.weight"}
+    settings = {k: v for k, v in config.items() if not k.startswith("_")}
+    return _assemble(lambda: cls(CLIPTextConfig(**settings)), sd, dtype, source, "CLIP text encoder",
+                     ignored=("position_ids",)).eval()
 
 
 def load_file(info: TextEncoderInfo, dtype, projection: bool = False):

@@ -76,13 +76,13 @@ def kohya_flow_modules(bundle, modules: dict[str, Any]) -> dict[str, Any]:
     q|k|v|mlp) is split by output rows, each part keeping the shared down matrix and the alpha, so every part's
     delta is exactly its rows of the joined delta; modulations stored (shift, scale) have their halves swapped as
     the weights do. Names it does not know are kept (and reported as not matching)."""
-    import torch
-
     from modules.model_store import flux_files, sd3_files
     config = bundle.components["transformer"].config
     width = config.num_attention_heads * config.attention_head_dim
-    layout = flux_files if bundle.arch.family == "flux" else sd3_files
-    targets = flux_files.lora_targets(layout.table(dict(config)))
+    targets = bundle.cache.get("kohya_flow_targets")
+    if targets is None:  # kept with the bundle, as the layer index is
+        layout = flux_files if bundle.arch.family == "flux" else sd3_files
+        targets = bundle.cache["kohya_flow_targets"] = flux_files.lora_targets(layout.table(dict(config)))
     out: dict[str, Any] = {}
     for name, m in modules.items():
         target = targets.get(name)
@@ -90,12 +90,8 @@ def kohya_flow_modules(bundle, modules: dict[str, Any]) -> dict[str, Any]:
             out[name] = m
             continue
         names, how = target
-        up = m.up
-        if how == "swap":
-            shift, scale = up.chunk(2, dim=0)
-            up = torch.cat([scale, shift], dim=0)
-        for module, (lo, hi) in zip(names, flux_files.split_rows(up.shape[0], how, width, len(names))):
-            out[module] = LoraModule(down=m.down, up=up[lo:hi], alpha=m.alpha)
+        for module, up in zip(names, flux_files.split_joined(m.up, how, width)):
+            out[module] = LoraModule(down=m.down, up=up, alpha=m.alpha)
     return out
 
 
